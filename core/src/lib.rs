@@ -1,0 +1,22 @@
+//! Cairn's pure core.
+//!
+//! Everything here is deterministic logic with no I/O and no async runtime:
+//! chunk ids and fixed-size chunking, the manifest format, validation of every
+//! name that arrives from outside, step ordering and retention decisions.
+//! Keeping it pure keeps it fast to compile and lets property tests cover it
+//! exhaustively; the daemon wraps it with tiers, RPCs and background work.
+
+pub mod chunk;
+pub mod error;
+pub mod manifest;
+pub mod names;
+pub mod retention;
+
+pub use chunk::{ChunkId, ChunkSize, DEFAULT_CHUNK_SIZE, chunk_ranges};
+pub use error::CoreError;
+pub use manifest::{ChunkRef, FileEntry, MANIFEST_VERSION, Manifest};
+pub use names::{FileName, JobName, Rank, ShardKey, Step, TenantName};
+pub use retention::{
+    EvictionCandidate, RetentionPolicy, StepResidency, choose_pressure_victims,
+    latest_complete_step,
+};

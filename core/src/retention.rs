@@ -1,0 +1,198 @@
+//! Retention and "which step is newest and complete" decisions.
+//!
+//! Tiers keep a bounded number of steps per job. The rule that protects users
+//! is that a step leaves a faster tier only once a slower tier holds it (the
+//! operator can override this explicitly); these functions decide, the daemon
+//! acts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::names::{Rank, Step};
+
+/// How many steps of each job a tier keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Keep at least this many of the newest steps of every job.
+    pub keep_last: usize,
+}
+
+/// Where one step of one job stands, as far as retention cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepResidency {
+    /// The step.
+    pub step: Step,
+    /// Whether a slower tier holds every shard of this step in this tier (or
+    /// there is no slower tier), so that dropping it here loses nothing.
+    pub safe_to_drop: bool,
+}
+
+impl RetentionPolicy {
+    /// Steps to evict from a tier holding `steps` of one job: everything older
+    /// than the newest `keep_last`, except steps no slower tier holds yet.
+    pub fn steps_to_evict(&self, steps: &[StepResidency]) -> Vec<Step> {
+        let mut sorted: Vec<StepResidency> = steps.to_vec();
+        sorted.sort_by_key(|s| std::cmp::Reverse(s.step));
+        sorted.dedup_by_key(|s| s.step);
+        let mut evict: Vec<Step> = sorted
+            .iter()
+            .skip(self.keep_last)
+            .filter(|s| s.safe_to_drop)
+            .map(|s| s.step)
+            .collect();
+        evict.sort();
+        evict
+    }
+}
+
+/// Something that could be evicted to make room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvictionCandidate<K> {
+    /// What to evict (the daemon's key for a step of a job).
+    pub key: K,
+    /// Commit order: smaller is older and goes first.
+    pub age_order: u64,
+    /// Bytes freed by evicting it.
+    pub bytes: u64,
+    /// Whether a slower tier holds it.
+    pub safe_to_drop: bool,
+}
+
+/// Picks the oldest safe candidates until at least `needed` bytes are freed.
+/// Returns `Err(freeable)` with the most that could be freed when that is not
+/// enough, so the caller can refuse the save with a precise message.
+pub fn choose_pressure_victims<K: Clone>(
+    candidates: &[EvictionCandidate<K>],
+    needed: u64,
+) -> Result<Vec<K>, u64> {
+    let mut safe: Vec<&EvictionCandidate<K>> =
+        candidates.iter().filter(|c| c.safe_to_drop).collect();
+    safe.sort_by_key(|c| c.age_order);
+    let mut freed = 0u64;
+    let mut chosen = Vec::new();
+    for candidate in safe {
+        if freed >= needed {
+            break;
+        }
+        freed += candidate.bytes;
+        chosen.push(candidate.key.clone());
+    }
+    if freed >= needed {
+        Ok(chosen)
+    } else {
+        Err(freed)
+    }
+}
+
+/// The newest step that is complete, given the shards present as
+/// `(step, rank, world_size)`.
+///
+/// A step whose shards declare a world size is complete when every rank below
+/// it is present (and they agree on the size). A step with no declared world
+/// size is complete for `rank` when that rank's shard is present; with no rank
+/// given, when any shard is. Steps compare numerically.
+pub fn latest_complete_step(
+    shards: impl IntoIterator<Item = (Step, Rank, Option<u32>)>,
+    rank: Option<Rank>,
+) -> Option<Step> {
+    let mut by_step: BTreeMap<Step, (BTreeSet<Rank>, BTreeSet<Option<u32>>)> = BTreeMap::new();
+    for (step, r, world) in shards {
+        let entry = by_step.entry(step).or_default();
+        entry.0.insert(r);
+        entry.1.insert(world);
+    }
+    by_step
+        .into_iter()
+        .rev()
+        .find_map(|(step, (ranks, worlds))| {
+            let complete = match worlds.into_iter().collect::<Vec<_>>().as_slice() {
+                [Some(ws)] => {
+                    (0..*ws).all(|r| ranks.contains(&Rank(r))) && rank.is_none_or(|r| r.0 < *ws)
+                }
+                [None] => rank.is_none_or(|r| ranks.contains(&r)),
+                _ => false, // ranks disagree on the world size: not a consistent step
+            };
+            complete.then_some(step)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn retention_keeps_newest_and_unsafe_steps(
+            steps in proptest::collection::btree_map(0u64..1000, any::<bool>(), 0..30),
+            keep in 0usize..5,
+        ) {
+            let residency: Vec<StepResidency> = steps.iter()
+                .map(|(s, safe)| StepResidency { step: Step(*s), safe_to_drop: *safe })
+                .collect();
+            let evict = RetentionPolicy { keep_last: keep }.steps_to_evict(&residency);
+            let newest: Vec<u64> = steps.keys().rev().take(keep).copied().collect();
+            for s in &evict {
+                prop_assert!(!newest.contains(&s.0), "evicted one of the newest");
+                prop_assert!(steps[&s.0], "evicted a step no slower tier holds");
+            }
+            // Everything else that is safe and old does go.
+            let expected = steps.iter().rev().skip(keep).filter(|(_, safe)| **safe).count();
+            prop_assert_eq!(evict.len(), expected);
+        }
+
+        #[test]
+        fn pressure_eviction_frees_enough_or_says_how_much_it_could(
+            cands in proptest::collection::vec((0u64..100, 1u64..1000, any::<bool>()), 0..20),
+            needed in 0u64..5000,
+        ) {
+            let candidates: Vec<EvictionCandidate<usize>> = cands.iter().enumerate()
+                .map(|(i, (age, bytes, safe))| EvictionCandidate { key: i, age_order: *age, bytes: *bytes, safe_to_drop: *safe })
+                .collect();
+            let safe_total: u64 = candidates.iter().filter(|c| c.safe_to_drop).map(|c| c.bytes).sum();
+            match choose_pressure_victims(&candidates, needed) {
+                Ok(victims) => {
+                    let freed: u64 = victims.iter().map(|&i| candidates[i].bytes).sum();
+                    prop_assert!(freed >= needed);
+                    prop_assert!(victims.iter().all(|&i| candidates[i].safe_to_drop));
+                }
+                Err(freeable) => {
+                    prop_assert!(safe_total < needed);
+                    prop_assert_eq!(freeable, safe_total);
+                }
+            }
+        }
+
+        #[test]
+        fn latest_is_the_highest_fully_complete_step(
+            steps in proptest::collection::btree_map(0u64..50, (1u32..4, proptest::collection::vec(any::<bool>(), 4)), 0..12),
+        ) {
+            let mut shards = Vec::new();
+            let mut complete = Vec::new();
+            for (step, (ws, present)) in &steps {
+                let mut all = true;
+                for r in 0..*ws {
+                    if present[r as usize] {
+                        shards.push((Step(*step), Rank(r), Some(*ws)));
+                    } else {
+                        all = false;
+                    }
+                }
+                if all { complete.push(*step); }
+            }
+            let expected = complete.iter().max().map(|s| Step(*s));
+            prop_assert_eq!(latest_complete_step(shards, None), expected);
+        }
+    }
+
+    #[test]
+    fn latest_compares_numerically_and_needs_the_rank() {
+        let shards = vec![(Step(9), Rank(0), None), (Step(10), Rank(1), None)];
+        assert_eq!(latest_complete_step(shards.clone(), None), Some(Step(10)));
+        assert_eq!(
+            latest_complete_step(shards.clone(), Some(Rank(0))),
+            Some(Step(9))
+        );
+        assert_eq!(latest_complete_step(shards, Some(Rank(2))), None);
+    }
+}
