@@ -97,7 +97,7 @@ pub struct ChunkSize(u64);
 impl ChunkSize {
     /// Validates a chunk size given in bytes.
     pub fn new(bytes: u64) -> Result<Self, CoreError> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&bytes) || bytes % 4096 != 0 {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&bytes) || !bytes.is_multiple_of(4096) {
             return Err(CoreError::InvalidValue {
                 field: "chunk_size".into(),
                 reason: format!(

@@ -1,1 +1,20 @@
+//! `cairnd`, Cairn's node daemon, and the pieces the `cairn` CLI shares.
+//!
+//! Layers, outermost first (see `ARCHITECTURE.md`):
+//! [`server`] (listeners, lifecycle) → [`service`] (gRPC ↔ domain) →
+//! [`node`] (sessions, commit, write-back, retention, restore) →
+//! [`transfer`] (the copy and fill loops) → [`tier`] (memory and disk) →
+//! `cairn-core` (pure logic).
 
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod failpoint;
+pub mod fsutil;
+pub mod hashing;
+pub mod metrics;
+pub mod node;
+pub mod server;
+pub mod service;
+pub mod tier;
+pub mod transfer;

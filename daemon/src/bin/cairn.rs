@@ -1,1 +1,890 @@
-fn main() {}
+//! `cairn`: the operator CLI.
+//!
+//! Human tables by default, `--json` for scripts; progress bars (on a
+//! terminal) for long work. Errors print one line, `cairn: <what went wrong>`,
+//! and exit with a code by kind: 2 invalid input, 3 daemon unreachable, 4 not
+//! found, 5 verification found bad chunks, 1 anything else.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use cairn_daemon::client::Clients;
+use cairn_proto::v1 as pb;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Operate a Cairn node daemon")]
+struct Cli {
+    /// cairnd's socket path, or http://host:port for its TCP listener.
+    #[arg(long, global = true, env = "CAIRN_SOCKET", default_value = cairn_daemon::config::DEFAULT_SOCKET)]
+    socket: String,
+    /// Tenant (default: the daemon's).
+    #[arg(long, global = true, env = "CAIRN_TENANT", default_value = "")]
+    tenant: String,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TierArg {
+    Memory,
+    Disk,
+}
+
+impl TierArg {
+    fn to_pb(self) -> pb::Tier {
+        match self {
+            TierArg::Memory => pb::Tier::Memory,
+            TierArg::Disk => pb::Tier::Disk,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The daemon's tiers, usage and activity.
+    Status,
+    /// Steps of a job (or every job), with each rank's state per tier.
+    List {
+        /// Job name; all jobs when absent.
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Save the files of a directory as one shard, through the fast path.
+    Save {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        step: u64,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Number of ranks of the job.
+        #[arg(long)]
+        world_size: Option<u32>,
+        /// Directory whose files (recursively) make the shard.
+        dir: PathBuf,
+    },
+    /// Restore a shard into the memory tier, and optionally copy it out.
+    Restore {
+        #[arg(long)]
+        job: String,
+        /// A step number, or "latest" for the newest complete step.
+        #[arg(long, default_value = "latest")]
+        step: String,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Copy the restored files into this directory.
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Do not re-hash a shard the memory tier already holds.
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// Re-hash a step's shards in one tier.
+    Verify {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        step: u64,
+        /// One rank; every rank when absent.
+        #[arg(long)]
+        rank: Option<u32>,
+        #[arg(long, value_enum, default_value = "disk")]
+        tier: TierArg,
+        /// Rewrite bad chunks from the other tier.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Wait until a step is durable in a tier.
+    Wait {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        step: u64,
+        #[arg(long, value_enum, default_value = "disk")]
+        tier: TierArg,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+    /// Delete a step from every local tier.
+    Delete {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        step: u64,
+    },
+    /// Remove disk chunks that no manifest references.
+    Gc {
+        /// Only report what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        let code = match s.code() {
+            tonic::Code::InvalidArgument => 2,
+            tonic::Code::Unavailable => 3,
+            tonic::Code::NotFound => 4,
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cairn: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("cairn: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut clients = Clients::connect(&cli.socket)
+        .await
+        .map_err(|e| fail(3, format!("cannot reach cairnd at {}: {e}", cli.socket)))?;
+    let tenant = cli.tenant.clone();
+    match cli.command {
+        Command::Status => status(&mut clients, cli.json).await,
+        Command::List { job } => {
+            list(&mut clients, &tenant, job.unwrap_or_default(), cli.json).await
+        }
+        Command::Save {
+            job,
+            step,
+            rank,
+            world_size,
+            dir,
+        } => {
+            save(
+                &mut clients,
+                &tenant,
+                job,
+                step,
+                rank,
+                world_size,
+                &dir,
+                cli.json,
+            )
+            .await
+        }
+        Command::Restore {
+            job,
+            step,
+            rank,
+            to,
+            no_verify,
+        } => {
+            let step = match step.as_str() {
+                "latest" => None,
+                s => Some(s.parse().map_err(|_| {
+                    fail(
+                        2,
+                        format!("--step {s:?} is neither a number nor \"latest\""),
+                    )
+                })?),
+            };
+            restore(
+                &mut clients,
+                &tenant,
+                job,
+                step,
+                rank,
+                to,
+                no_verify,
+                cli.json,
+            )
+            .await
+        }
+        Command::Verify {
+            job,
+            step,
+            rank,
+            tier,
+            repair,
+        } => {
+            verify(
+                &mut clients,
+                &tenant,
+                job,
+                step,
+                rank,
+                tier,
+                repair,
+                cli.json,
+            )
+            .await
+        }
+        Command::Wait {
+            job,
+            step,
+            tier,
+            timeout_secs,
+        } => {
+            let started = Instant::now();
+            clients
+                .checkpoint
+                .wait_durable(pb::WaitDurableRequest {
+                    tenant,
+                    job: job.clone(),
+                    step,
+                    rank: None,
+                    tier: tier.to_pb() as i32,
+                    timeout_ms: timeout_secs * 1000,
+                })
+                .await?;
+            let secs = started.elapsed().as_secs_f64();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"job": job, "step": step, "tier": tier.to_pb().as_str_name(), "waited_seconds": secs})
+                );
+            } else {
+                println!(
+                    "step {step} of {job} is durable in the {} tier (waited {secs:.2}s)",
+                    tier_name(tier.to_pb() as i32)
+                );
+            }
+            Ok(())
+        }
+        Command::Delete { job, step } => {
+            let resp = clients
+                .checkpoint
+                .delete_step(pb::DeleteStepRequest {
+                    tenant,
+                    job: job.clone(),
+                    step,
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"job": job, "step": step, "shards_deleted": resp.shards_deleted})
+                );
+            } else {
+                println!(
+                    "deleted step {step} of {job} ({} shards)",
+                    resp.shards_deleted
+                );
+            }
+            Ok(())
+        }
+        Command::Gc { dry_run } => {
+            let resp = clients
+                .admin
+                .gc(pb::GcRequest { dry_run })
+                .await?
+                .into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"dry_run": dry_run, "chunks": resp.chunks_removed, "bytes": resp.bytes_removed})
+                );
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                println!(
+                    "{verb} {} unreferenced chunks ({})",
+                    resp.chunks_removed,
+                    human_bytes(resp.bytes_removed)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn tier_name(tier: i32) -> &'static str {
+    match pb::Tier::try_from(tier) {
+        Ok(pb::Tier::Memory) => "memory",
+        Ok(pb::Tier::Disk) => "disk",
+        Ok(pb::Tier::Peers) => "peers",
+        Ok(pb::Tier::ObjectStore) => "object-store",
+        _ => "unknown",
+    }
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::ShardState::try_from(state) {
+        Ok(pb::ShardState::Absent) => "-",
+        Ok(pb::ShardState::Pending) => "pending",
+        Ok(pb::ShardState::Durable) => "durable",
+        Ok(pb::ShardState::Failed) => "FAILED",
+        _ => "?",
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar
+}
+
+async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
+    let s = clients
+        .admin
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner();
+    if json {
+        let tiers: Vec<_> = s
+            .tiers
+            .iter()
+            .map(|t| json!({"tier": tier_name(t.tier), "path": t.path, "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes, "shards": t.shards}))
+            .collect();
+        println!(
+            "{}",
+            json!({"node": s.node, "version": s.version, "default_tenant": s.default_tenant, "metrics_addr": s.metrics_addr,
+                   "open_sessions": s.open_sessions, "pending_writebacks": s.pending_writebacks, "tiers": tiers})
+        );
+        return Ok(());
+    }
+    println!(
+        "node {} (cairnd {}), default tenant {}",
+        s.node, s.version, s.default_tenant
+    );
+    println!(
+        "open sessions {}, pending write-backs {}",
+        s.open_sessions, s.pending_writebacks
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>8}  path",
+        "tier", "used", "capacity", "shards"
+    );
+    for t in &s.tiers {
+        let capacity = if t.capacity_bytes == 0 {
+            "-".into()
+        } else {
+            human_bytes(t.capacity_bytes)
+        };
+        println!(
+            "{:<8} {:>12} {:>12} {:>8}  {}",
+            tier_name(t.tier),
+            human_bytes(t.used_bytes),
+            capacity,
+            t.shards,
+            t.path
+        );
+    }
+    Ok(())
+}
+
+async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> Result<(), Failure> {
+    let resp = clients
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: tenant.to_owned(),
+            job,
+        })
+        .await?
+        .into_inner();
+    if json {
+        let jobs: Vec<_> = resp
+            .jobs
+            .iter()
+            .map(|j| {
+                let steps: Vec<_> = j
+                    .steps
+                    .iter()
+                    .map(|s| {
+                        let shards: Vec<_> = s
+                            .shards
+                            .iter()
+                            .map(|r| {
+                                let tiers: serde_json::Map<String, serde_json::Value> = r
+                                    .tiers
+                                    .iter()
+                                    .map(|t| (tier_name(t.tier).to_owned(), json!(state_name(t.state))))
+                                    .collect();
+                                json!({"rank": r.rank, "bytes": r.total_bytes, "world_size": r.world_size, "tiers": tiers})
+                            })
+                            .collect();
+                        json!({"step": s.step, "restorable": s.restorable, "shards": shards})
+                    })
+                    .collect();
+                json!({"job": j.job, "steps": steps})
+            })
+            .collect();
+        println!("{}", json!({ "jobs": jobs }));
+        return Ok(());
+    }
+    if resp.jobs.is_empty() {
+        println!("no checkpoints");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8}  restorable",
+        "job", "step", "rank", "size", "memory", "disk"
+    );
+    for j in &resp.jobs {
+        for s in &j.steps {
+            for r in &s.shards {
+                let state = |tier: pb::Tier| {
+                    r.tiers
+                        .iter()
+                        .find(|t| t.tier == tier as i32)
+                        .map(|t| state_name(t.state))
+                        .unwrap_or("-")
+                };
+                println!(
+                    "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8}  {}",
+                    j.job,
+                    s.step,
+                    r.rank,
+                    human_bytes(r.total_bytes),
+                    state(pb::Tier::Memory),
+                    state(pb::Tier::Disk),
+                    if s.restorable { "yes" } else { "no" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Regular files under `dir`, as (relative name, path, size), sorted by name.
+fn collect_files(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>, Failure> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&d).map_err(|e| fail(2, format!("reading {}: {e}", d.display())))?;
+        for entry in entries {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            let path = entry.path();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let rel = path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, path, meta.len()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn save(
+    clients: &mut Clients,
+    tenant: &str,
+    job: String,
+    step: u64,
+    rank: u32,
+    world_size: Option<u32>,
+    dir: &Path,
+    json: bool,
+) -> Result<(), Failure> {
+    let files = collect_files(dir)?;
+    let total: u64 = files.iter().map(|f| f.2).sum();
+    let started = Instant::now();
+    let begin = clients
+        .checkpoint
+        .begin_shard(pb::BeginShardRequest {
+            shard: Some(pb::ShardRef {
+                tenant: tenant.to_owned(),
+                job: job.clone(),
+                step,
+                rank,
+            }),
+            files: files
+                .iter()
+                .map(|(name, _, size)| pb::FileSpec {
+                    name: name.clone(),
+                    size: *size,
+                    metadata: HashMap::new(),
+                })
+                .collect(),
+            world_size,
+            metadata: HashMap::new(),
+        })
+        .await?
+        .into_inner();
+    let bar = progress_bar(total, "save");
+    let copied = copy_into_staged(&files, &begin.files, &bar);
+    bar.finish_and_clear();
+    let written = Instant::now();
+    if let Err(e) = copied {
+        let _ = clients
+            .checkpoint
+            .abort_shard(pb::AbortShardRequest {
+                session_id: begin.session_id,
+            })
+            .await;
+        return Err(e);
+    }
+    let commit = clients
+        .checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begin.session_id,
+        })
+        .await?
+        .into_inner();
+    let info = commit.shard.unwrap_or_default();
+    let (write_s, total_s) = (
+        (written - started).as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+    );
+    if json {
+        println!(
+            "{}",
+            json!({"job": job, "step": step, "rank": rank, "bytes": info.total_bytes, "files": info.file_count,
+                   "chunks": info.chunk_count, "write_seconds": write_s, "total_seconds": total_s})
+        );
+    } else {
+        println!(
+            "saved {job} step {step} rank {rank}: {} in {} files, {} chunks; wrote in {write_s:.2}s, committed after {total_s:.2}s",
+            human_bytes(info.total_bytes),
+            info.file_count,
+            info.chunk_count
+        );
+    }
+    Ok(())
+}
+
+/// Copies each source file into its staged file with `pwrite`, reusing one
+/// buffer.
+fn copy_into_staged(
+    files: &[(String, PathBuf, u64)],
+    staged: &[pb::StagedFile],
+    bar: &ProgressBar,
+) -> Result<(), Failure> {
+    let mut buf = vec![0u8; 8 * 1024 * 1024];
+    for ((name, src, _), dst) in files.iter().zip(staged) {
+        let mut input = std::fs::File::open(src)
+            .map_err(|e| fail(1, format!("opening {}: {e}", src.display())))?;
+        let output = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dst.path)
+            .map_err(|e| {
+                fail(
+                    1,
+                    format!("opening staged file for {name} at {}: {e}", dst.path),
+                )
+            })?;
+        let mut offset = 0u64;
+        loop {
+            let n = input.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            output.write_all_at(&buf[..n], offset)?;
+            offset += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore(
+    clients: &mut Clients,
+    tenant: &str,
+    job: String,
+    step: Option<u64>,
+    rank: u32,
+    to: Option<PathBuf>,
+    no_verify: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let selector = pb::ShardSelector {
+        tenant: tenant.to_owned(),
+        job: job.clone(),
+        step,
+        rank,
+    };
+    let resp = clients
+        .checkpoint
+        .restore_shard(pb::RestoreShardRequest {
+            shard: Some(selector.clone()),
+            skip_verify: no_verify,
+        })
+        .await?
+        .into_inner();
+    let manifest = resp.manifest.clone().unwrap_or_default();
+    let restored_step = manifest.shard.as_ref().map(|s| s.step).unwrap_or_default();
+    let total: u64 = manifest.files.iter().map(|f| f.size).sum();
+    let restore_s = started.elapsed().as_secs_f64();
+    if let Some(dir) = &to {
+        let bar = progress_bar(total, "copy");
+        let local = resp.files.iter().all(|f| Path::new(&f.path).exists());
+        if local {
+            copy_out(&resp.files, dir, &bar)?;
+        } else {
+            stream_out(clients, selector, &manifest, dir, &bar).await?;
+        }
+        bar.finish_and_clear();
+    }
+    let sources: Vec<(String, u64)> = resp
+        .sources
+        .iter()
+        .map(|s| (tier_name(s.tier).to_owned(), s.bytes))
+        .collect();
+    if json {
+        let files: Vec<_> = resp
+            .files
+            .iter()
+            .map(|f| json!({"name": f.name, "path": f.path, "size": f.size}))
+            .collect();
+        let sources: serde_json::Map<String, serde_json::Value> =
+            sources.iter().map(|(t, b)| (t.clone(), json!(b))).collect();
+        println!(
+            "{}",
+            json!({"job": job, "step": restored_step, "rank": rank, "bytes": total, "files": files, "sources": sources,
+                   "restore_seconds": restore_s, "total_seconds": started.elapsed().as_secs_f64(),
+                   "copied_to": to.map(|p| p.display().to_string())})
+        );
+    } else {
+        let from: Vec<String> = sources
+            .iter()
+            .map(|(t, b)| format!("{} from {t}", human_bytes(*b)))
+            .collect();
+        println!(
+            "restored {job} step {restored_step} rank {rank}: {} in {} files ({}) in {restore_s:.2}s",
+            human_bytes(total),
+            resp.files.len(),
+            from.join(", ")
+        );
+        match &to {
+            Some(dir) => println!(
+                "copied to {} in {:.2}s",
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            ),
+            None => {
+                for f in &resp.files {
+                    println!("  {}  {}", f.path, human_bytes(f.size));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn target_path(dir: &Path, name: &str) -> Result<PathBuf, Failure> {
+    let path = dir.join(name);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| fail(1, format!("creating {}: {e}", parent.display())))?;
+    }
+    Ok(path)
+}
+
+fn copy_out(files: &[pb::RestoredFile], dir: &Path, bar: &ProgressBar) -> Result<(), Failure> {
+    let mut buf = vec![0u8; 8 * 1024 * 1024];
+    for f in files {
+        let mut input = std::fs::File::open(&f.path)
+            .map_err(|e| fail(1, format!("opening {}: {e}", f.path)))?;
+        let path = target_path(dir, &f.name)?;
+        let mut output = std::fs::File::create(&path)
+            .map_err(|e| fail(1, format!("creating {}: {e}", path.display())))?;
+        loop {
+            let n = input.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            output.write_all(&buf[..n])?;
+            bar.inc(n as u64);
+        }
+    }
+    Ok(())
+}
+
+async fn stream_out(
+    clients: &mut Clients,
+    selector: pb::ShardSelector,
+    manifest: &pb::ShardManifest,
+    dir: &Path,
+    bar: &ProgressBar,
+) -> Result<(), Failure> {
+    let mut selector = selector;
+    selector.step = manifest.shard.as_ref().map(|s| s.step);
+    let mut stream = clients
+        .checkpoint
+        .read_shard(pb::ReadShardRequest {
+            shard: Some(selector),
+        })
+        .await?
+        .into_inner();
+    let mut outputs = Vec::new();
+    for f in &manifest.files {
+        let path = target_path(dir, &f.name)?;
+        let file = std::fs::File::create(&path)
+            .map_err(|e| fail(1, format!("creating {}: {e}", path.display())))?;
+        file.set_len(f.size)?;
+        outputs.push(file);
+    }
+    while let Some(msg) = stream.message().await? {
+        if let Some(pb::read_shard_response::Msg::Data(d)) = msg.msg {
+            let out = outputs.get(d.file_index as usize).ok_or_else(|| {
+                fail(
+                    1,
+                    format!("cairnd sent data for unknown file {}", d.file_index),
+                )
+            })?;
+            out.write_all_at(&d.data, d.offset)?;
+            bar.inc(d.data.len() as u64);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn verify(
+    clients: &mut Clients,
+    tenant: &str,
+    job: String,
+    step: u64,
+    rank: Option<u32>,
+    tier: TierArg,
+    repair: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut stream = clients
+        .admin
+        .verify(pb::VerifyRequest {
+            tenant: tenant.to_owned(),
+            job: job.clone(),
+            step,
+            rank,
+            tier: tier.to_pb() as i32,
+            repair,
+        })
+        .await?
+        .into_inner();
+    let bar = progress_bar(0, "verify");
+    let mut report = None;
+    while let Some(p) = stream.message().await? {
+        if p.done {
+            report = Some(p);
+            break;
+        }
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+    }
+    bar.finish_and_clear();
+    let report =
+        report.ok_or_else(|| fail(1, "cairnd ended the verify stream without a report"))?;
+    let bad: Vec<_> = report.bad_chunks.iter().filter(|b| !b.repaired).collect();
+    if json {
+        let chunks: Vec<_> = report
+            .bad_chunks
+            .iter()
+            .map(|b| json!({"rank": b.rank, "file": b.file, "offset": b.offset, "chunk": hex_id(&b.chunk_id), "problem": b.problem, "repaired": b.repaired}))
+            .collect();
+        println!(
+            "{}",
+            json!({"job": job, "step": step, "tier": tier_name(tier.to_pb() as i32), "ok": bad.is_empty(), "bad_chunks": chunks})
+        );
+    } else if report.bad_chunks.is_empty() {
+        println!(
+            "step {step} of {job} in the {} tier: every chunk verified",
+            tier_name(tier.to_pb() as i32)
+        );
+    } else {
+        for b in &report.bad_chunks {
+            println!(
+                "rank {} file {} offset {} chunk {}: {}{}",
+                b.rank,
+                b.file,
+                b.offset,
+                hex_id(&b.chunk_id),
+                b.problem,
+                if b.repaired { " (repaired)" } else { "" }
+            );
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(fail(
+            5,
+            format!(
+                "{} bad chunks in step {step} of {job} in the {} tier",
+                bad.len(),
+                tier_name(tier.to_pb() as i32)
+            ),
+        ))
+    }
+}
+
+fn hex_id(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,113 @@
+//! The daemon's error type and its one mapping to gRPC statuses.
+
+use cairn_core::CoreError;
+use thiserror::Error;
+
+/// Everything that can go wrong inside the daemon, classified by what the
+/// caller should do about it. Each variant maps to exactly one gRPC code in
+/// [`From<Error> for tonic::Status`]; messages name the field, shard, file or
+/// path concerned.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A name or value from outside broke the rules (or a stored manifest is corrupt).
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// A request was malformed in a way the core types cannot express.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The shard, step, session or job does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The shard was already committed.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Another operation holds what this one needs (a second writer for a shard).
+    #[error("{0}")]
+    Aborted(String),
+    /// The operation is not valid in the current state (commit of an aborted session).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A tier is full and nothing can be evicted.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Bytes were lost or corrupted in every tier that had them.
+    #[error("{0}")]
+    DataLoss(String),
+    /// A wait ran out of time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A local filesystem operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the daemon was doing, as a verb phrase with the path.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon is shutting down.
+    #[error("cairnd is shutting down")]
+    ShuttingDown,
+}
+
+/// The daemon's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attaches a verb-phrase context to I/O errors.
+pub trait IoContext<T> {
+    /// Wraps the error with `context()`, evaluated only on failure.
+    fn io_context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn io_context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+    }
+}
+
+impl Error {
+    /// The gRPC code this error is reported with; also the `code` label of
+    /// the error metric.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::Core(CoreError::CorruptManifest(_)) => Code::DataLoss,
+            Error::Core(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Aborted(_) => Code::Aborted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::DataLoss(_) => Code::DataLoss,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
+            Error::Io { .. } => Code::Internal,
+            Error::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+fn is_out_of_space(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        tonic::Status::new(err.code(), err.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(err: tokio::task::JoinError) -> Self {
+        Error::Io {
+            context: "running a blocking task".into(),
+            source: std::io::Error::other(err.to_string()),
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Small filesystem helpers shared by the tiers: durable writes and sizes.
+//!
+//! Durability follows one recipe everywhere: write a temporary file, fsync
+//! it, rename it into place, fsync the directory. A crash at any point leaves
+//! either the old state or the new one, plus a temporary file that the
+//! startup scan removes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{IoContext, Result};
+
+/// Writes `data` to `path` atomically and durably (when `sync` is set), via
+/// `tmp` on the same filesystem.
+pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .io_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(data)
+        .io_context(|| format!("writing {}", tmp.display()))?;
+    if sync {
+        file.sync_all()
+            .io_context(|| format!("syncing {}", tmp.display()))?;
+    }
+    drop(file);
+    fs::rename(tmp, path)
+        .io_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if sync {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Fsyncs a directory so that renames and creations inside it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .io_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Removes a file or directory tree if it exists.
+pub fn remove_all(path: &Path) -> Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.io_context(|| format!("removing {}", path.display()))
+}
+
+/// Removes empty directories from `dir` up to (not including) `stop`.
+pub fn prune_empty_dirs(mut dir: &Path, stop: &Path) {
+    while dir != stop && dir.starts_with(stop) {
+        if fs::remove_dir(dir).is_err() {
+            break;
+        }
+        match dir.parent() {
+            Some(parent) => dir = parent,
+            None => break,
+        }
+    }
+}
+
+/// Total size in bytes of the filesystem holding `path`.
+#[allow(unsafe_code)]
+pub fn filesystem_size(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stat` points to
+    // writable memory of the right type; statvfs only writes into it.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised the struct.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_blocks * stat.f_frsize)
+}
+
+/// Takes an exclusive lock on `dir/.lock`, so that two daemons never share a
+/// tier directory. The lock lasts as long as the returned file is open.
+pub fn lock_dir(dir: &Path) -> Result<File> {
+    fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .io_context(|| format!("opening {}", path.display()))?;
+    file.try_lock().map_err(|_| {
+        crate::error::Error::FailedPrecondition(format!(
+            "{} is in use by another cairnd (lock {} is held)",
+            dir.display(),
+            path.display()
+        ))
+    })?;
+    Ok(file)
+}

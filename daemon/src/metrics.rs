@@ -1,0 +1,165 @@
+//! Prometheus metrics: every name in one place, documented in `docs/metrics.md`.
+//!
+//! Names start with `cairn_` and end in their unit. Labels stay low
+//! cardinality: tier, RPC method and status code, never job or step.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Bytes committed into a tier (`tier`: memory, disk).
+pub const SAVED_BYTES: &str = "cairn_saved_bytes_total";
+/// Bytes handed back by restores, by the tier they came from.
+pub const RESTORED_BYTES: &str = "cairn_restored_bytes_total";
+/// Time from CommitShard's arrival to its answer.
+pub const COMMIT_SECONDS: &str = "cairn_commit_duration_seconds";
+/// Time to serve RestoreShard, refills and verification included.
+pub const RESTORE_SECONDS: &str = "cairn_restore_duration_seconds";
+/// Time to write one shard through to the disk tier.
+pub const WRITEBACK_SECONDS: &str = "cairn_writeback_duration_seconds";
+/// Bytes in use per tier (files, chunks and reservations).
+pub const TIER_USED_BYTES: &str = "cairn_tier_used_bytes";
+/// Configured capacity per tier (0: unlimited).
+pub const TIER_CAPACITY_BYTES: &str = "cairn_tier_capacity_bytes";
+/// RPCs that failed, by method and gRPC code.
+pub const RPC_ERRORS: &str = "cairn_rpc_errors_total";
+/// Chunks whose bytes did not match their hash, by tier.
+pub const CHUNK_VERIFY_FAILURES: &str = "cairn_chunk_verify_failures_total";
+/// Chunks repaired from another tier, by the tier repaired.
+pub const CHUNKS_REPAIRED: &str = "cairn_chunks_repaired_total";
+/// Shards evicted, by tier and reason (retention, pressure, delete).
+pub const SHARDS_EVICTED: &str = "cairn_shards_evicted_total";
+/// Save sessions currently open.
+pub const OPEN_SESSIONS: &str = "cairn_open_sessions";
+/// Shards committed but not yet durable on disk.
+pub const WRITEBACK_PENDING: &str = "cairn_writeback_pending_shards";
+/// Write-backs that failed.
+pub const WRITEBACK_FAILURES: &str = "cairn_writeback_failures_total";
+/// Bytes the disk tier already had and so did not write again (dedup).
+pub const DEDUP_SKIPPED_BYTES: &str = "cairn_dedup_skipped_bytes_total";
+
+/// The daemon's metrics, registered in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    /// See [`SAVED_BYTES`].
+    pub saved_bytes: IntCounterVec,
+    /// See [`RESTORED_BYTES`].
+    pub restored_bytes: IntCounterVec,
+    /// See [`COMMIT_SECONDS`].
+    pub commit_seconds: Histogram,
+    /// See [`RESTORE_SECONDS`].
+    pub restore_seconds: Histogram,
+    /// See [`WRITEBACK_SECONDS`].
+    pub writeback_seconds: Histogram,
+    /// See [`TIER_USED_BYTES`].
+    pub tier_used_bytes: IntGaugeVec,
+    /// See [`TIER_CAPACITY_BYTES`].
+    pub tier_capacity_bytes: IntGaugeVec,
+    /// See [`RPC_ERRORS`].
+    pub rpc_errors: IntCounterVec,
+    /// See [`CHUNK_VERIFY_FAILURES`].
+    pub chunk_verify_failures: IntCounterVec,
+    /// See [`CHUNKS_REPAIRED`].
+    pub chunks_repaired: IntCounterVec,
+    /// See [`SHARDS_EVICTED`].
+    pub shards_evicted: IntCounterVec,
+    /// See [`OPEN_SESSIONS`].
+    pub open_sessions: IntGauge,
+    /// See [`WRITEBACK_PENDING`].
+    pub writeback_pending: IntGauge,
+    /// See [`WRITEBACK_FAILURES`].
+    pub writeback_failures: IntCounterVec,
+    /// See [`DEDUP_SKIPPED_BYTES`].
+    pub dedup_skipped_bytes: IntCounterVec,
+}
+
+/// Latency buckets from 1 ms to about 10 minutes.
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.5, 15).unwrap_or_default()
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        // Registration fails only on duplicate names, which the constants above rule out.
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            let _ = r.register(Box::new(c.clone()));
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let histogram = |name: &str, help: &str| {
+            reg(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets()))
+                    .expect("valid metric"),
+            )
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            reg(&registry, IntGauge::new(name, help).expect("valid metric"))
+        };
+        Self {
+            saved_bytes: counter(SAVED_BYTES, "Bytes committed into a tier.", &["tier"]),
+            restored_bytes: counter(RESTORED_BYTES, "Bytes restored, by source tier.", &["tier"]),
+            commit_seconds: histogram(COMMIT_SECONDS, "CommitShard latency."),
+            restore_seconds: histogram(RESTORE_SECONDS, "RestoreShard latency."),
+            writeback_seconds: histogram(WRITEBACK_SECONDS, "Time to write a shard to disk."),
+            tier_used_bytes: gauge_vec(TIER_USED_BYTES, "Bytes used per tier.", &["tier"]),
+            tier_capacity_bytes: gauge_vec(
+                TIER_CAPACITY_BYTES,
+                "Capacity per tier (0: unlimited).",
+                &["tier"],
+            ),
+            rpc_errors: counter(
+                RPC_ERRORS,
+                "Failed RPCs by method and code.",
+                &["method", "code"],
+            ),
+            chunk_verify_failures: counter(
+                CHUNK_VERIFY_FAILURES,
+                "Chunks that failed verification.",
+                &["tier"],
+            ),
+            chunks_repaired: counter(
+                CHUNKS_REPAIRED,
+                "Chunks rewritten from another tier.",
+                &["tier"],
+            ),
+            shards_evicted: counter(SHARDS_EVICTED, "Shards evicted.", &["tier", "reason"]),
+            open_sessions: gauge(OPEN_SESSIONS, "Open save sessions."),
+            writeback_pending: gauge(WRITEBACK_PENDING, "Shards waiting for disk write-back."),
+            writeback_failures: counter(WRITEBACK_FAILURES, "Failed write-backs.", &["tier"]),
+            dedup_skipped_bytes: counter(
+                DEDUP_SKIPPED_BYTES,
+                "Bytes a tier already held.",
+                &["tier"],
+            ),
+            registry,
+        }
+    }
+
+    /// The text exposition format, for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,150 @@
+//! The `cairn.v1.Admin` service: what operators and the CLI call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cairn_core::{Rank, Step};
+use cairn_proto::v1 as pb;
+use cairn_proto::v1::admin_server::Admin;
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::to_status;
+use crate::node::{Node, StepSelection};
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+impl AdminService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+type VerifyStream = Pin<Box<dyn Stream<Item = Result<pb::VerifyProgress, Status>> + Send>>;
+
+/// Least bytes between two verify progress messages.
+const PROGRESS_EVERY_BYTES: u64 = 64 * 1024 * 1024;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[tracing::instrument(name = "Status", skip_all)]
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let (sessions, pending) = self.node.activity();
+        Ok(Response::new(pb::StatusResponse {
+            node: self.node.config().node_name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            tiers: self
+                .node
+                .tier_status()
+                .into_iter()
+                .map(|t| pb::TierUsage {
+                    tier: convert::tier_to_pb(t.tier) as i32,
+                    path: t.path.to_string_lossy().into_owned(),
+                    used_bytes: t.used,
+                    capacity_bytes: t.capacity,
+                    shards: t.shards,
+                })
+                .collect(),
+            open_sessions: sessions as u32,
+            pending_writebacks: pending as u32,
+            default_tenant: self.node.config().default_tenant.to_string(),
+            metrics_addr: self
+                .node
+                .config()
+                .metrics_addr
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    type VerifyStream = VerifyStream;
+
+    #[tracing::instrument(name = "Verify", skip_all, fields(job = %request.get_ref().job, step = request.get_ref().step))]
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<VerifyStream>, Status> {
+        let req = request.into_inner();
+        let parsed = (|| {
+            Ok::<_, crate::error::Error>((
+                self.node.tenant(&req.tenant)?,
+                convert::job("job", &req.job)?,
+                convert::tier("tier", req.tier)?,
+            ))
+        })();
+        let (tenant, job, tier) = parsed.map_err(|e| to_status(&self.node.metrics, "Verify", e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let node = Arc::clone(&self.node);
+        tokio::spawn(async move {
+            let last_sent = AtomicU64::new(0);
+            let progress_tx = tx.clone();
+            let progress = move |done: u64, total: u64| {
+                let last = last_sent.load(Ordering::Relaxed);
+                if done == total || done - last.min(done) >= PROGRESS_EVERY_BYTES {
+                    last_sent.store(done, Ordering::Relaxed);
+                    let _ = progress_tx.try_send(Ok(pb::VerifyProgress {
+                        bytes_done: done,
+                        bytes_total: total,
+                        bad_chunks: vec![],
+                        done: false,
+                    }));
+                }
+            };
+            let selection = StepSelection {
+                tenant,
+                job,
+                step: Step(req.step),
+                rank: req.rank.map(Rank),
+            };
+            let result = node.verify(&selection, tier, req.repair, &progress).await;
+            let last = match result {
+                Ok(findings) => Ok(pb::VerifyProgress {
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    bad_chunks: findings
+                        .into_iter()
+                        .map(|f| pb::BadChunk {
+                            rank: f.rank.0,
+                            file: f.file,
+                            offset: f.offset,
+                            chunk_id: f.chunk.as_bytes().to_vec(),
+                            problem: f.problem,
+                            repaired: f.repaired,
+                        })
+                        .collect(),
+                    done: true,
+                }),
+                Err(e) => Err(to_status(&node.metrics, "Verify", e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(name = "Gc", skip_all, fields(dry_run = request.get_ref().dry_run))]
+    async fn gc(
+        &self,
+        request: Request<pb::GcRequest>,
+    ) -> Result<Response<pb::GcResponse>, Status> {
+        let report = self
+            .node
+            .gc(request.get_ref().dry_run)
+            .await
+            .map_err(|e| to_status(&self.node.metrics, "Gc", e))?;
+        Ok(Response::new(pb::GcResponse {
+            chunks_removed: report.chunks,
+            bytes_removed: report.bytes,
+        }))
+    }
+}

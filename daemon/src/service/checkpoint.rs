@@ -1,0 +1,471 @@
+//! The `cairn.v1.Checkpoint` service: what training processes call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_core::{ShardKey, Step};
+use cairn_proto::v1 as pb;
+use cairn_proto::v1::checkpoint_server::Checkpoint;
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Span;
+
+use super::convert::{self, required};
+use super::to_status;
+use crate::error::{Error, IoContext, Result};
+use crate::node::{DiskState, Node, StepSelection};
+use crate::tier::ChunkLocation;
+
+/// Largest data message sent by ReadShard; well under tonic's 4 MiB default
+/// decode limit, and large enough to keep per-message overhead small.
+pub const STREAM_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Longest WaitDurable when the request names no timeout.
+const DEFAULT_WAIT: Duration = Duration::from_secs(3600);
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct CheckpointService {
+    node: Arc<Node>,
+}
+
+impl CheckpointService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+
+    fn status(&self, method: &'static str, err: Error) -> Status {
+        to_status(&self.node.metrics, method, err)
+    }
+}
+
+fn record_shard(key: &ShardKey) {
+    let span = Span::current();
+    span.record("job", key.job.as_str());
+    span.record("step", key.step.0);
+    span.record("rank", key.rank.0);
+}
+
+type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadShardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Checkpoint for CheckpointService {
+    #[tracing::instrument(name = "BeginShard", skip_all, fields(job, step, rank))]
+    async fn begin_shard(
+        &self,
+        request: Request<pb::BeginShardRequest>,
+    ) -> Result<Response<pb::BeginShardResponse>, Status> {
+        let result = async {
+            let begin = convert::begin_shard(&self.node, request.get_ref())?;
+            record_shard(&begin.key);
+            let (session_id, files) = self.node.begin(begin).await?;
+            Ok(pb::BeginShardResponse {
+                session_id,
+                files: files
+                    .into_iter()
+                    .map(|f| pb::StagedFile {
+                        name: f.name.to_string(),
+                        path: f.path.to_string_lossy().into_owned(),
+                        size: f.size,
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| self.status("BeginShard", e))
+    }
+
+    #[tracing::instrument(name = "CommitShard", skip_all, fields(session = %request.get_ref().session_id))]
+    async fn commit_shard(
+        &self,
+        request: Request<pb::CommitShardRequest>,
+    ) -> Result<Response<pb::CommitShardResponse>, Status> {
+        match self.node.commit(&request.get_ref().session_id).await {
+            Ok(m) => Ok(Response::new(pb::CommitShardResponse {
+                shard: Some(convert::shard_info(&m)),
+            })),
+            Err(e) => Err(self.status("CommitShard", e)),
+        }
+    }
+
+    #[tracing::instrument(name = "AbortShard", skip_all, fields(session = %request.get_ref().session_id))]
+    async fn abort_shard(
+        &self,
+        request: Request<pb::AbortShardRequest>,
+    ) -> Result<Response<pb::AbortShardResponse>, Status> {
+        self.node
+            .abort(&request.get_ref().session_id)
+            .map(|()| Response::new(pb::AbortShardResponse {}))
+            .map_err(|e| self.status("AbortShard", e))
+    }
+
+    #[tracing::instrument(name = "WriteShard", skip_all, fields(job, step, rank))]
+    async fn write_shard(
+        &self,
+        request: Request<Streaming<pb::WriteShardRequest>>,
+    ) -> Result<Response<pb::CommitShardResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::WriteShardRequest {
+                msg: Some(pb::write_shard_request::Msg::Header(h)),
+            }) => h,
+            _ => {
+                return Err(self.status(
+                    "WriteShard",
+                    Error::InvalidArgument(
+                        "the first message of WriteShard must be a header".into(),
+                    ),
+                ));
+            }
+        };
+        let begin =
+            convert::begin_shard(&self.node, &header).map_err(|e| self.status("WriteShard", e))?;
+        record_shard(&begin.key);
+        let (session_id, files) = self
+            .node
+            .begin(begin)
+            .await
+            .map_err(|e| self.status("WriteShard", e))?;
+        let result = receive_files(&mut stream, &files).await;
+        let result = match result {
+            Ok(()) => self.node.commit(&session_id).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(m) => Ok(Response::new(pb::CommitShardResponse {
+                shard: Some(convert::shard_info(&m)),
+            })),
+            Err(e) => {
+                if let Err(abort_err) = self.node.abort(&session_id) {
+                    tracing::warn!(error = %abort_err, "aborting failed stream session failed");
+                }
+                Err(self.status("WriteShard", e))
+            }
+        }
+    }
+
+    type ReadShardStream = ReadStream;
+
+    #[tracing::instrument(name = "ReadShard", skip_all, fields(job, step, rank))]
+    async fn read_shard(
+        &self,
+        request: Request<pb::ReadShardRequest>,
+    ) -> Result<Response<ReadStream>, Status> {
+        let manifest = async {
+            let sel = required("shard", &request.get_ref().shard)?;
+            let (tenant, job, step, rank) = convert::selector(&self.node, "shard", sel)?;
+            let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
+            let key = ShardKey {
+                tenant,
+                job,
+                step,
+                rank,
+            };
+            record_shard(&key);
+            self.node.manifest(&key).await
+        }
+        .await
+        .map_err(|e| self.status("ReadShard", e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let node = Arc::clone(&self.node);
+        tokio::spawn(async move {
+            let first = pb::ReadShardResponse {
+                msg: Some(pb::read_shard_response::Msg::Manifest(
+                    convert::manifest_to_pb(&manifest),
+                )),
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            for location in ChunkLocation::all(&manifest) {
+                let bytes = match node.read_chunk(&location).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(&node.metrics, "ReadShard", e))).await;
+                        return;
+                    }
+                };
+                let mut sent = 0;
+                while sent < bytes.len() {
+                    let end = (sent + STREAM_MESSAGE_BYTES).min(bytes.len());
+                    let msg = pb::ReadShardResponse {
+                        msg: Some(pb::read_shard_response::Msg::Data(pb::FileData {
+                            file_index: location.file_index as u32,
+                            offset: location.offset + sent as u64,
+                            data: bytes.slice(sent..end).to_vec(),
+                        })),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return; // the client went away
+                    }
+                    sent = end;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(name = "ListSteps", skip_all, fields(job = %request.get_ref().job))]
+    async fn list_steps(
+        &self,
+        request: Request<pb::ListStepsRequest>,
+    ) -> Result<Response<pb::ListStepsResponse>, Status> {
+        let req = request.get_ref();
+        let result = async {
+            let tenant = self.node.tenant(&req.tenant)?;
+            let job = if req.job.is_empty() {
+                None
+            } else {
+                Some(convert::job("job", &req.job)?)
+            };
+            let jobs = self.node.list_steps(&tenant, job.as_ref()).await?;
+            Ok(pb::ListStepsResponse {
+                jobs: jobs
+                    .into_iter()
+                    .map(|(job, steps)| pb::JobSteps {
+                        job: job.to_string(),
+                        steps: steps.into_iter().map(step_to_pb).collect(),
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| self.status("ListSteps", e))
+    }
+
+    #[tracing::instrument(name = "GetManifest", skip_all, fields(job, step, rank))]
+    async fn get_manifest(
+        &self,
+        request: Request<pb::GetManifestRequest>,
+    ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let result = async {
+            let sel = required("shard", &request.get_ref().shard)?;
+            let (tenant, job, step, rank) = convert::selector(&self.node, "shard", sel)?;
+            let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
+            let key = ShardKey {
+                tenant,
+                job,
+                step,
+                rank,
+            };
+            record_shard(&key);
+            let m = self.node.manifest(&key).await?;
+            Ok(pb::GetManifestResponse {
+                manifest: Some(convert::manifest_to_pb(&m)),
+            })
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| self.status("GetManifest", e))
+    }
+
+    #[tracing::instrument(name = "RestoreShard", skip_all, fields(job, step, rank))]
+    async fn restore_shard(
+        &self,
+        request: Request<pb::RestoreShardRequest>,
+    ) -> Result<Response<pb::RestoreShardResponse>, Status> {
+        let req = request.get_ref();
+        let result = async {
+            let sel = required("shard", &req.shard)?;
+            let (tenant, job, step, rank) = convert::selector(&self.node, "shard", sel)?;
+            let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
+            let key = ShardKey {
+                tenant,
+                job,
+                step,
+                rank,
+            };
+            record_shard(&key);
+            let outcome = self.node.restore(&key, !req.skip_verify).await?;
+            Ok(pb::RestoreShardResponse {
+                manifest: Some(convert::manifest_to_pb(&outcome.manifest)),
+                files: outcome
+                    .manifest
+                    .files
+                    .iter()
+                    .zip(&outcome.paths)
+                    .map(|(f, p)| pb::RestoredFile {
+                        name: f.name.to_string(),
+                        path: p.to_string_lossy().into_owned(),
+                        size: f.size,
+                    })
+                    .collect(),
+                sources: outcome
+                    .bytes_by_tier
+                    .iter()
+                    .map(|(tier, bytes)| pb::SourceBytes {
+                        tier: convert::tier_to_pb(*tier) as i32,
+                        bytes: *bytes,
+                    })
+                    .collect(),
+            })
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| self.status("RestoreShard", e))
+    }
+
+    #[tracing::instrument(name = "DeleteStep", skip_all, fields(job = %request.get_ref().job, step = request.get_ref().step))]
+    async fn delete_step(
+        &self,
+        request: Request<pb::DeleteStepRequest>,
+    ) -> Result<Response<pb::DeleteStepResponse>, Status> {
+        let req = request.get_ref();
+        let result = async {
+            let tenant = self.node.tenant(&req.tenant)?;
+            let job = convert::job("job", &req.job)?;
+            let shards_deleted = self.node.delete_step(&tenant, &job, Step(req.step)).await?;
+            Ok(pb::DeleteStepResponse { shards_deleted })
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| self.status("DeleteStep", e))
+    }
+
+    #[tracing::instrument(name = "WaitDurable", skip_all, fields(job = %request.get_ref().job, step = request.get_ref().step))]
+    async fn wait_durable(
+        &self,
+        request: Request<pb::WaitDurableRequest>,
+    ) -> Result<Response<pb::WaitDurableResponse>, Status> {
+        let req = request.get_ref();
+        let result = async {
+            let tenant = self.node.tenant(&req.tenant)?;
+            let job = convert::job("job", &req.job)?;
+            let tier = convert::tier("tier", req.tier)?;
+            let timeout = match req.timeout_ms {
+                0 => DEFAULT_WAIT,
+                ms => Duration::from_millis(ms),
+            };
+            let selection = StepSelection {
+                tenant,
+                job,
+                step: Step(req.step),
+                rank: req.rank.map(cairn_core::Rank),
+            };
+            self.node.wait_durable(&selection, tier, timeout).await?;
+            Ok(pb::WaitDurableResponse {})
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| self.status("WaitDurable", e))
+    }
+}
+
+/// Writes a WriteShard stream's data messages into the staged files. Data
+/// for each file must arrive in order, without gaps, and fill it exactly.
+async fn receive_files(
+    stream: &mut Streaming<pb::WriteShardRequest>,
+    files: &[crate::node::StagedFile],
+) -> Result<()> {
+    let handles = files
+        .iter()
+        .map(|f| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&f.path)
+                .map(Arc::new)
+                .io_context(|| format!("opening {}", f.path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut written = vec![0u64; files.len()];
+    while let Some(message) = stream.message().await.map_err(|s| {
+        Error::Aborted(format!(
+            "stream broke before the client finished: {}",
+            s.message()
+        ))
+    })? {
+        let data = match message.msg {
+            Some(pb::write_shard_request::Msg::Data(d)) => d,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "only the first WriteShard message may be a header".into(),
+                ));
+            }
+        };
+        let index = data.file_index as usize;
+        let Some(file) = files.get(index) else {
+            return Err(Error::InvalidArgument(format!(
+                "data.file_index {index} is out of range ({} files)",
+                files.len()
+            )));
+        };
+        if data.offset != written[index] {
+            return Err(Error::InvalidArgument(format!(
+                "data for file {}: offset {} but {} bytes were written so far (data must arrive in order)",
+                file.name, data.offset, written[index]
+            )));
+        }
+        let end = data.offset + data.data.len() as u64;
+        if end > file.size {
+            return Err(Error::InvalidArgument(format!(
+                "data for file {}: {end} bytes exceed its declared size of {}",
+                file.name, file.size
+            )));
+        }
+        let handle = Arc::clone(&handles[index]);
+        let offset = data.offset;
+        let path = file.path.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            handle
+                .write_all_at(&data.data, offset)
+                .io_context(|| format!("writing {}", path.display()))
+        })
+        .await??;
+        written[index] = end;
+    }
+    for (file, got) in files.iter().zip(&written) {
+        if *got != file.size {
+            return Err(Error::InvalidArgument(format!(
+                "file {}: declared {} bytes but the stream carried {got}",
+                file.name, file.size
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn step_to_pb(view: crate::node::StepView) -> pb::StepStatus {
+    pb::StepStatus {
+        step: view.step.0,
+        restorable: view.restorable,
+        shards: view
+            .shards
+            .into_iter()
+            .map(|s| pb::ShardStatus {
+                rank: s.rank.0,
+                total_bytes: s.total_bytes,
+                world_size: s.world_size,
+                tiers: vec![
+                    pb::TierState {
+                        tier: pb::Tier::Memory as i32,
+                        state: if s.in_memory {
+                            pb::ShardState::Durable
+                        } else {
+                            pb::ShardState::Absent
+                        } as i32,
+                    },
+                    pb::TierState {
+                        tier: pb::Tier::Disk as i32,
+                        state: match s.disk {
+                            DiskState::Absent => pb::ShardState::Absent,
+                            DiskState::Pending => pb::ShardState::Pending,
+                            DiskState::Durable => pb::ShardState::Durable,
+                            DiskState::Failed(_) => pb::ShardState::Failed,
+                        } as i32,
+                    },
+                ],
+            })
+            .collect(),
+    }
+}

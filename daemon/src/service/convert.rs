@@ -1,0 +1,182 @@
+//! Conversions between `cairn.v1` messages and domain types. Every field
+//! from outside is validated here, and errors name the field.
+
+use std::collections::BTreeMap;
+
+use cairn_core::{FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
+use cairn_proto::v1 as pb;
+
+use crate::error::{Error, Result};
+use crate::node::{BeginShard, FileSpec, Node};
+use crate::tier::TierKind;
+
+/// Longest metadata key or value accepted, and most entries per map.
+const MAX_METADATA_LEN: usize = 4096;
+const MAX_METADATA_ENTRIES: usize = 256;
+/// Most files in one shard.
+pub const MAX_FILES: usize = 100_000;
+
+fn metadata(
+    field: &str,
+    map: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    if map.len() > MAX_METADATA_ENTRIES {
+        return Err(Error::InvalidArgument(format!(
+            "{field}: more than {MAX_METADATA_ENTRIES} entries"
+        )));
+    }
+    for (k, v) in map {
+        if k.len() > MAX_METADATA_LEN || v.len() > MAX_METADATA_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "{field}[{k:.40}]: longer than {MAX_METADATA_LEN} bytes"
+            )));
+        }
+    }
+    Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// A required sub-message.
+pub fn required<'a, T>(field: &str, value: &'a Option<T>) -> Result<&'a T> {
+    value
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument(format!("{field} is required")))
+}
+
+/// The job name in `field`.
+pub fn job(field: &str, value: &str) -> Result<JobName> {
+    Ok(JobName::parse(field, value.to_owned())?)
+}
+
+/// A shard key from a `ShardRef`.
+pub fn shard_key(node: &Node, field: &str, r: &pb::ShardRef) -> Result<ShardKey> {
+    Ok(ShardKey {
+        tenant: node.tenant(&r.tenant)?,
+        job: job(&format!("{field}.job"), &r.job)?,
+        step: Step(r.step),
+        rank: Rank(r.rank),
+    })
+}
+
+/// A selector's tenant, job, optional step and rank.
+pub fn selector(
+    node: &Node,
+    field: &str,
+    s: &pb::ShardSelector,
+) -> Result<(TenantName, JobName, Option<Step>, Rank)> {
+    Ok((
+        node.tenant(&s.tenant)?,
+        job(&format!("{field}.job"), &s.job)?,
+        s.step.map(Step),
+        Rank(s.rank),
+    ))
+}
+
+/// A validated BeginShard.
+pub fn begin_shard(node: &Node, req: &pb::BeginShardRequest) -> Result<BeginShard> {
+    let key = shard_key(node, "shard", required("shard", &req.shard)?)?;
+    if req.files.len() > MAX_FILES {
+        return Err(Error::InvalidArgument(format!(
+            "files: more than {MAX_FILES} files"
+        )));
+    }
+    let files = req
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Ok(FileSpec {
+                name: FileName::parse(&format!("files[{i}].name"), f.name.clone())?,
+                size: f.size,
+                metadata: metadata(&format!("files[{i}].metadata"), &f.metadata)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(BeginShard {
+        key,
+        files,
+        world_size: req.world_size,
+        metadata: metadata("metadata", &req.metadata)?,
+    })
+}
+
+/// The tier named in `field`; peers and object store are not on this node yet.
+pub fn tier(field: &str, value: i32) -> Result<TierKind> {
+    match pb::Tier::try_from(value) {
+        Ok(pb::Tier::Memory) => Ok(TierKind::Memory),
+        Ok(pb::Tier::Disk) => Ok(TierKind::Disk),
+        Ok(other) => Err(Error::InvalidArgument(format!(
+            "{field}: tier {} is not available on this node (memory and disk are)",
+            other.as_str_name()
+        ))),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "{field}: unknown tier {value}"
+        ))),
+    }
+}
+
+/// The wire form of a tier.
+pub fn tier_to_pb(tier: TierKind) -> pb::Tier {
+    match tier {
+        TierKind::Memory => pb::Tier::Memory,
+        TierKind::Disk => pb::Tier::Disk,
+    }
+}
+
+/// The wire form of a shard key.
+pub fn shard_ref(key: &ShardKey) -> pb::ShardRef {
+    pb::ShardRef {
+        tenant: key.tenant.to_string(),
+        job: key.job.to_string(),
+        step: key.step.0,
+        rank: key.rank.0,
+    }
+}
+
+/// The wire form of a manifest.
+pub fn manifest_to_pb(m: &Manifest) -> pb::ShardManifest {
+    pb::ShardManifest {
+        shard: Some(shard_ref(&m.shard)),
+        world_size: m.world_size,
+        chunk_size: m.chunk_size.get(),
+        files: m
+            .files
+            .iter()
+            .map(|f| pb::FileManifest {
+                name: f.name.to_string(),
+                size: f.size,
+                chunks: f
+                    .chunks
+                    .iter()
+                    .map(|c| pb::ChunkRef {
+                        id: c.id.as_bytes().to_vec(),
+                        len: c.len,
+                    })
+                    .collect(),
+                metadata: f
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect(),
+        metadata: m
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        manifest_hash: m.hash().as_bytes().to_vec(),
+        committed_unix_ms: m.committed_unix_ms,
+    }
+}
+
+/// The summary returned by commits.
+pub fn shard_info(m: &Manifest) -> pb::ShardInfo {
+    pb::ShardInfo {
+        shard: Some(shard_ref(&m.shard)),
+        total_bytes: m.total_bytes(),
+        file_count: m.files.len() as u32,
+        chunk_count: m.chunk_count() as u32,
+        manifest_hash: m.hash().as_bytes().to_vec(),
+        committed_unix_ms: m.committed_unix_ms,
+    }
+}

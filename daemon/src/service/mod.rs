@@ -1,0 +1,22 @@
+//! gRPC services: messages in, validated domain types to the [`Node`], and
+//! back. Prost types stop here.
+//!
+//! [`Node`]: crate::node::Node
+
+pub mod admin;
+pub mod checkpoint;
+pub mod convert;
+
+use crate::error::Error;
+use crate::metrics::Metrics;
+
+/// Converts a node error into a status, counting it by method and code.
+pub(crate) fn to_status(metrics: &Metrics, method: &'static str, err: Error) -> tonic::Status {
+    let status = tonic::Status::from(err);
+    metrics
+        .rpc_errors
+        .with_label_values(&[method, &format!("{:?}", status.code())])
+        .inc();
+    tracing::warn!(method, code = ?status.code(), message = status.message(), "request failed");
+    status
+}

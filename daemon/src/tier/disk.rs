@@ -1,0 +1,307 @@
+//! T1, the disk tier: content-addressed chunks and manifests on local disk.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! tenants/<tenant>/chunks/<first two hex digits>/<chunk id>
+//! tenants/<tenant>/manifests/<job>/<step>/<rank>.manifest
+//! tmp/                                  temporary files, same filesystem
+//! ```
+//!
+//! Chunks are stored once per tenant, however many steps or jobs name them,
+//! and never shared across tenants. Every write goes to `tmp/`, is fsynced,
+//! renamed into place, and its directory fsynced; a manifest is written only
+//! after every chunk it names, so a manifest on disk means a complete,
+//! durable shard. At start `tmp/` is emptied and manifests whose chunks are
+//! not all present are removed. Unreferenced chunks are removed by
+//! [`DiskTier::collect_garbage`], which the caller must not run while a copy
+//! into this tier is between its chunks and its manifest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn_core::{ChunkId, JobName, Manifest, ShardKey, TenantName};
+
+use super::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::tier::memory::read_verified;
+
+const TENANTS: &str = "tenants";
+const CHUNKS: &str = "chunks";
+const MANIFESTS: &str = "manifests";
+const TMP: &str = "tmp";
+const MANIFEST_EXT: &str = "manifest";
+
+/// What garbage collection found (and removed, unless it was a dry run).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Unreferenced chunks.
+    pub chunks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// The disk tier.
+pub struct DiskTier {
+    root: PathBuf,
+    manifests: Mutex<BTreeMap<ShardKey, Arc<Manifest>>>,
+    _lock: File,
+}
+
+impl DiskTier {
+    /// Opens the tier at `root`, cleaning temporaries and dropping manifests
+    /// whose chunks are not all present.
+    pub fn open(root: &Path) -> Result<Self> {
+        let lock = fsutil::lock_dir(root)?;
+        let tmp = root.join(TMP);
+        fsutil::remove_all(&tmp)?;
+        fs::create_dir_all(&tmp).io_context(|| format!("creating {}", tmp.display()))?;
+        let tier = Self {
+            root: root.to_path_buf(),
+            manifests: Mutex::new(BTreeMap::new()),
+            _lock: lock,
+        };
+        tier.load_manifests()?;
+        Ok(tier)
+    }
+
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardKey, Arc<Manifest>>> {
+        self.manifests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn load_manifests(&self) -> Result<()> {
+        let tenants = self.root.join(TENANTS);
+        let Ok(entries) = fs::read_dir(&tenants) else {
+            return Ok(());
+        };
+        let mut index = self.lock_index();
+        for tenant_dir in entries.flatten().map(|e| e.path()) {
+            for path in files_under(&tenant_dir.join(MANIFESTS)) {
+                match self.check_manifest(&path) {
+                    Ok(manifest) => {
+                        index.insert(manifest.shard.clone(), Arc::new(manifest));
+                    }
+                    Err(reason) => {
+                        tracing::warn!(path = %path.display(), %reason, "removing incomplete shard from disk tier");
+                        fsutil::remove_all(&path)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_manifest(&self, path: &Path) -> std::result::Result<Manifest, String> {
+        let bytes = fs::read(path).map_err(|e| e.to_string())?;
+        let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+        if self.manifest_path(&manifest.shard) != path {
+            return Err("manifest names another shard".into());
+        }
+        for id in manifest.unique_chunks().keys() {
+            if !self.chunk_path(&manifest.shard.tenant, id).exists() {
+                return Err(format!("chunk {id} is missing"));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The tier's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a chunk of `tenant` is stored.
+    pub fn chunk_path(&self, tenant: &TenantName, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root
+            .join(TENANTS)
+            .join(tenant.as_str())
+            .join(CHUNKS)
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn manifest_path(&self, key: &ShardKey) -> PathBuf {
+        self.root
+            .join(TENANTS)
+            .join(key.tenant.as_str())
+            .join(MANIFESTS)
+            .join(key.job.as_str())
+            .join(key.step.0.to_string())
+            .join(format!("{}.{MANIFEST_EXT}", key.rank.0))
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.root.join(TMP).join(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Whether the shard is complete here.
+    pub fn contains(&self, key: &ShardKey) -> bool {
+        self.lock_index().contains_key(key)
+    }
+
+    /// Every shard held, for status and retention.
+    pub fn shards(&self) -> Vec<Arc<Manifest>> {
+        self.lock_index().values().cloned().collect()
+    }
+
+    /// Bytes of all stored chunks (each counted once).
+    pub fn used_bytes(&self) -> u64 {
+        let index = self.lock_index();
+        let unique: BTreeSet<(&TenantName, ChunkId, u64)> = index
+            .values()
+            .flat_map(|m| {
+                m.files
+                    .iter()
+                    .flat_map(|f| f.chunks.iter().map(|c| (&m.shard.tenant, c.id, c.len)))
+            })
+            .collect();
+        unique.iter().map(|(_, _, len)| len).sum()
+    }
+
+    /// Removes a shard's manifest. Its chunks stay until garbage collection.
+    pub fn remove_shard(&self, key: &ShardKey) -> Result<bool> {
+        if self.lock_index().remove(key).is_none() {
+            return Ok(false);
+        }
+        let path = self.manifest_path(key);
+        fsutil::remove_all(&path)?;
+        let stop = self.root.join(TENANTS);
+        fsutil::prune_empty_dirs(path.parent().unwrap_or(&stop), &stop);
+        Ok(true)
+    }
+
+    /// Removes chunks that no manifest of their tenant references (or only
+    /// counts them, on a dry run). Blocking: run it off the async threads.
+    pub fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
+        let referenced: BTreeSet<(String, String)> = self
+            .lock_index()
+            .values()
+            .flat_map(|m| {
+                let tenant = m.shard.tenant.as_str().to_owned();
+                m.unique_chunks()
+                    .into_keys()
+                    .map(move |id| (tenant.clone(), id.to_hex()))
+            })
+            .collect();
+        let mut report = GcReport::default();
+        let Ok(tenants) = fs::read_dir(self.root.join(TENANTS)) else {
+            return Ok(report);
+        };
+        for tenant_dir in tenants.flatten() {
+            let tenant = tenant_dir.file_name().to_string_lossy().into_owned();
+            for path in files_under(&tenant_dir.path().join(CHUNKS)) {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if referenced.contains(&(tenant.clone(), name)) {
+                    continue;
+                }
+                report.chunks += 1;
+                report.bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                if !dry_run {
+                    fsutil::remove_all(&path)?;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Regular files anywhere below `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => out.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl ShardSource for DiskTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Disk
+    }
+
+    async fn manifest(&self, key: &ShardKey) -> Result<Option<Arc<Manifest>>> {
+        Ok(self.lock_index().get(key).cloned())
+    }
+
+    async fn list(&self, tenant: &TenantName, job: Option<&JobName>) -> Result<Vec<Arc<Manifest>>> {
+        Ok(self
+            .lock_index()
+            .values()
+            .filter(|m| &m.shard.tenant == tenant && job.is_none_or(|j| &m.shard.job == j))
+            .cloned()
+            .collect())
+    }
+
+    async fn read_chunk(&self, location: &ChunkLocation) -> Result<ChunkRead> {
+        let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
+        let chunk = location.chunk;
+        tokio::task::spawn_blocking(move || read_verified(&path, 0, chunk.len, chunk.id)).await?
+    }
+}
+
+#[async_trait]
+impl ChunkSink for DiskTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Disk
+    }
+
+    async fn missing_chunks(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        let paths: Vec<(ChunkId, PathBuf)> = ids
+            .iter()
+            .map(|id| (*id, self.chunk_path(tenant, id)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .filter(|(_, p)| !p.exists())
+                .map(|(id, _)| id)
+                .collect()
+        })
+        .await
+        .map_err(Error::from)
+    }
+
+    async fn put_chunk(&self, tenant: &TenantName, id: ChunkId, data: Bytes) -> Result<()> {
+        let path = self.chunk_path(tenant, &id);
+        let tmp = self.tmp_path();
+        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, true)).await?
+    }
+
+    async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let key = manifest.shard.clone();
+        if let Some(existing) = self.lock_index().get(&key)
+            && existing.hash() != manifest.hash()
+        {
+            return Err(Error::AlreadyExists(format!(
+                "disk tier already holds a different manifest for shard {key}"
+            )));
+        }
+        let path = self.manifest_path(&key);
+        let tmp = self.tmp_path();
+        let encoded = manifest.encode();
+        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &encoded, true))
+            .await??;
+        self.lock_index().insert(key, Arc::new(manifest.clone()));
+        Ok(())
+    }
+}

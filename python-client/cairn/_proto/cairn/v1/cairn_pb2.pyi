@@ -1,0 +1,462 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_MEMORY: _ClassVar[Tier]
+    TIER_DISK: _ClassVar[Tier]
+    TIER_PEERS: _ClassVar[Tier]
+    TIER_OBJECT_STORE: _ClassVar[Tier]
+
+class ShardState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARD_STATE_UNSPECIFIED: _ClassVar[ShardState]
+    SHARD_STATE_ABSENT: _ClassVar[ShardState]
+    SHARD_STATE_PENDING: _ClassVar[ShardState]
+    SHARD_STATE_DURABLE: _ClassVar[ShardState]
+    SHARD_STATE_FAILED: _ClassVar[ShardState]
+TIER_UNSPECIFIED: Tier
+TIER_MEMORY: Tier
+TIER_DISK: Tier
+TIER_PEERS: Tier
+TIER_OBJECT_STORE: Tier
+SHARD_STATE_UNSPECIFIED: ShardState
+SHARD_STATE_ABSENT: ShardState
+SHARD_STATE_PENDING: ShardState
+SHARD_STATE_DURABLE: ShardState
+SHARD_STATE_FAILED: ShardState
+
+class ShardRef(_message.Message):
+    __slots__ = ("tenant", "job", "step", "rank")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    step: int
+    rank: int
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class ShardSelector(_message.Message):
+    __slots__ = ("tenant", "job", "step", "rank")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    step: int
+    rank: int
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class FileSpec(_message.Message):
+    __slots__ = ("name", "size", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class BeginShardRequest(_message.Message):
+    __slots__ = ("shard", "files", "world_size", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardRef
+    files: _containers.RepeatedCompositeFieldContainer[FileSpec]
+    world_size: int
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., files: _Optional[_Iterable[_Union[FileSpec, _Mapping]]] = ..., world_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StagedFile(_message.Message):
+    __slots__ = ("name", "path", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class BeginShardResponse(_message.Message):
+    __slots__ = ("session_id", "files")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    files: _containers.RepeatedCompositeFieldContainer[StagedFile]
+    def __init__(self, session_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[StagedFile, _Mapping]]] = ...) -> None: ...
+
+class CommitShardRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("shard", "total_bytes", "file_count", "chunk_count", "manifest_hash", "committed_unix_ms")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardRef
+    total_bytes: int
+    file_count: int
+    chunk_count: int
+    manifest_hash: bytes
+    committed_unix_ms: int
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., total_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., manifest_hash: _Optional[bytes] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
+
+class CommitShardResponse(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardInfo
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+
+class AbortShardRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class AbortShardResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FileData(_message.Message):
+    __slots__ = ("file_index", "offset", "data")
+    FILE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file_index: int
+    offset: int
+    data: bytes
+    def __init__(self, file_index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteShardRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: BeginShardRequest
+    data: FileData
+    def __init__(self, header: _Optional[_Union[BeginShardRequest, _Mapping]] = ..., data: _Optional[_Union[FileData, _Mapping]] = ...) -> None: ...
+
+class ChunkRef(_message.Message):
+    __slots__ = ("id", "len")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    len: int
+    def __init__(self, id: _Optional[bytes] = ..., len: _Optional[int] = ...) -> None: ...
+
+class FileManifest(_message.Message):
+    __slots__ = ("name", "size", "chunks", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    chunks: _containers.RepeatedCompositeFieldContainer[ChunkRef]
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkRef, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ShardManifest(_message.Message):
+    __slots__ = ("shard", "world_size", "chunk_size", "files", "metadata", "manifest_hash", "committed_unix_ms")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardRef
+    world_size: int
+    chunk_size: int
+    files: _containers.RepeatedCompositeFieldContainer[FileManifest]
+    metadata: _containers.ScalarMap[str, str]
+    manifest_hash: bytes
+    committed_unix_ms: int
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., world_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileManifest, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., manifest_hash: _Optional[bytes] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ReadShardRequest(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardSelector
+    def __init__(self, shard: _Optional[_Union[ShardSelector, _Mapping]] = ...) -> None: ...
+
+class ReadShardResponse(_message.Message):
+    __slots__ = ("manifest", "data")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    manifest: ShardManifest
+    data: FileData
+    def __init__(self, manifest: _Optional[_Union[ShardManifest, _Mapping]] = ..., data: _Optional[_Union[FileData, _Mapping]] = ...) -> None: ...
+
+class TierState(_message.Message):
+    __slots__ = ("tier", "state")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    state: ShardState
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[ShardState, str]] = ...) -> None: ...
+
+class ShardStatus(_message.Message):
+    __slots__ = ("rank", "total_bytes", "world_size", "tiers")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    total_bytes: int
+    world_size: int
+    tiers: _containers.RepeatedCompositeFieldContainer[TierState]
+    def __init__(self, rank: _Optional[int] = ..., total_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierState, _Mapping]]] = ...) -> None: ...
+
+class StepStatus(_message.Message):
+    __slots__ = ("step", "restorable", "shards")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTORABLE_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    restorable: bool
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
+    def __init__(self, step: _Optional[int] = ..., restorable: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+
+class ListStepsRequest(_message.Message):
+    __slots__ = ("tenant", "job")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+
+class JobSteps(_message.Message):
+    __slots__ = ("job", "steps")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    steps: _containers.RepeatedCompositeFieldContainer[StepStatus]
+    def __init__(self, job: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ...) -> None: ...
+
+class ListStepsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobSteps]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobSteps, _Mapping]]] = ...) -> None: ...
+
+class GetManifestRequest(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardSelector
+    def __init__(self, shard: _Optional[_Union[ShardSelector, _Mapping]] = ...) -> None: ...
+
+class GetManifestResponse(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: ShardManifest
+    def __init__(self, manifest: _Optional[_Union[ShardManifest, _Mapping]] = ...) -> None: ...
+
+class RestoreShardRequest(_message.Message):
+    __slots__ = ("shard", "skip_verify")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SKIP_VERIFY_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardSelector
+    skip_verify: bool
+    def __init__(self, shard: _Optional[_Union[ShardSelector, _Mapping]] = ..., skip_verify: _Optional[bool] = ...) -> None: ...
+
+class RestoredFile(_message.Message):
+    __slots__ = ("name", "path", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class SourceBytes(_message.Message):
+    __slots__ = ("tier", "bytes")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    bytes: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class RestoreShardResponse(_message.Message):
+    __slots__ = ("manifest", "files", "sources")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    manifest: ShardManifest
+    files: _containers.RepeatedCompositeFieldContainer[RestoredFile]
+    sources: _containers.RepeatedCompositeFieldContainer[SourceBytes]
+    def __init__(self, manifest: _Optional[_Union[ShardManifest, _Mapping]] = ..., files: _Optional[_Iterable[_Union[RestoredFile, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[SourceBytes, _Mapping]]] = ...) -> None: ...
+
+class DeleteStepRequest(_message.Message):
+    __slots__ = ("tenant", "job", "step")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    step: int
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class DeleteStepResponse(_message.Message):
+    __slots__ = ("shards_deleted",)
+    SHARDS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    shards_deleted: int
+    def __init__(self, shards_deleted: _Optional[int] = ...) -> None: ...
+
+class WaitDurableRequest(_message.Message):
+    __slots__ = ("tenant", "job", "step", "rank", "tier", "timeout_ms")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    step: int
+    rank: int
+    tier: Tier
+    timeout_ms: int
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class WaitDurableResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierUsage(_message.Message):
+    __slots__ = ("tier", "path", "used_bytes", "capacity_bytes", "shards")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    tier: Tier
+    path: str
+    used_bytes: int
+    capacity_bytes: int
+    shards: int
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., path: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_WRITEBACKS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TENANT_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    version: str
+    tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
+    open_sessions: int
+    pending_writebacks: int
+    default_tenant: str
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("tenant", "job", "step", "rank", "tier", "repair")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    step: int
+    rank: int
+    tier: Tier
+    repair: bool
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., repair: _Optional[bool] = ...) -> None: ...
+
+class BadChunk(_message.Message):
+    __slots__ = ("rank", "file", "offset", "chunk_id", "problem", "repaired")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    file: str
+    offset: int
+    chunk_id: bytes
+    problem: str
+    repaired: bool
+    def __init__(self, rank: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_id: _Optional[bytes] = ..., problem: _Optional[str] = ..., repaired: _Optional[bool] = ...) -> None: ...
+
+class VerifyProgress(_message.Message):
+    __slots__ = ("bytes_done", "bytes_total", "bad_chunks", "done")
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BAD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    bytes_done: int
+    bytes_total: int
+    bad_chunks: _containers.RepeatedCompositeFieldContainer[BadChunk]
+    done: bool
+    def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bad_chunks: _Optional[_Iterable[_Union[BadChunk, _Mapping]]] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class GcRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class GcResponse(_message.Message):
+    __slots__ = ("chunks_removed", "bytes_removed")
+    CHUNKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    chunks_removed: int
+    bytes_removed: int
+    def __init__(self, chunks_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ...) -> None: ...

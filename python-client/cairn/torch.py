@@ -1,0 +1,494 @@
+"""PyTorch Distributed Checkpoint (DCP) storage through Cairn.
+
+>>> import torch.distributed.checkpoint as dcp
+>>> from cairn.torch import CairnReader, CairnWriter
+>>> dcp.save(state_dict, storage_writer=CairnWriter(job="llm", step=1000))  # doctest: +SKIP
+>>> dcp.load(state_dict, storage_reader=CairnReader(job="llm"))             # doctest: +SKIP
+
+or with checkpoint ids: ``dcp.save(sd, checkpoint_id="cairn://llm/1000",
+storage_writer=CairnWriter())``; ``cairn://TENANT/JOB/STEP`` names a tenant,
+and ``STEP`` may be ``latest`` when loading.
+
+Layout of a DCP step in Cairn, for N DCP ranks (the step's world size in
+Cairn is N + 1):
+
+* Cairn rank ``r + 1`` is DCP rank r's shard: one file per write item
+  (``t0``, ``t1``, ...), raw little-endian bytes of the item's tensor chunk
+  (or the item's serialized bytes), each written with one ``pwrite`` into the
+  daemon's pre-sized tmpfs file, with dtype/shape/fqn in the file metadata.
+* Cairn rank 0 holds ``dcp.metadata``: the pickled DCP ``Metadata``, whose
+  ``storage_data`` maps every item to (Cairn rank, file). The coordinator
+  commits it in ``finish``, after every rank's shard is committed, so the
+  daemon reports the step restorable only once all N + 1 shards are in: a
+  crash at any point leaves a step that ``latest`` never picks.
+
+Loading restores each needed rank's shard once (memory-mapped, zero copy) and
+copies every requested region straight into the destination tensors, so a
+checkpoint saved by N ranks loads into any number of ranks (DCP's
+resharding). CUDA tensors are saved through pinned host memory; they load
+through DCP's usual ``copy_`` into the destination device.
+
+DCP's ``use_collectives=False`` mode (every rank writes its own metadata) is
+not supported: a Cairn step has exactly one metadata shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from cairn import _arrays
+from cairn.client import FORMAT_KEY, Client, RestoredShard
+from cairn.errors import AlreadyExists, CairnError, InvalidArgument
+
+__all__ = ["CHECKPOINT_SCHEME", "CairnReader", "CairnWriter", "parse_checkpoint_id"]
+
+#: Prefix of the checkpoint ids these classes accept.
+CHECKPOINT_SCHEME = "cairn://"
+#: The Cairn rank holding the pickled DCP metadata.
+METADATA_RANK = 0
+#: File name of the pickled DCP metadata inside the metadata shard.
+METADATA_FILE = "dcp.metadata"
+#: Shard metadata value of ``cairn.format`` for every shard of a DCP step.
+DCP_FORMAT = "torch-dcp/v1"
+#: DCP format version the metadata is written as (FileSystemWriter's).
+_DCP_VERSION = "1.0.0"
+
+_META_FQN = "fqn"
+_META_OFFSETS = "offsets"
+
+
+@dataclass(frozen=True)
+class CairnStorageInfo:
+    """Where one write item lives (pickled into the DCP metadata)."""
+
+    rank: int
+    file: str
+    length: int
+
+
+@dataclass(frozen=True)
+class _PlanData:
+    """What the coordinator tells each rank in its plan's storage_data."""
+
+    shard_rank: int
+    world_size: int
+
+
+def parse_checkpoint_id(checkpoint_id: str | os.PathLike[str]) -> tuple[str | None, str, str]:
+    """``cairn://[TENANT/]JOB/STEP`` → (tenant or None, job, step text)."""
+    text = os.fspath(checkpoint_id)
+    if not text.startswith(CHECKPOINT_SCHEME):
+        raise InvalidArgument(
+            f"checkpoint_id: expected {CHECKPOINT_SCHEME}[TENANT/]JOB/STEP, got {text!r}"
+        )
+    parts = text[len(CHECKPOINT_SCHEME) :].strip("/").split("/")
+    if len(parts) == 2:
+        tenant, (job, step) = None, parts
+    elif len(parts) == 3:
+        tenant, job, step = parts
+    else:
+        raise InvalidArgument(
+            f"checkpoint_id: expected {CHECKPOINT_SCHEME}[TENANT/]JOB/STEP, got {text!r}"
+        )
+    if not job or not (step.isdigit() or step == "latest"):
+        raise InvalidArgument(
+            f"checkpoint_id: step must be a non-negative integer or 'latest', got {text!r}"
+        )
+    return tenant, job, step
+
+
+class _CairnStorage:
+    """What the writer and the reader share: the target and a lazy client."""
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None,
+        job: str | None,
+        step: int | str | None,
+        client: Client | None,
+        socket: str | os.PathLike[str] | None,
+        tenant: str,
+    ) -> None:
+        self.job = job
+        self.step: int | str | None = step
+        self.tenant = tenant
+        self._socket = socket
+        self._client = client
+        if checkpoint_id is not None:
+            self._apply_checkpoint_id(checkpoint_id)
+
+    def _apply_checkpoint_id(self, checkpoint_id: str | os.PathLike[str]) -> None:
+        tenant, job, step = parse_checkpoint_id(checkpoint_id)
+        if tenant is not None:
+            self.tenant = tenant
+        self.job = job
+        self.step = step if step == "latest" else int(step)
+
+    @property
+    def client(self) -> Client:
+        if self._client is None or self._client.tenant != self.tenant:
+            self._client = Client(self._socket, tenant=self.tenant)
+        return self._client
+
+    @property
+    def checkpoint_id(self) -> str:
+        tenant = f"{self.tenant}/" if self.tenant else ""
+        return f"{CHECKPOINT_SCHEME}{tenant}{self.job}/{self.step}"
+
+    def _require_target(self) -> str:
+        if not self.job:
+            raise InvalidArgument(
+                "job: not set; pass job= or a checkpoint_id such as cairn://JOB/STEP"
+            )
+        return self.job
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process-based async save pickles the writer: reconnect there.
+        state = self.__dict__.copy()
+        if state.get("_client") is not None:
+            state["_socket"] = state["_client"].target
+            state["tenant"] = state["_client"].tenant
+        state["_client"] = None
+        return state
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        try:
+            parse_checkpoint_id(checkpoint_id)
+        except (InvalidArgument, TypeError):
+            return False
+        return True
+
+
+class CairnWriter(_CairnStorage, StorageWriter):
+    """A DCP ``StorageWriter`` that saves each rank's tensors as a Cairn shard.
+
+    ``job`` and ``step`` (or ``checkpoint_id="cairn://JOB/STEP"``) name the
+    checkpoint; ``client`` (or ``socket``/``tenant``) names the daemon.
+    A step is immutable once saved: saving it again raises AlreadyExists
+    unless ``overwrite=True``, which deletes the old step first.
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None = None,
+        *,
+        job: str | None = None,
+        step: int | None = None,
+        client: Client | None = None,
+        socket: str | os.PathLike[str] | None = None,
+        tenant: str = "",
+        overwrite: bool = False,
+    ) -> None:
+        _CairnStorage.__init__(self, checkpoint_id, job, step, client, socket, tenant)
+        self.overwrite = overwrite
+        self.save_id = uuid.uuid4().hex
+        self.is_coordinator = False
+        self.rank = 0
+        self._plan_data: _PlanData | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self._apply_checkpoint_id(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+        self._plan_data = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank") or 0)
+        if not kwargs.get("use_collectives", True):
+            raise InvalidArgument(
+                "use_collectives: CairnWriter needs use_collectives=True "
+                "(one metadata shard per step, written by the coordinator)"
+            )
+
+    def _target_step(self) -> int:
+        self._require_target()
+        if not isinstance(self.step, int) or isinstance(self.step, bool):
+            raise InvalidArgument(
+                f"step: saving needs an integer step, got {self.step!r}"
+            )
+        return self.step
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self._target_step()
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        job, step = self._require_target(), self._target_step()
+        if any(s.step == step for s in self.client.list_steps(job)):
+            if not self.overwrite:
+                raise AlreadyExists(
+                    f"checkpoint {self.checkpoint_id} already exists "
+                    "(steps are immutable; pass overwrite=True to replace it)"
+                )
+            self.client.delete(job, step)
+        world_size = len(plans) + 1
+        self._plan_data = _PlanData(METADATA_RANK, world_size)
+        return [
+            dataclasses.replace(plan, storage_data=_PlanData(index + 1, world_size))
+            for index, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        plan_data = plan.storage_data
+        if not isinstance(plan_data, _PlanData):
+            raise CairnError("write_data: the plan did not go through prepare_global_plan")
+        files: list[tuple[str, int, dict[str, str], Callable[[], _arrays.Materialized]]] = []
+        results: list[WriteResult] = []
+        for index, item in enumerate(plan.items):
+            file_name = f"t{index}"
+            meta = {
+                _arrays.META_NAME: file_name,
+                _META_FQN: item.index.fqn,
+                _META_OFFSETS: json.dumps(list(item.index.offset or ())),
+            }
+            if item.type == WriteItemType.BYTE_IO:
+                # Serialized objects are small: resolving now gives their size.
+                data = planner.resolve_data(item)
+                if not isinstance(data, io.BytesIO):
+                    raise CairnError(f"{item.index.fqn}: BYTE_IO item resolved to {type(data)}")
+                payload = data.getbuffer()
+                nbytes = payload.nbytes
+                meta[_arrays.META_DTYPE] = "uint8"
+                meta[_arrays.META_SHAPE] = json.dumps([nbytes])
+                getter = _bytes_getter(payload, data)
+            else:
+                nbytes, dtype_name, shape = _item_layout(item)
+                meta[_arrays.META_DTYPE] = dtype_name
+                meta[_arrays.META_SHAPE] = json.dumps(list(shape))
+                getter = _tensor_getter(planner, item, nbytes)
+            files.append((file_name, nbytes, meta, getter))
+            results.append(
+                WriteResult(
+                    index=item.index,
+                    size_in_bytes=nbytes,
+                    storage_data=CairnStorageInfo(plan_data.shard_rank, file_name, nbytes),
+                )
+            )
+        self.client._save_files(
+            self.client._ref(self._require_target(), self._target_step(), plan_data.shard_rank),
+            files,
+            plan_data.world_size,
+            {FORMAT_KEY: DCP_FORMAT, "cairn.dcp.save_id": self.save_id},
+        )
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        if self._plan_data is None:
+            raise CairnError("finish: prepare_global_plan did not run on the coordinator")
+        metadata.version = _DCP_VERSION
+        metadata.storage_data = {
+            result.index: result.storage_data for rank_results in results for result in rank_results
+        }
+        metadata.storage_meta = self.storage_meta()
+        payload = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(payload)
+        meta = {
+            _arrays.META_NAME: METADATA_FILE,
+            _arrays.META_DTYPE: "uint8",
+            _arrays.META_SHAPE: json.dumps([len(payload)]),
+        }
+        self.client._save_files(
+            self.client._ref(self._require_target(), self._target_step(), METADATA_RANK),
+            [(METADATA_FILE, len(payload), meta, lambda: (view, payload))],
+            self._plan_data.world_size,
+            {FORMAT_KEY: DCP_FORMAT, "cairn.dcp.save_id": self.save_id},
+        )
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _CairnStorage.validate_checkpoint_id(checkpoint_id)
+
+
+class CairnReader(_CairnStorage, StorageReader):
+    """A DCP ``StorageReader`` that loads a step saved by :class:`CairnWriter`.
+
+    ``step`` defaults to ``"latest"``: the newest step whose shards (the
+    metadata shard included) are all complete. The step is fixed when the
+    metadata is read. Each rank resolves ``latest`` on its own node's daemon;
+    in multi-node jobs pass an explicit step so that every rank loads the same.
+    """
+
+    def __init__(
+        self,
+        checkpoint_id: str | os.PathLike[str] | None = None,
+        *,
+        job: str | None = None,
+        step: int | str = "latest",
+        client: Client | None = None,
+        socket: str | os.PathLike[str] | None = None,
+        tenant: str = "",
+    ) -> None:
+        _CairnStorage.__init__(self, checkpoint_id, job, step, client, socket, tenant)
+        self.load_id = uuid.uuid4().hex
+        self.storage_data: dict[MetadataIndex, CairnStorageInfo] = {}
+        self._shards: dict[int, RestoredShard] = {}
+        self.resolved_step: int | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self._apply_checkpoint_id(checkpoint_id)
+        self.load_id = uuid.uuid4().hex
+        self.storage_data = {}
+        self._shards = {}
+        self.resolved_step = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        job = self._require_target()
+        step = self.step if self.step is not None else "latest"
+        shard = self.client.restore(job, step, METADATA_RANK)  # type: ignore[arg-type]
+        if shard.metadata.get(FORMAT_KEY) != DCP_FORMAT or METADATA_FILE not in shard:
+            raise CairnError(
+                f"{job} step {shard.step}: not a DCP checkpoint "
+                f"(format {shard.metadata.get(FORMAT_KEY)!r})"
+            )
+        self.resolved_step = shard.step
+        metadata = pickle.loads(shard[METADATA_FILE].tobytes())
+        if not isinstance(metadata, Metadata):
+            raise CairnError(f"{job} step {shard.step}: {METADATA_FILE} is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        if metadata.storage_data is None:
+            raise CairnError("DCP metadata holds no storage_data")
+        self.storage_data = metadata.storage_data
+        self.is_coordinator = is_coordinator
+        if self.resolved_step is None and isinstance(self.step, int):
+            self.resolved_step = self.step
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self.resolved_step is None:
+            raise CairnError("read_data: read_metadata did not run")
+        by_rank: dict[int, list[ReadItem]] = {}
+        for item in plan.items:
+            by_rank.setdefault(self.storage_data[item.storage_index].rank, []).append(item)
+        for rank, items in sorted(by_rank.items()):
+            shard = self._shard(rank)
+            for item in items:
+                info = self.storage_data[item.storage_index]
+                stored = shard[info.file]
+                if item.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(item, io.BytesIO(stored.tobytes()))
+                    continue
+                source = _narrow(_as_tensor(stored), item.storage_offsets, item.lengths)
+                target = planner.resolve_tensor(item).detach()
+                if target.size() != source.size():
+                    raise CairnError(
+                        f"{item.storage_index.fqn}: stored region {tuple(source.size())} "
+                        f"does not match destination {tuple(target.size())}"
+                    )
+                target.copy_(source)
+                planner.commit_tensor(item, target)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _shard(self, rank: int) -> RestoredShard:
+        shard = self._shards.get(rank)
+        if shard is None:
+            assert self.resolved_step is not None
+            # Private copy-on-write mappings: torch wants writable buffers,
+            # and nothing is copied unless written.
+            shard = self.client.restore(
+                self._require_target(), self.resolved_step, rank, writable=True
+            )
+            self._shards[rank] = shard
+        return shard
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _CairnStorage.validate_checkpoint_id(checkpoint_id)
+
+
+def _item_layout(item: WriteItem) -> tuple[int, str, Sequence[int]]:
+    tensor_data = item.tensor_data
+    if tensor_data is None:
+        raise CairnError(f"{item.index.fqn}: tensor item without tensor_data")
+    shape = [int(d) for d in tensor_data.chunk.sizes]
+    dtype = tensor_data.properties.dtype
+    return math.prod(shape) * dtype.itemsize, _arrays.torch_dtype_name(dtype), shape
+
+
+def _bytes_getter(payload: memoryview, owner: Any) -> Callable[[], _arrays.Materialized]:
+    view = payload.cast("B") if payload.format != "B" else payload
+    return lambda: (view, owner)
+
+
+def _tensor_getter(
+    planner: SavePlanner, item: WriteItem, nbytes: int
+) -> Callable[[], _arrays.Materialized]:
+    def materialize() -> _arrays.Materialized:
+        tensor = planner.resolve_data(item)
+        if not isinstance(tensor, torch.Tensor):
+            raise CairnError(f"{item.index.fqn}: tensor item resolved to {type(tensor)}")
+        host = _arrays.tensor_to_host(tensor)
+        flat = host.reshape(-1)
+        if flat.numel() * flat.element_size() != nbytes:
+            raise CairnError(
+                f"{item.index.fqn}: resolved tensor has {flat.numel() * flat.element_size()} "
+                f"bytes, the plan says {nbytes}"
+            )
+        if nbytes == 0:
+            return memoryview(b""), None
+        return memoryview(flat.view(torch.uint8).numpy()), host
+
+    return materialize
+
+
+def _as_tensor(stored: np.ndarray) -> torch.Tensor:
+    """A torch view of a restored array, for every dtype torch and ml_dtypes share."""
+    dtype = getattr(torch, stored.dtype.name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CairnError(f"dtype {stored.dtype.name} has no torch equivalent")
+    raw = torch.from_numpy(stored.reshape(-1).view(np.uint8))
+    return raw.view(dtype).reshape(stored.shape)
+
+
+def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
+        if offset != 0 or length != tensor.size(dim):
+            tensor = tensor.narrow(dim, offset, length)
+    return tensor
+
