@@ -119,7 +119,7 @@ def _numpy_source(name: str, array: np.ndarray) -> Source:
         if flat.size == 0:
             return _EMPTY, None
         # A uint8 view: custom dtypes (bfloat16, ...) have no buffer format.
-        return memoryview(flat.view(np.uint8)), flat
+        return flat.view(np.uint8).data, flat
 
     return Source(name, dtype_name, shape, array.nbytes, materialize)
 

@@ -805,7 +805,7 @@ class Client:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 if array.nbytes:
-                    _pwrite_all(fd, memoryview(array.reshape(-1).view(np.uint8)), 0)
+                    _pwrite_all(fd, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, 0)
             finally:
                 os.close(fd)
         for rel in json.loads(shard.metadata.get(EMPTY_DIRS_KEY, "[]")):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast
 
 import jax
 import numpy as np
@@ -64,10 +64,6 @@ def _split_client(args: Sequence[Any], client: Client | None) -> tuple[Client, b
     return Client(), True, rest
 
 
-@overload
-def save(client: Client, job: str, step: int, pytree: Any, /, **kwargs: Any) -> SaveResult: ...
-@overload
-def save(job: str, step: int, pytree: Any, /, **kwargs: Any) -> SaveResult: ...
 def save(
     *args: Any,
     rank: int = 0,
@@ -113,10 +109,6 @@ def save(
             client.close()
 
 
-@overload
-def restore(client: Client, job: str, step: Step = ..., /, **kwargs: Any) -> Any: ...
-@overload
-def restore(job: str, step: Step = ..., /, **kwargs: Any) -> Any: ...
 def restore(
     *args: Any,
     target: Any = None,
@@ -135,7 +127,7 @@ def restore(
         if not 1 <= len(rest) <= 2:
             raise InvalidArgument("restore: expected ([client,] job, step='latest')")
         job = rest[0]
-        step = rest[1] if len(rest) == 2 else "latest"
+        step = cast(Step, rest[1] if len(rest) == 2 else "latest")
         shard = client.restore(job, step, rank)
         if shard.metadata.get(FORMAT_KEY) != PYTREE_FORMAT:
             raise CairnError(

@@ -377,9 +377,9 @@ class CairnReader(_CairnStorage, StorageReader):
         metadata = pickle.loads(shard[METADATA_FILE].tobytes())
         if not isinstance(metadata, Metadata):
             raise CairnError(f"{job} step {shard.step}: {METADATA_FILE} is not DCP metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
     def set_up_storage_reader(

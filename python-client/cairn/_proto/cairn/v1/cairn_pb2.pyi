@@ -388,20 +388,22 @@ class TierUsage(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., path: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant")
+    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PENDING_WRITEBACKS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TENANT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDR_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
     open_sessions: int
     pending_writebacks: int
     default_tenant: str
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ...) -> None: ...
+    metrics_addr: str
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("tenant", "job", "step", "rank", "tier", "repair")

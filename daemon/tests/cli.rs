@@ -1,0 +1,126 @@
+//! The operator CLI against a real daemon: tables, JSON, exit codes.
+
+mod common;
+
+use common::*;
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_list_restore_delete_gc_through_the_cli() {
+    let d = Daemon::start(&[]).await;
+    let src = d.dir.path().join("src");
+    std::fs::create_dir_all(src.join("optim")).expect("mkdir");
+    let weights = bytes(1, 700_000);
+    std::fs::write(src.join("weights.bin"), &weights).expect("write");
+    std::fs::write(src.join("optim/adam.bin"), bytes(2, 1234)).expect("write");
+
+    let src_arg = src.to_str().expect("utf-8");
+    let out = d.cli(&[
+        "save", "--job", "cli", "--step", "7", "--rank", "0", src_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("saved cli step 7 rank 0"),
+        "{}",
+        stdout(&out)
+    );
+    let out = d.cli(&["wait", "--job", "cli", "--step", "7", "--tier", "disk"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = d.cli(&["--json", "list", "--job", "cli"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json list");
+    let step = &listed["jobs"][0]["steps"][0];
+    assert_eq!(step["step"], 7);
+    assert_eq!(step["restorable"], true);
+    assert_eq!(step["shards"][0]["tiers"]["disk"], "durable");
+    let out = d.cli(&["list"]);
+    assert!(stdout(&out).contains("durable"), "{}", stdout(&out));
+
+    let to = d.dir.path().join("out");
+    let out = d.cli(&[
+        "--json",
+        "restore",
+        "--job",
+        "cli",
+        "--to",
+        to.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json restore");
+    assert_eq!(restored["step"], 7);
+    assert_eq!(
+        std::fs::read(to.join("weights.bin")).expect("read"),
+        weights
+    );
+    assert_eq!(
+        std::fs::read(to.join("optim/adam.bin")).expect("read"),
+        bytes(2, 1234)
+    );
+
+    let out = d.cli(&["--json", "status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    assert_eq!(status["tiers"][0]["tier"], "memory");
+    assert_eq!(status["tiers"][0]["shards"], 1);
+
+    let out = d.cli(&["delete", "--job", "cli", "--step", "7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = d.cli(&["--json", "gc", "--dry-run"]);
+    let gc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json gc");
+    assert_eq!(
+        gc["chunks"], 0,
+        "delete already collected the step's chunks"
+    );
+    assert!(files_under(&d.disk_dir.join("tenants/default/chunks")).is_empty());
+    assert!(files_under(&d.memory_dir.join("shards")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_readable_line_with_an_exit_code() {
+    let d = Daemon::start(&[]).await;
+    let out = d.cli(&["restore", "--job", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("cairn: ")
+            && err.contains("nothing-here")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
+    let out = d.cli(&["restore", "--job", "../x"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = d.cli(&["restore", "--job", "j", "--step", "soon"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = std::process::Command::new(CAIRN)
+        .args(["--socket", "/nonexistent/cairn.sock", "status"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cairn.sock"));
+}

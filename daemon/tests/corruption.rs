@@ -1,0 +1,149 @@
+//! Flipped bytes are found, reported, served around and repaired.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use cairn_proto::v1 as pb;
+use common::*;
+
+fn flip_byte(path: &std::path::Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read");
+    b[0] ^= 0x01;
+    f.write_all_at(&b, offset).expect("write");
+}
+
+fn chunk_hex(resp: &pb::RestoreShardResponse, index: usize) -> String {
+    let m = resp.manifest.as_ref().expect("manifest");
+    m.files[0].chunks[index]
+        .id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_are_reported_served_around_and_repaired() {
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let data = bytes(9, 8 * TEST_CHUNK as usize);
+    save(&mut c, shard("bits", 1, 0), &[("w", &data)])
+        .await
+        .expect("save");
+    wait_disk(&mut c, "bits", 1).await;
+    let (resp, _) = restore(&mut c, "bits", Some(1), 0).await.expect("restore");
+
+    // Flip a byte of chunk 2 on disk and of chunk 5 in memory.
+    let disk_chunk = chunk_hex(&resp, 2);
+    let disk_path = d
+        .disk_dir
+        .join("tenants/default/chunks")
+        .join(&disk_chunk[..2])
+        .join(&disk_chunk);
+    flip_byte(&disk_path, 1000);
+    let memory_path = std::path::PathBuf::from(&resp.files[0].path);
+    flip_byte(&memory_path, 5 * TEST_CHUNK + 7);
+
+    // verify finds the disk corruption and names the chunk; exit code 5.
+    let out = d.cli(&["verify", "--job", "bits", "--step", "1", "--tier", "disk"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&disk_chunk) && stdout.contains("corrupt"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("offset {}", 2 * TEST_CHUNK)),
+        "{stdout}"
+    );
+
+    // Restore still hands back the right bytes: chunk 5 comes from disk
+    // (its disk copy is good), and the memory copy is repaired in place.
+    let (resp, got) = restore(&mut c, "bits", Some(1), 0)
+        .await
+        .expect("restore around corruption");
+    assert!(got["w"] == data, "restore must be byte-identical");
+    assert_eq!(source_bytes(&resp, pb::Tier::Disk), TEST_CHUNK);
+    assert_eq!(
+        std::fs::read(&memory_path).expect("read"),
+        data,
+        "memory copy repaired"
+    );
+
+    // Repair the disk chunk from memory, then both tiers verify clean.
+    let out = d.cli(&[
+        "--json", "verify", "--job", "bits", "--step", "1", "--tier", "disk", "--repair",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["bad_chunks"][0]["repaired"], true, "{report}");
+    for tier in ["disk", "memory"] {
+        let out = d.cli(&["verify", "--job", "bits", "--step", "1", "--tier", tier]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{tier}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // Operators see it in metrics and logs.
+    let metrics = d.metrics().await;
+    for needle in [
+        "cairn_chunk_verify_failures_total{tier=\"memory\"} 1",
+        "cairn_chunk_verify_failures_total{tier=\"disk\"}",
+        "cairn_chunks_repaired_total{tier=\"disk\"} 1",
+        "cairn_chunks_repaired_total{tier=\"memory\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
+    }
+    let log = d.log_text();
+    assert!(log.contains("failed verification"), "{log}");
+    assert!(log.contains("chunk repaired"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_in_every_tier_is_data_loss_not_wrong_bytes() {
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let data = bytes(11, 3 * TEST_CHUNK as usize);
+    save(&mut c, shard("lost", 1, 0), &[("w", &data)])
+        .await
+        .expect("save");
+    wait_disk(&mut c, "lost", 1).await;
+    let (resp, _) = restore(&mut c, "lost", Some(1), 0).await.expect("restore");
+    let hex = chunk_hex(&resp, 1);
+    flip_byte(
+        &d.disk_dir
+            .join("tenants/default/chunks")
+            .join(&hex[..2])
+            .join(&hex),
+        3,
+    );
+    flip_byte(std::path::Path::new(&resp.files[0].path), TEST_CHUNK + 3);
+    let err = restore(&mut c, "lost", Some(1), 0)
+        .await
+        .expect_err("no good copy anywhere");
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().contains(&hex) && err.message().contains("offset 65536"),
+        "{}",
+        err.message()
+    );
+}

@@ -1,0 +1,353 @@
+//! Saving and restoring through real daemons: bytes identical after restore,
+//! from whichever tier still has them.
+
+mod common;
+
+use cairn_proto::v1 as pb;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_round_trip_survives_restarts_and_memory_loss() {
+    let mut d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let weights = bytes(1, 1_000_000);
+    let optim = bytes(2, 3 * TEST_CHUNK as usize); // exactly three chunks
+    let files: Vec<(&str, &[u8])> = vec![
+        ("model/weights.bin", &weights),
+        ("optim/state.bin", &optim),
+        ("empty.bin", &[]),
+        ("meta.json", b"{\"step\": 10}"),
+    ];
+    let info = save(&mut c, shard("llama", 10, 0), &files)
+        .await
+        .expect("save");
+    assert_eq!(info.total_bytes, (weights.len() + optim.len() + 12) as u64);
+    assert_eq!(info.file_count, 4);
+
+    let check = |got: &std::collections::HashMap<String, Vec<u8>>| {
+        for (name, data) in &files {
+            assert_eq!(
+                got.get(*name).map(Vec::as_slice),
+                Some(*data),
+                "{name} differs after restore"
+            );
+        }
+    };
+    let (resp, got) = restore(&mut c, "llama", Some(10), 0)
+        .await
+        .expect("restore");
+    check(&got);
+    assert!(
+        resp.files
+            .iter()
+            .all(|f| f.path.starts_with(d.memory_dir.to_str().expect("utf-8")))
+    );
+    let manifest = resp.manifest.expect("manifest");
+    assert_eq!(
+        manifest.files[0].metadata.get("dtype").map(String::as_str),
+        Some("uint8")
+    );
+
+    wait_disk(&mut c, "llama", 10).await;
+
+    // A crash of the daemon loses nothing: the memory tier survives it.
+    d.kill();
+    d.restart().await;
+    let mut c = d.clients().await;
+    let (resp, got) = restore(&mut c, "llama", None, 0)
+        .await
+        .expect("restore after restart");
+    check(&got);
+    assert_eq!(source_bytes(&resp, pb::Tier::Memory), info.total_bytes);
+
+    // The node rebooted: tmpfs is empty. The disk tier refills it.
+    d.kill();
+    std::fs::remove_dir_all(&d.memory_dir).expect("wipe memory tier");
+    d.restart().await;
+    let mut c = d.clients().await;
+    let (resp, got) = restore(&mut c, "llama", None, 0)
+        .await
+        .expect("restore from disk");
+    check(&got);
+    assert_eq!(source_bytes(&resp, pb::Tier::Disk), info.total_bytes);
+    // ... and the shard is back in memory for the next restore.
+    let (resp, got) = restore(&mut c, "llama", None, 0)
+        .await
+        .expect("restore again");
+    check(&got);
+    assert_eq!(source_bytes(&resp, pb::Tier::Memory), info.total_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_over_tcp_round_trips() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&["--tcp-addr", &addr]).await;
+    let mut c = cairn_daemon::client::Clients::connect(&format!("http://{addr}"))
+        .await
+        .expect("tcp connect");
+    let a = bytes(3, 2_500_000);
+    let b = bytes(4, 10);
+    let header = begin_request(shard("remote", 1, 0), &[("a.bin", &a), ("b.bin", &b)]);
+    let mut messages = vec![pb::WriteShardRequest {
+        msg: Some(pb::write_shard_request::Msg::Header(header)),
+    }];
+    for (index, data) in [&a, &b].iter().enumerate() {
+        for (i, piece) in data.chunks(1 << 20).enumerate() {
+            messages.push(pb::WriteShardRequest {
+                msg: Some(pb::write_shard_request::Msg::Data(pb::FileData {
+                    file_index: index as u32,
+                    offset: (i << 20) as u64,
+                    data: piece.to_vec(),
+                })),
+            });
+        }
+    }
+    let info = c
+        .checkpoint
+        .write_shard(tokio_stream::iter(messages))
+        .await
+        .expect("write shard")
+        .into_inner()
+        .shard
+        .expect("info");
+    assert_eq!(info.total_bytes, 2_500_010);
+
+    let mut stream = c
+        .checkpoint
+        .read_shard(pb::ReadShardRequest {
+            shard: Some(selector("remote", None, 0)),
+        })
+        .await
+        .expect("read shard")
+        .into_inner();
+    let mut got = [vec![0u8; a.len()], vec![0u8; b.len()]];
+    let mut first = true;
+    while let Some(msg) = stream.message().await.expect("stream") {
+        match msg.msg.expect("message") {
+            pb::read_shard_response::Msg::Manifest(m) => {
+                assert!(first, "manifest must come first");
+                assert_eq!(m.files.len(), 2);
+            }
+            pb::read_shard_response::Msg::Data(d) => {
+                let buf = &mut got[d.file_index as usize];
+                buf[d.offset as usize..d.offset as usize + d.data.len()].copy_from_slice(&d.data);
+            }
+        }
+        first = false;
+    }
+    assert_eq!(got[0], a);
+    assert_eq!(got[1], b);
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest() {
+    let d = Daemon::start(&["--memory-keep-last", "2", "--disk-keep-last", "3"]).await;
+    let mut c = d.clients().await;
+    let frozen = bytes(10, 20 * TEST_CHUNK as usize);
+    for step in 1..=5u64 {
+        let moving = bytes(100 + step, 4 * TEST_CHUNK as usize);
+        save(
+            &mut c,
+            shard("lora", step, 0),
+            &[("frozen.bin", &frozen), ("adapter.bin", &moving)],
+        )
+        .await
+        .expect("save");
+        wait_disk(&mut c, "lora", step).await;
+    }
+    // Retention runs right after each write-back; give the last one a moment.
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        let resp = c
+            .checkpoint
+            .list_steps(pb::ListStepsRequest {
+                tenant: String::new(),
+                job: "lora".into(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        listed = resp.jobs[0].steps.clone();
+        let in_memory = listed
+            .iter()
+            .filter(|s| {
+                s.shards[0].tiers.iter().any(|t| {
+                    t.tier == pb::Tier::Memory as i32 && t.state == pb::ShardState::Durable as i32
+                })
+            })
+            .count();
+        if listed.len() == 3 && in_memory == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let steps: Vec<u64> = listed.iter().map(|s| s.step).collect();
+    assert_eq!(steps, vec![3, 4, 5], "disk keeps the last 3 steps");
+    // The frozen file's 20 chunks are stored once: 20 + 3 steps × 4 chunks.
+    let chunk_files = files_under(&d.disk_dir.join("tenants/default/chunks"));
+    assert_eq!(
+        chunk_files.len(),
+        20 + 3 * 4,
+        "dedup and garbage collection"
+    );
+    let metrics = d.metrics().await;
+    assert!(
+        metrics.contains("cairn_dedup_skipped_bytes_total{tier=\"disk\"}"),
+        "{metrics}"
+    );
+    // Every kept step restores byte-identical, including the ones no longer in memory.
+    for step in 3..=5u64 {
+        let (_, got) = restore(&mut c, "lora", Some(step), 0)
+            .await
+            .expect("restore");
+        assert_eq!(got["frozen.bin"], frozen);
+        assert_eq!(
+            got["adapter.bin"],
+            bytes(100 + step, 4 * TEST_CHUNK as usize)
+        );
+    }
+    let err = restore(&mut c, "lora", Some(1), 0)
+        .await
+        .expect_err("step 1 was evicted");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_is_the_newest_complete_step_and_tenants_are_isolated() {
+    let d = Daemon::start(&["--memory-keep-last", "10", "--disk-keep-last", "10"]).await;
+    let mut c = d.clients().await;
+    let ws2 = |job: &str, step: u64, rank: u32| {
+        let mut req = begin_request(shard(job, step, rank), &[("x", b"abc")]);
+        req.world_size = Some(2);
+        req
+    };
+    // Step 9 is complete (both ranks), step 10 only has rank 0.
+    for (step, rank) in [(9, 0), (9, 1), (10, 0)] {
+        let begin = c
+            .checkpoint
+            .begin_shard(ws2("dist", step, rank))
+            .await
+            .expect("begin")
+            .into_inner();
+        write_staged(&begin, &[("x", b"abc")]);
+        c.checkpoint
+            .commit_shard(pb::CommitShardRequest {
+                session_id: begin.session_id,
+            })
+            .await
+            .expect("commit");
+    }
+    let (resp, _) = restore(&mut c, "dist", None, 0).await.expect("latest");
+    assert_eq!(
+        resp.manifest.expect("manifest").shard.expect("shard").step,
+        9,
+        "step 10 is incomplete"
+    );
+
+    // Numeric, not lexical: step 10 beats step 9 once complete.
+    let begin = c
+        .checkpoint
+        .begin_shard(ws2("dist", 10, 1))
+        .await
+        .expect("begin")
+        .into_inner();
+    write_staged(&begin, &[("x", b"abc")]);
+    c.checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begin.session_id,
+        })
+        .await
+        .expect("commit");
+    let (resp, _) = restore(&mut c, "dist", None, 1).await.expect("latest");
+    assert_eq!(
+        resp.manifest.expect("manifest").shard.expect("shard").step,
+        10
+    );
+
+    // Another tenant sees nothing of it, and its chunks live apart.
+    let mut other = shard("dist", 9, 0);
+    other.tenant = "team-b".into();
+    let secret = bytes(77, 100_000);
+    save(&mut c, other.clone(), &[("x", &secret)])
+        .await
+        .expect("tenant b save");
+    let listed = c
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: "team-b".into(),
+            job: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!(
+        listed.jobs[0].steps.len(),
+        1,
+        "team-b sees only its own step"
+    );
+    let err = c
+        .checkpoint
+        .restore_shard(pb::RestoreShardRequest {
+            shard: Some(pb::ShardSelector {
+                tenant: "team-c".into(),
+                job: "dist".into(),
+                step: Some(9),
+                rank: 0,
+            }),
+            skip_verify: false,
+        })
+        .await
+        .expect_err("team-c has no such shard");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    wait_disk(&mut c, "dist", 9).await;
+    let mut wait = pb::WaitDurableRequest {
+        tenant: "team-b".into(),
+        job: "dist".into(),
+        step: 9,
+        rank: None,
+        tier: pb::Tier::Disk as i32,
+        timeout_ms: 30_000,
+    };
+    c.checkpoint
+        .wait_durable(wait.clone())
+        .await
+        .expect("team-b durable");
+    assert!(d.disk_dir.join("tenants/team-b/chunks").is_dir());
+    assert!(d.disk_dir.join("tenants/default/chunks").is_dir());
+    wait.tier = pb::Tier::ObjectStore as i32;
+    let err = c
+        .checkpoint
+        .wait_durable(wait)
+        .await
+        .expect_err("no object store on this node");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_answer() {
+    let d = Daemon::start(&[]).await;
+    let channel = cairn_daemon::client::connect(d.socket.to_str().expect("utf-8"))
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "cairn.v1.Checkpoint".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        resp.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mode = std::fs::metadata(&d.socket)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "the socket is private to its owner");
+}
