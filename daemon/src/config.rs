@@ -32,7 +32,7 @@ pub const DEFAULT_DISK_KEEP_LAST: usize = 3;
 /// Default share of the memory tier's filesystem Cairn may use.
 pub const DEFAULT_MEMORY_FRACTION: f64 = 0.5;
 /// Default time after which an idle save session is aborted.
-pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 3600;
+pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
 /// Default chunks copied at once by a write-back.
 pub const DEFAULT_WRITEBACK_CONCURRENCY: usize = 4;
 

@@ -80,6 +80,8 @@ pub struct StagedFile {
 
 struct Session {
     request: BeginShard,
+    /// The writer's process id, when it connected over the Unix socket.
+    owner_pid: Option<i32>,
     paths: Vec<PathBuf>,
     opened: Instant,
     committing: bool,
@@ -279,8 +281,17 @@ impl Node {
     /// Opens a save session: checks the request, reserves memory-tier space
     /// (evicting steps the disk tier already holds if needed) and creates the
     /// pre-sized files.
+    ///
+    /// `owner_pid` is the writer's process id when known (Unix socket peer
+    /// credentials): a session whose writer has died is aborted as soon as
+    /// anyone notices (the reaper, or a new writer for the same shard), so a
+    /// restarted trainer can save the same step again at once.
     #[tracing::instrument(skip_all, fields(shard = %request.key))]
-    pub async fn begin(&self, request: BeginShard) -> Result<(String, Vec<StagedFile>)> {
+    pub async fn begin(
+        &self,
+        request: BeginShard,
+        owner_pid: Option<i32>,
+    ) -> Result<(String, Vec<StagedFile>)> {
         let key = &request.key;
         if let Some(ws) = request.world_size
             && (ws == 0 || key.rank.0 >= ws)
@@ -319,13 +330,19 @@ impl Node {
             )));
         }
         let session_id = uuid::Uuid::new_v4().to_string();
-        {
-            let sessions = lock(&self.sessions);
-            if let Some((id, _)) = sessions.iter().find(|(_, s)| &s.request.key == key) {
+        let existing = lock(&self.sessions)
+            .iter()
+            .find(|(_, s)| &s.request.key == key)
+            .map(|(id, s)| (id.clone(), s.owner_pid, s.committing));
+        if let Some((id, owner, committing)) = existing {
+            if committing || owner.is_none_or(process_alive) {
                 return Err(Error::Aborted(format!(
-                    "shard {key} is being written by another session ({id}); abort it or wait for its commit"
+                    "shard {key} is being written by another session ({id}{}); abort it or wait for its commit",
+                    owner.map(|p| format!(", pid {p}")).unwrap_or_default()
                 )));
             }
+            tracing::warn!(session = %id, pid = ?owner, "the previous writer of this shard is gone; aborting its session");
+            self.abort(&id)?;
         }
         let total: u64 = request.files.iter().map(|f| f.size).sum();
         self.reserve_memory(&session_id, total)?;
@@ -367,6 +384,7 @@ impl Node {
                 session_id.clone(),
                 Session {
                     request,
+                    owner_pid,
                     paths,
                     opened: Instant::now(),
                     committing: false,
@@ -601,11 +619,15 @@ impl Node {
             }
             let stale: Vec<String> = lock(&self.sessions)
                 .iter()
-                .filter(|(_, s)| !s.committing && s.opened.elapsed() > self.config.session_timeout)
+                .filter(|(_, s)| {
+                    !s.committing
+                        && (s.opened.elapsed() > self.config.session_timeout
+                            || s.owner_pid.is_some_and(|p| !process_alive(p)))
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in stale {
-                tracing::warn!(session = %id, "aborting save session idle past session_timeout_secs");
+                tracing::warn!(session = %id, "aborting save session: its writer exited or it outlived session_timeout_secs");
                 if let Err(e) = self.abort(&id) {
                     tracing::warn!(session = %id, error = %e, "aborting stale session failed");
                 }
@@ -1317,6 +1339,12 @@ impl Node {
             .count();
         (lock(&self.sessions).len(), pending)
     }
+}
+
+/// Whether a process with this id exists (in cairnd's pid namespace, which
+/// is the one Unix socket credentials are reported in).
+fn process_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn unknown_session(id: &str) -> Error {

@@ -359,6 +359,10 @@ class Client:
         if transport not in ("auto", "local", "stream"):
             raise InvalidArgument(f"transport: expected auto, local or stream, got {transport!r}")
         self._target = _resolve_target(socket)
+        if transport == "local" and self._target.unix_path is None:
+            raise InvalidArgument(
+                f"transport: 'local' needs a Unix socket, got TCP address {self._target.display}"
+            )
         self.tenant = tenant
         self.timeout = timeout
         self._transport: Transport = transport

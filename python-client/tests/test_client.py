@@ -224,7 +224,9 @@ def test_interrupted_save_leaves_nothing_and_can_be_retried(
 
 
 def test_killed_writer_leaves_nothing_listed(tmp_path: Path) -> None:
-    daemon = Daemon(config="session_timeout_secs = 1\n")
+    # The default session timeout (minutes) must not matter: the daemon sees
+    # that the writer's process is gone and hands the shard to the next one.
+    daemon = Daemon()
     try:
         script = textwrap.dedent(
             f"""
@@ -243,16 +245,8 @@ def test_killed_writer_leaves_nothing_listed(tmp_path: Path) -> None:
         assert proc.returncode == -signal.SIGKILL
         with daemon.client() as c:
             assert c.list_steps("killed") == []
-            # The dead writer's session blocks the shard until the daemon
-            # expires it (session_timeout_secs), never serving it.
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    c.save("killed", 1, 0, {"a": np.zeros(3)})
-                    break
-                except cairn.Aborted:
-                    assert time.monotonic() < deadline, "stale session never expired"
-                    time.sleep(0.2)
+            # A restarted trainer saves the same shard at once.
+            c.save("killed", 1, 0, {"a": np.zeros(3)})
             assert c.restore("killed", 1)["a"].tolist() == [0.0, 0.0, 0.0]
     finally:
         daemon.cleanup()
@@ -426,3 +420,18 @@ def test_context_manager_closes(daemon: Daemon, job: str) -> None:
     assert handle.done() and handle.result().step == 1
     with pytest.raises(cairn.CairnError, match="closed"):
         c.save_async(job, 2, 0, {"a": np.zeros(10)})
+
+
+def test_import_needs_no_framework() -> None:
+    code = "import sys, cairn; print(sorted(m for m in ('torch', 'jax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_targets() -> None:
+    assert cairn.Client("127.0.0.1:7070").target == "127.0.0.1:7070"
+    assert cairn.Client("tcp://node-1:7070").target == "node-1:7070"
+    assert cairn.Client("unix:///run/x.sock").target == "unix:/run/x.sock"
+    assert cairn.Client("rel.sock").target == f"unix:{os.path.abspath('rel.sock')}"
+    with pytest.raises(cairn.InvalidArgument, match="transport"):
+        cairn.Client("127.0.0.1:7070", transport="local")

@@ -41,6 +41,15 @@ impl CheckpointService {
     }
 }
 
+/// The calling process's id, when it connected over the Unix socket.
+fn peer_pid<T>(request: &Request<T>) -> Option<i32> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .and_then(|cred| cred.pid())
+}
+
 fn record_shard(key: &ShardKey) {
     let span = Span::current();
     span.record("job", key.job.as_str());
@@ -60,7 +69,7 @@ impl Checkpoint for CheckpointService {
         let result = async {
             let begin = convert::begin_shard(&self.node, request.get_ref())?;
             record_shard(&begin.key);
-            let (session_id, files) = self.node.begin(begin).await?;
+            let (session_id, files) = self.node.begin(begin, peer_pid(&request)).await?;
             Ok(pb::BeginShardResponse {
                 session_id,
                 files: files
@@ -108,6 +117,7 @@ impl Checkpoint for CheckpointService {
         &self,
         request: Request<Streaming<pb::WriteShardRequest>>,
     ) -> Result<Response<pb::CommitShardResponse>, Status> {
+        let pid = peer_pid(&request);
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(pb::WriteShardRequest {
@@ -127,7 +137,7 @@ impl Checkpoint for CheckpointService {
         record_shard(&begin.key);
         let (session_id, files) = self
             .node
-            .begin(begin)
+            .begin(begin, pid)
             .await
             .map_err(|e| self.status("WriteShard", e))?;
         let result = receive_files(&mut stream, &files).await;
