@@ -31,6 +31,8 @@ pub const DEFAULT_MEMORY_KEEP_LAST: usize = 2;
 pub const DEFAULT_DISK_KEEP_LAST: usize = 3;
 /// Default share of the memory tier's filesystem Cairn may use.
 pub const DEFAULT_MEMORY_FRACTION: f64 = 0.5;
+/// Default share of the memory tier's capacity kept as recycled files.
+pub const DEFAULT_POOL_FRACTION: u64 = 4;
 /// Default time after which an idle save session is aborted.
 pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
 /// Default chunks copied at once by a write-back.
@@ -111,6 +113,7 @@ struct RawConfig {
 struct RawMemory {
     dir: Option<PathBuf>,
     capacity_bytes: Option<u64>,
+    pool_bytes: Option<u64>,
     keep_last: Option<usize>,
 }
 
@@ -145,6 +148,8 @@ pub struct Config {
     pub memory_dir: PathBuf,
     /// Memory tier byte limit.
     pub memory_capacity: u64,
+    /// Bytes of evicted files kept for reuse by later saves.
+    pub memory_pool_bytes: u64,
     /// Memory tier retention.
     pub memory_retention: RetentionPolicy,
     /// Disk tier directory.
@@ -273,6 +278,11 @@ impl Config {
             ),
             memory_dir,
             memory_capacity,
+            memory_pool_bytes: raw
+                .memory
+                .pool_bytes
+                .unwrap_or(memory_capacity / DEFAULT_POOL_FRACTION)
+                .min(memory_capacity),
             memory_retention: RetentionPolicy {
                 keep_last: memory_keep,
             },

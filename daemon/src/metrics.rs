@@ -20,6 +20,8 @@ pub const RESTORE_SECONDS: &str = "cairn_restore_duration_seconds";
 pub const WRITEBACK_SECONDS: &str = "cairn_writeback_duration_seconds";
 /// Bytes in use per tier (files, chunks and reservations).
 pub const TIER_USED_BYTES: &str = "cairn_tier_used_bytes";
+/// Bytes of recycled memory-tier files waiting for the next save.
+pub const MEMORY_POOL_BYTES: &str = "cairn_memory_pool_bytes";
 /// Configured capacity per tier (0: unlimited).
 pub const TIER_CAPACITY_BYTES: &str = "cairn_tier_capacity_bytes";
 /// RPCs that failed, by method and gRPC code.
@@ -54,6 +56,8 @@ pub struct Metrics {
     pub writeback_seconds: Histogram,
     /// See [`TIER_USED_BYTES`].
     pub tier_used_bytes: IntGaugeVec,
+    /// See [`MEMORY_POOL_BYTES`].
+    pub memory_pool_bytes: IntGauge,
     /// See [`TIER_CAPACITY_BYTES`].
     pub tier_capacity_bytes: IntGaugeVec,
     /// See [`RPC_ERRORS`].
@@ -139,6 +143,7 @@ impl Metrics {
             ),
             shards_evicted: counter(SHARDS_EVICTED, "Shards evicted.", &["tier", "reason"]),
             open_sessions: gauge(OPEN_SESSIONS, "Open save sessions."),
+            memory_pool_bytes: gauge(MEMORY_POOL_BYTES, "Recycled memory-tier bytes."),
             writeback_pending: gauge(WRITEBACK_PENDING, "Shards waiting for disk write-back."),
             writeback_failures: counter(WRITEBACK_FAILURES, "Failed write-backs.", &["tier"]),
             dedup_skipped_bytes: counter(

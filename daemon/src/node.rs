@@ -228,6 +228,7 @@ impl Node {
         let memory = Arc::new(MemoryTier::open(
             &config.memory_dir,
             config.memory_capacity,
+            config.memory_pool_bytes,
         )?);
         let disk = Arc::new(DiskTier::open(&config.disk_dir)?);
         let (writeback_tx, writeback_rx) = mpsc::unbounded_channel();
@@ -801,6 +802,7 @@ impl Node {
         let usage = self.memory.usage();
         let used = &self.metrics.tier_used_bytes;
         used.with_label_values(&["memory"]).set(usage.used as i64);
+        self.metrics.memory_pool_bytes.set(usage.pool as i64);
         used.with_label_values(&["disk"])
             .set(self.disk.used_bytes() as i64);
         self.metrics
@@ -950,6 +952,8 @@ impl Node {
             Some(manifest) => self.restore_in_memory(manifest, verify).await?,
             None => self.refill_memory(key).await?,
         };
+        // The caller may map these files from now on: never recycle them.
+        self.memory.mark_exported(key);
         for (tier, bytes) in &outcome.bytes_by_tier {
             self.metrics
                 .restored_bytes

@@ -189,12 +189,16 @@ async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest()
     let steps: Vec<u64> = listed.iter().map(|s| s.step).collect();
     assert_eq!(steps, vec![3, 4, 5], "disk keeps the last 3 steps");
     // The frozen file's 20 chunks are stored once: 20 + 3 steps × 4 chunks.
-    let chunk_files = files_under(&d.disk_dir.join("tenants/default/chunks"));
-    assert_eq!(
-        chunk_files.len(),
-        20 + 3 * 4,
-        "dedup and garbage collection"
-    );
+    // Garbage collection runs just after the eviction; wait for it.
+    let mut chunk_files = 0;
+    for _ in 0..100 {
+        chunk_files = files_under(&d.disk_dir.join("tenants/default/chunks")).len();
+        if chunk_files == 20 + 3 * 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(chunk_files, 20 + 3 * 4, "dedup and garbage collection");
     let metrics = d.metrics().await;
     assert!(
         metrics.contains("cairn_dedup_skipped_bytes_total{tier=\"disk\"}"),
@@ -347,7 +351,119 @@ async fn health_and_reflection_answer() {
         resp.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // Reflection lists the services, so grpcurl works without .proto files.
+    let channel = cairn_daemon::client::connect(d.socket.to_str().expect("utf-8"))
+        .await
+        .expect("connect");
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let listed = format!(
+        "{:?}",
+        responses.message().await.expect("reflection answer")
+    );
+    for service in [
+        "cairn.v1.Checkpoint",
+        "cairn.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(listed.contains(service), "{service} missing from {listed}");
+    }
     let mode = std::fs::metadata(&d.socket)
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
     assert_eq!(mode.ok(), Some(0o600), "the socket is private to its owner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_reuse_the_pages_of_evicted_steps_but_never_a_readers_files() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let one = bytes(1, 900_000);
+    save(&mut c, shard("pool", 1, 0), &[("w", &one)])
+        .await
+        .expect("save 1");
+    let step1_file = d.memory_dir.join("shards/default/pool/1/0/files/w");
+    let step1_inode = std::fs::metadata(&step1_file).expect("stat").ino();
+    c.checkpoint
+        .delete_step(pb::DeleteStepRequest {
+            tenant: String::new(),
+            job: "pool".into(),
+            step: 1,
+        })
+        .await
+        .expect("delete");
+
+    // The next save is handed step 1's file (same inode), cut to its size.
+    let two = bytes(2, 500_000);
+    let begin = c
+        .checkpoint
+        .begin_shard(begin_request(shard("pool", 2, 0), &[("w", &two)]))
+        .await
+        .expect("begin")
+        .into_inner();
+    let staged = std::fs::metadata(&begin.files[0].path).expect("stat");
+    assert_eq!(staged.ino(), step1_inode, "the evicted file is recycled");
+    assert_eq!(staged.len(), 500_000);
+    write_staged(&begin, &[("w", &two)]);
+    c.checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begin.session_id,
+        })
+        .await
+        .expect("commit");
+    let (_, got) = restore(&mut c, "pool", Some(2), 0)
+        .await
+        .expect("restore 2");
+    assert_eq!(got["w"], two);
+
+    // Step 2's files went to a reader: deleting it must not recycle them.
+    let (resp, _) = restore(&mut c, "pool", Some(2), 0)
+        .await
+        .expect("restore 2 again");
+    let reader = std::fs::File::open(&resp.files[0].path).expect("reader keeps the file open");
+    let reader_inode = reader.metadata().expect("stat").ino();
+    c.checkpoint
+        .delete_step(pb::DeleteStepRequest {
+            tenant: String::new(),
+            job: "pool".into(),
+            step: 2,
+        })
+        .await
+        .expect("delete");
+    let three = bytes(3, 500_000);
+    let begin = c
+        .checkpoint
+        .begin_shard(begin_request(shard("pool", 3, 0), &[("w", &three)]))
+        .await
+        .expect("begin")
+        .into_inner();
+    assert_ne!(
+        std::fs::metadata(&begin.files[0].path).expect("stat").ino(),
+        reader_inode
+    );
+    write_staged(&begin, &[("w", &three)]);
+    c.checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begin.session_id,
+        })
+        .await
+        .expect("commit");
+    let mut seen = Vec::new();
+    std::io::Read::read_to_end(&mut &reader, &mut seen).expect("read");
+    assert_eq!(seen, two, "a reader's view never changes under it");
+    let metrics = d.metrics().await;
+    assert!(metrics.contains("cairn_memory_pool_bytes"), "{metrics}");
 }

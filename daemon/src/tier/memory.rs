@@ -16,11 +16,22 @@
 //! durability to gain from fsync, so none is done here; "durable in T0"
 //! means "survives a crash of cairnd or the trainer", not a reboot.
 //!
-//! The tier tracks its bytes (committed shards plus reservations for open
-//! sessions) against a capacity; callers reserve before staging and decide
-//! what to evict when a reservation does not fit.
+//! The tier tracks its bytes (committed shards, reservations for open
+//! sessions, and the page pool) against a capacity; callers reserve before
+//! staging and decide what to evict when a reservation does not fit.
+//!
+//! **The page pool.** Writing into a new tmpfs file pays for page
+//! allocation; writing over pages a file already has is about twice as fast
+//! (and far steadier on virtual machines). So files of evicted and deleted
+//! shards are not unlinked but renamed into `pool/`, up to a byte limit, and
+//! `stage` hands them out again (cut to size) for the next save. Files whose
+//! paths were handed to a reader by a restore are never recycled: a reader
+//! may still map them, and must never see their bytes change. Shards found
+//! at start are treated the same way, since a reader from before the restart
+//! may still map them. When space runs short the pool is the first thing
+//! dropped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -39,6 +50,7 @@ const STAGING: &str = "staging";
 const SHARDS: &str = "shards";
 const MANIFEST: &str = "manifest";
 const FILES: &str = "files";
+const POOL: &str = "pool";
 
 /// Bytes in use, for status and for "tier full" messages.
 #[derive(Clone, Debug, Default)]
@@ -53,18 +65,46 @@ pub struct MemoryUsage {
     pub staging_areas: usize,
     /// Committed shards.
     pub shards: usize,
+    /// Bytes held by recycled files waiting to be reused.
+    pub pool: u64,
+}
+
+/// A recycled file: its pages still exist and can be overwritten.
+struct PoolFile {
+    path: PathBuf,
+    size: u64,
 }
 
 #[derive(Default)]
 struct State {
     shards: BTreeMap<ShardKey, Arc<Manifest>>,
+    /// Shards whose paths a restore handed out: never recycled.
+    exported: HashSet<ShardKey>,
     committed_bytes: u64,
     reservations: HashMap<String, u64>,
+    pool: Vec<PoolFile>,
+    pool_bytes: u64,
 }
 
 impl State {
     fn used(&self) -> u64 {
-        self.committed_bytes + self.reservations.values().sum::<u64>()
+        self.committed_bytes + self.pool_bytes + self.reservations.values().sum::<u64>()
+    }
+
+    /// Takes the smallest pool file of at least `size` bytes, else the
+    /// largest one (partly warm is better than cold).
+    fn take_pool_file(&mut self, size: u64) -> Option<PoolFile> {
+        let index = self
+            .pool
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.size >= size)
+            .min_by_key(|(_, f)| f.size)
+            .or_else(|| self.pool.iter().enumerate().max_by_key(|(_, f)| f.size))
+            .map(|(i, _)| i)?;
+        let file = self.pool.swap_remove(index);
+        self.pool_bytes -= file.size;
+        Some(file)
     }
 }
 
@@ -72,6 +112,7 @@ impl State {
 pub struct MemoryTier {
     root: PathBuf,
     capacity: u64,
+    pool_limit: u64,
     state: Mutex<State>,
     _lock: File,
 }
@@ -84,19 +125,24 @@ fn join_name(dir: &Path, name: &FileName) -> PathBuf {
 
 impl MemoryTier {
     /// Opens the tier at `root`, removing staging leftovers and any shard that
-    /// is not complete.
-    pub fn open(root: &Path, capacity: u64) -> Result<Self> {
+    /// is not complete. Up to `pool_limit` bytes of evicted files are kept
+    /// for reuse.
+    pub fn open(root: &Path, capacity: u64, pool_limit: u64) -> Result<Self> {
         let lock = fsutil::lock_dir(root)?;
         let staging = root.join(STAGING);
         fsutil::remove_all(&staging)?;
         fs::create_dir_all(&staging).io_context(|| format!("creating {}", staging.display()))?;
+        let pool = root.join(POOL);
+        fs::create_dir_all(&pool).io_context(|| format!("creating {}", pool.display()))?;
         let tier = Self {
             root: root.to_path_buf(),
             capacity,
+            pool_limit,
             state: Mutex::new(State::default()),
             _lock: lock,
         };
         tier.load_shards()?;
+        tier.load_pool(&pool);
         Ok(tier)
     }
 
@@ -131,6 +177,19 @@ impl MemoryTier {
             }
         }
         Ok(())
+    }
+
+    /// Takes back the pool files a previous run left.
+    fn load_pool(&self, pool: &Path) {
+        let mut state = self.lock_state();
+        for entry in fs::read_dir(pool).into_iter().flatten().flatten() {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            state.pool_bytes += size;
+            state.pool.push(PoolFile {
+                path: entry.path(),
+                size,
+            });
+        }
     }
 
     fn check_shard_dir(
@@ -199,16 +258,28 @@ impl MemoryTier {
             reserved: state.reservations.values().sum(),
             staging_areas: state.reservations.len(),
             shards: state.shards.len(),
+            pool: state.pool_bytes,
         }
     }
 
     /// Reserves `bytes` for staging area `id`. On failure returns how many
     /// bytes would have to be freed first.
+    /// Pool files are dropped first when the reservation would not fit.
     pub fn try_reserve(&self, id: &str, bytes: u64) -> std::result::Result<(), u64> {
         let mut state = self.lock_state();
-        let used = state.used();
-        if used + bytes > self.capacity {
-            return Err(used + bytes - self.capacity);
+        // Pool files this save will reuse turn into its reservation, so only
+        // what goes beyond them has to fit. Pool bytes beyond what this save
+        // can reuse are dropped first when space is short.
+        let fits = |s: &State| s.used() + bytes <= self.capacity + s.pool_bytes.min(bytes);
+        while !fits(&state) && state.pool_bytes > bytes {
+            let Some(file) = state.pool.pop() else { break };
+            state.pool_bytes -= file.size;
+            if let Err(e) = fs::remove_file(&file.path) {
+                tracing::warn!(path = %file.path.display(), error = %e, "removing pool file failed");
+            }
+        }
+        if !fits(&state) {
+            return Err(state.used() + bytes - self.capacity - state.pool_bytes.min(bytes));
         }
         state.reservations.insert(id.to_owned(), bytes);
         Ok(())
@@ -216,40 +287,38 @@ impl MemoryTier {
 
     /// Creates staging area `id` with one pre-sized file per entry and returns
     /// their paths. The caller must have reserved the bytes.
+    ///
+    /// Files come from the page pool when it has any (largest files first,
+    /// so big tensors get the warm pages), cut or grown to size.
     pub fn stage(&self, id: &str, files: &[(FileName, u64)]) -> Result<Vec<PathBuf>> {
         let dir = self.staging_dir(id).join(FILES);
-        let mut paths = Vec::with_capacity(files.len());
-        for (name, size) in files {
-            let path = join_name(&dir, name);
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .map(|(name, _)| join_name(&dir, name))
+            .collect();
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(files[i].1));
+        for i in order {
+            let (path, size) = (&paths[i], files[i].1);
             if let Some(parent) = path.parent() {
                 fs::create_dir_all(parent)
                     .io_context(|| format!("creating {}", parent.display()))?;
             }
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .io_context(|| format!("creating {}", path.display()))?;
-            file.set_len(*size)
+            let recycled = self.lock_state().take_pool_file(size);
+            let file = match recycled {
+                Some(pooled) => {
+                    fs::rename(&pooled.path, path).io_context(|| {
+                        format!("reusing {} as {}", pooled.path.display(), path.display())
+                    })?;
+                    OpenOptions::new().write(true).open(path)
+                }
+                None => OpenOptions::new().write(true).create_new(true).open(path),
+            }
+            .io_context(|| format!("creating {}", path.display()))?;
+            file.set_len(size)
                 .io_context(|| format!("sizing {}", path.display()))?;
-            paths.push(path);
         }
         Ok(paths)
-    }
-
-    /// Opens the staged files of `id` for writing (refills and streamed saves).
-    pub fn open_staged(&self, id: &str, manifest_files: &[FileName]) -> Result<Vec<File>> {
-        let dir = self.staging_dir(id).join(FILES);
-        manifest_files
-            .iter()
-            .map(|name| {
-                let path = join_name(&dir, name);
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .io_context(|| format!("opening {}", path.display()))
-            })
-            .collect()
     }
 
     /// Makes staging area `id` the committed shard `manifest` describes: the
@@ -285,20 +354,42 @@ impl MemoryTier {
         result
     }
 
-    /// Removes a committed shard. Returns whether it was there.
+    /// Marks a shard's files as handed to a reader: they will be unlinked,
+    /// never recycled, when the shard leaves the tier.
+    pub fn mark_exported(&self, key: &ShardKey) {
+        self.lock_state().exported.insert(key.clone());
+    }
+
+    /// Removes a committed shard, moving its files into the page pool when
+    /// no reader was given them and the pool has room. Returns whether the
+    /// shard was there.
     pub fn evict(&self, key: &ShardKey) -> Result<bool> {
-        let removed = {
+        let (manifest, exported) = {
             let mut state = self.lock_state();
-            let removed = state.shards.remove(key);
-            if let Some(m) = &removed {
-                state.committed_bytes -= m.total_bytes();
-            }
-            removed
+            let Some(manifest) = state.shards.remove(key) else {
+                return Ok(false);
+            };
+            state.committed_bytes -= manifest.total_bytes();
+            (manifest, state.exported.remove(key))
         };
-        if removed.is_none() {
-            return Ok(false);
-        }
         let dir = self.shard_dir(key);
+        if !exported {
+            for file in manifest.files.iter().filter(|f| f.size > 0) {
+                let mut state = self.lock_state();
+                if state.pool_bytes + file.size > self.pool_limit {
+                    break;
+                }
+                let from = join_name(&dir.join(FILES), &file.name);
+                let to = self.root.join(POOL).join(uuid::Uuid::new_v4().to_string());
+                if fs::rename(&from, &to).is_ok() {
+                    state.pool_bytes += file.size;
+                    state.pool.push(PoolFile {
+                        path: to,
+                        size: file.size,
+                    });
+                }
+            }
+        }
         fsutil::remove_all(&dir)?;
         let shards_root = self.root.join(SHARDS);
         fsutil::prune_empty_dirs(dir.parent().unwrap_or(&shards_root), &shards_root);
