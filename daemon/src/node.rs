@@ -472,25 +472,6 @@ impl Node {
         )
     }
 
-    /// The staged files of an open session, for streamed saves.
-    pub fn session_files(&self, session_id: &str) -> Result<Vec<StagedFile>> {
-        let sessions = lock(&self.sessions);
-        let session = sessions
-            .get(session_id)
-            .ok_or_else(|| unknown_session(session_id))?;
-        Ok(session
-            .request
-            .files
-            .iter()
-            .zip(&session.paths)
-            .map(|(f, p)| StagedFile {
-                name: f.name.clone(),
-                path: p.clone(),
-                size: f.size,
-            })
-            .collect())
-    }
-
     /// Commits a session: hashes its files in place, writes the manifest and
     /// makes the shard visible, then queues the write-back to disk.
     #[tracing::instrument(skip_all, fields(session = session_id))]
@@ -1357,7 +1338,8 @@ fn unknown_session(id: &str) -> Error {
     ))
 }
 
-fn open_for_write(paths: &[PathBuf]) -> Result<Vec<Arc<std::fs::File>>> {
+/// Opens existing files for writing in place (staged or committed files).
+pub(crate) fn open_for_write(paths: &[PathBuf]) -> Result<Vec<Arc<std::fs::File>>> {
     use crate::error::IoContext;
     paths
         .iter()

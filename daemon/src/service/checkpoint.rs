@@ -39,6 +39,12 @@ impl CheckpointService {
     fn status(&self, method: &'static str, err: Error) -> Status {
         to_status(&self.node.metrics, method, err)
     }
+
+    fn reply<T>(&self, method: &'static str, result: Result<T>) -> Result<Response<T>, Status> {
+        result
+            .map(Response::new)
+            .map_err(|e| self.status(method, e))
+    }
 }
 
 /// The calling process's id, when it connected over the Unix socket.
@@ -83,9 +89,7 @@ impl Checkpoint for CheckpointService {
             })
         }
         .await;
-        result
-            .map(Response::new)
-            .map_err(|e| self.status("BeginShard", e))
+        self.reply("BeginShard", result)
     }
 
     #[tracing::instrument(name = "CommitShard", skip_all, fields(session = %request.get_ref().session_id))]
@@ -244,9 +248,7 @@ impl Checkpoint for CheckpointService {
             })
         }
         .await;
-        result
-            .map(Response::new)
-            .map_err(|e| self.status("ListSteps", e))
+        self.reply("ListSteps", result)
     }
 
     #[tracing::instrument(name = "GetManifest", skip_all, fields(job, step, rank))]
@@ -271,9 +273,7 @@ impl Checkpoint for CheckpointService {
             })
         }
         .await;
-        result
-            .map(Response::new)
-            .map_err(|e| self.status("GetManifest", e))
+        self.reply("GetManifest", result)
     }
 
     #[tracing::instrument(name = "RestoreShard", skip_all, fields(job, step, rank))]
@@ -318,9 +318,7 @@ impl Checkpoint for CheckpointService {
             })
         }
         .await;
-        result
-            .map(Response::new)
-            .map_err(|e| self.status("RestoreShard", e))
+        self.reply("RestoreShard", result)
     }
 
     #[tracing::instrument(name = "DeleteStep", skip_all, fields(job = %request.get_ref().job, step = request.get_ref().step))]
@@ -336,9 +334,7 @@ impl Checkpoint for CheckpointService {
             Ok(pb::DeleteStepResponse { shards_deleted })
         }
         .await;
-        result
-            .map(Response::new)
-            .map_err(|e| self.status("DeleteStep", e))
+        self.reply("DeleteStep", result)
     }
 
     #[tracing::instrument(name = "WaitDurable", skip_all, fields(job = %request.get_ref().job, step = request.get_ref().step))]
@@ -365,9 +361,7 @@ impl Checkpoint for CheckpointService {
             Ok(pb::WaitDurableResponse {})
         }
         .await;
-        result
-            .map(Response::new)
-            .map_err(|e| self.status("WaitDurable", e))
+        self.reply("WaitDurable", result)
     }
 }
 
@@ -377,16 +371,8 @@ async fn receive_files(
     stream: &mut Streaming<pb::WriteShardRequest>,
     files: &[crate::node::StagedFile],
 ) -> Result<()> {
-    let handles = files
-        .iter()
-        .map(|f| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&f.path)
-                .map(Arc::new)
-                .io_context(|| format!("opening {}", f.path.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let paths: Vec<std::path::PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+    let handles = crate::node::open_for_write(&paths)?;
     let mut written = vec![0u64; files.len()];
     while let Some(message) = stream.message().await.map_err(|s| {
         Error::Aborted(format!(
