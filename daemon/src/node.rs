@@ -735,7 +735,7 @@ impl Node {
         // Disk: the slowest local tier; a step still in memory stays, so that
         // memory can always drop it later.
         let on_disk = self.disk.list(tenant, Some(job)).await.unwrap_or_default();
-        let residency = group_steps(&on_disk, |m| !self.memory_holds(&m.shard));
+        let residency = group_steps(&on_disk, |m| !self.memory.contains(&m.shard));
         let mut removed_from_disk = false;
         for step in self.config.disk_retention.steps_to_evict(&residency) {
             for m in on_disk.iter().filter(|m| m.shard.step == step) {
@@ -774,9 +774,6 @@ impl Node {
         }
     }
 
-    fn memory_holds(&self, key: &ShardKey) -> bool {
-        self.memory.shards().iter().any(|m| &m.shard == key)
-    }
 
     /// Refreshes the tier usage gauges.
     pub fn update_usage_metrics(&self) {

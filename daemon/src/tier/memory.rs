@@ -415,6 +415,11 @@ impl MemoryTier {
         all
     }
 
+    /// Whether the shard is complete here.
+    pub fn contains(&self, key: &ShardKey) -> bool {
+        self.lock_state().shards.contains_key(key)
+    }
+
     fn lookup(&self, key: &ShardKey) -> Option<Arc<Manifest>> {
         self.lock_state().shards.get(key).cloned()
     }
