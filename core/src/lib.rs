@@ -2,7 +2,8 @@
 //!
 //! Everything here is deterministic logic with no I/O and no async runtime:
 //! chunk ids and fixed-size chunking, the manifest format, validation of every
-//! name that arrives from outside, step ordering and retention decisions.
+//! name that arrives from outside, step ordering, retention decisions and
+//! replica placement.
 //! Keeping it pure keeps it fast to compile and lets property tests cover it
 //! exhaustively; the daemon wraps it with tiers, RPCs and background work.
 
@@ -10,12 +11,17 @@ pub mod chunk;
 pub mod error;
 pub mod manifest;
 pub mod names;
+pub mod placement;
 pub mod retention;
 
 pub use chunk::{ChunkId, ChunkSize, DEFAULT_CHUNK_SIZE, chunk_ranges};
 pub use error::CoreError;
 pub use manifest::{ChunkRef, FileEntry, MANIFEST_VERSION, Manifest};
 pub use names::{FileName, JobName, Rank, ShardKey, Step, TenantName};
+pub use placement::{
+    MAX_DOMAIN_LABEL_LEN, MAX_NODE_ID_LEN, MAX_WEIGHT, Member, Membership, NodeId,
+    PLACEMENT_VERSION, PlacementKey,
+};
 pub use retention::{
     EvictionCandidate, RetentionPolicy, StepResidency, choose_pressure_victims,
     latest_complete_step,
