@@ -774,7 +774,6 @@ impl Node {
         }
     }
 
-
     /// Refreshes the tier usage gauges.
     pub fn update_usage_metrics(&self) {
         let usage = self.memory.usage();
