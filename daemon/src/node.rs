@@ -302,30 +302,8 @@ impl Node {
                 key.rank
             )));
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for (i, f) in request.files.iter().enumerate() {
-            if !seen.insert(f.name.as_str()) {
-                return Err(Error::InvalidArgument(format!(
-                    "files[{i}].name {} is listed twice",
-                    f.name
-                )));
-            }
-        }
-        // A name that is a prefix directory of another would collide on disk.
-        for f in &request.files {
-            let dir = format!("{}/", f.name);
-            if let Some(other) = request
-                .files
-                .iter()
-                .find(|o| o.name.as_str().starts_with(&dir))
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "files: {} is both a file and the directory of {}",
-                    f.name, other.name
-                )));
-            }
-        }
-        if self.memory.manifest(key).await?.is_some() || self.disk.contains(key) {
+        check_file_names(&request.files)?;
+        if self.memory.contains(key) || self.disk.contains(key) {
             return Err(Error::AlreadyExists(format!(
                 "shard {key} is already committed"
             )));
@@ -1320,6 +1298,33 @@ impl Node {
             .count();
         (lock(&self.sessions).len(), pending)
     }
+}
+
+/// Rejects a file list that names a file twice, or names a file and also a
+/// file inside it as a directory (`a` and `a/b`): both would collide on disk.
+/// Linear in the number of files times their depth.
+fn check_file_names(files: &[FileSpec]) -> Result<()> {
+    let mut names = std::collections::HashSet::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        if !names.insert(f.name.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "files[{i}].name {} is listed twice",
+                f.name
+            )));
+        }
+    }
+    for f in files {
+        let name = f.name.as_str();
+        for (cut, _) in name.match_indices('/') {
+            if names.contains(&name[..cut]) {
+                return Err(Error::InvalidArgument(format!(
+                    "files: {} is both a file and the directory of {name}",
+                    &name[..cut]
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether a process with this id exists (in cairnd's pid namespace, which

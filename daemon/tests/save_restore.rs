@@ -199,6 +199,23 @@ async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest()
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(chunk_files, 20 + 3 * 4, "dedup and garbage collection");
+    let status = c
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let disk = status
+        .tiers
+        .iter()
+        .find(|t| t.tier == pb::Tier::Disk as i32)
+        .expect("disk tier");
+    assert_eq!(
+        disk.used_bytes,
+        (20 + 3 * 4) * TEST_CHUNK,
+        "disk usage counts each chunk once"
+    );
+    assert_eq!(disk.shards, 3);
     let metrics = d.metrics().await;
     assert!(
         metrics.contains("cairn_dedup_skipped_bytes_total{tier=\"disk\"}"),

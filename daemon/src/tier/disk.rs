@@ -17,7 +17,7 @@
 //! [`DiskTier::collect_garbage`], which the caller must not run while a copy
 //! into this tier is between its chunks and its manifest.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -46,10 +46,64 @@ pub struct GcReport {
     pub bytes: u64,
 }
 
+/// The manifests held, and how many of them name each chunk, so that usage
+/// and garbage collection never have to walk every manifest.
+#[derive(Default)]
+struct Index {
+    manifests: BTreeMap<ShardKey, Arc<Manifest>>,
+    /// (tenant, chunk) → (length, number of manifests naming it).
+    chunk_refs: HashMap<(TenantName, ChunkId), (u64, usize)>,
+    referenced_bytes: u64,
+}
+
+impl Index {
+    fn insert(&mut self, manifest: Arc<Manifest>) {
+        if let Some(old) = self
+            .manifests
+            .insert(manifest.shard.clone(), Arc::clone(&manifest))
+        {
+            self.release(&old);
+        }
+        for (id, len) in manifest.unique_chunks() {
+            let entry = self
+                .chunk_refs
+                .entry((manifest.shard.tenant.clone(), id))
+                .or_insert((len, 0));
+            if entry.1 == 0 {
+                self.referenced_bytes += len;
+            }
+            entry.1 += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &ShardKey) -> bool {
+        match self.manifests.remove(key) {
+            Some(old) => {
+                self.release(&old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release(&mut self, manifest: &Manifest) {
+        for id in manifest.unique_chunks().into_keys() {
+            let key = (manifest.shard.tenant.clone(), id);
+            if let Some(entry) = self.chunk_refs.get_mut(&key) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    self.referenced_bytes -= entry.0;
+                    self.chunk_refs.remove(&key);
+                }
+            }
+        }
+    }
+}
+
 /// The disk tier.
 pub struct DiskTier {
     root: PathBuf,
-    manifests: Mutex<BTreeMap<ShardKey, Arc<Manifest>>>,
+    index: Mutex<Index>,
     _lock: File,
 }
 
@@ -63,15 +117,15 @@ impl DiskTier {
         fs::create_dir_all(&tmp).io_context(|| format!("creating {}", tmp.display()))?;
         let tier = Self {
             root: root.to_path_buf(),
-            manifests: Mutex::new(BTreeMap::new()),
+            index: Mutex::new(Index::default()),
             _lock: lock,
         };
         tier.load_manifests()?;
         Ok(tier)
     }
 
-    fn lock_index(&self) -> std::sync::MutexGuard<'_, BTreeMap<ShardKey, Arc<Manifest>>> {
-        self.manifests.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn load_manifests(&self) -> Result<()> {
@@ -84,7 +138,7 @@ impl DiskTier {
             for path in files_under(&tenant_dir.join(MANIFESTS)) {
                 match self.check_manifest(&path) {
                     Ok(manifest) => {
-                        index.insert(manifest.shard.clone(), Arc::new(manifest));
+                        index.insert(Arc::new(manifest));
                     }
                     Err(reason) => {
                         tracing::warn!(path = %path.display(), %reason, "removing incomplete shard from disk tier");
@@ -142,31 +196,22 @@ impl DiskTier {
 
     /// Whether the shard is complete here.
     pub fn contains(&self, key: &ShardKey) -> bool {
-        self.lock_index().contains_key(key)
+        self.lock_index().manifests.contains_key(key)
     }
 
     /// Every shard held, for status and retention.
     pub fn shards(&self) -> Vec<Arc<Manifest>> {
-        self.lock_index().values().cloned().collect()
+        self.lock_index().manifests.values().cloned().collect()
     }
 
     /// Bytes of all stored chunks (each counted once).
     pub fn used_bytes(&self) -> u64 {
-        let index = self.lock_index();
-        let unique: BTreeSet<(&TenantName, ChunkId, u64)> = index
-            .values()
-            .flat_map(|m| {
-                m.files
-                    .iter()
-                    .flat_map(|f| f.chunks.iter().map(|c| (&m.shard.tenant, c.id, c.len)))
-            })
-            .collect();
-        unique.iter().map(|(_, _, len)| len).sum()
+        self.lock_index().referenced_bytes
     }
 
     /// Removes a shard's manifest. Its chunks stay until garbage collection.
     pub fn remove_shard(&self, key: &ShardKey) -> Result<bool> {
-        if self.lock_index().remove(key).is_none() {
+        if !self.lock_index().remove(key) {
             return Ok(false);
         }
         let path = self.manifest_path(key);
@@ -179,15 +224,11 @@ impl DiskTier {
     /// Removes chunks that no manifest of their tenant references (or only
     /// counts them, on a dry run). Blocking: run it off the async threads.
     pub fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
-        let referenced: BTreeSet<(String, String)> = self
+        let referenced: HashSet<(String, String)> = self
             .lock_index()
-            .values()
-            .flat_map(|m| {
-                let tenant = m.shard.tenant.as_str().to_owned();
-                m.unique_chunks()
-                    .into_keys()
-                    .map(move |id| (tenant.clone(), id.to_hex()))
-            })
+            .chunk_refs
+            .keys()
+            .map(|(tenant, id)| (tenant.as_str().to_owned(), id.to_hex()))
             .collect();
         let mut report = GcReport::default();
         let Ok(tenants) = fs::read_dir(self.root.join(TENANTS)) else {
@@ -240,12 +281,13 @@ impl ShardSource for DiskTier {
     }
 
     async fn manifest(&self, key: &ShardKey) -> Result<Option<Arc<Manifest>>> {
-        Ok(self.lock_index().get(key).cloned())
+        Ok(self.lock_index().manifests.get(key).cloned())
     }
 
     async fn list(&self, tenant: &TenantName, job: Option<&JobName>) -> Result<Vec<Arc<Manifest>>> {
         Ok(self
             .lock_index()
+            .manifests
             .values()
             .filter(|m| &m.shard.tenant == tenant && job.is_none_or(|j| &m.shard.job == j))
             .cloned()
@@ -289,7 +331,7 @@ impl ChunkSink for DiskTier {
 
     async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
         let key = manifest.shard.clone();
-        if let Some(existing) = self.lock_index().get(&key)
+        if let Some(existing) = self.lock_index().manifests.get(&key)
             && existing.hash() != manifest.hash()
         {
             return Err(Error::AlreadyExists(format!(
@@ -301,7 +343,7 @@ impl ChunkSink for DiskTier {
         let encoded = manifest.encode();
         tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &encoded, true))
             .await??;
-        self.lock_index().insert(key, Arc::new(manifest.clone()));
+        self.lock_index().insert(Arc::new(manifest.clone()));
         Ok(())
     }
 }
