@@ -45,6 +45,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An object-store request failed (network, credentials, throttling or
+    /// the service itself). Reported as UNAVAILABLE: the bucket may answer
+    /// on a later try, and the shard's other tiers are unaffected.
+    #[error("{context}: {source}")]
+    ObjectStore {
+        /// What the daemon was doing, as a verb phrase with the object key.
+        context: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
     /// The daemon is shutting down.
     #[error("cairnd is shutting down")]
     ShuttingDown,
@@ -85,7 +96,7 @@ impl Error {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
             Error::Io { .. } => Code::Internal,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ObjectStore { .. } | Error::ShuttingDown => Code::Unavailable,
         }
     }
 }

@@ -1152,6 +1152,11 @@ impl Node {
         let (target, others): (&dyn ShardSource, &dyn ShardSource) = match tier {
             TierKind::Memory => (&*self.memory, &*self.disk),
             TierKind::Disk => (&*self.disk, &*self.memory),
+            TierKind::ObjectStore => {
+                return Err(Error::InvalidArgument(
+                    "verify of the object-store tier is not available on this node yet".into(),
+                ));
+            }
         };
         let manifests: Vec<Arc<Manifest>> = target
             .list(tenant, Some(job))
@@ -1237,6 +1242,9 @@ impl Node {
                     .put_chunk(&location.shard().tenant, location.chunk.id, bytes)
                     .await
             }
+            TierKind::ObjectStore => Err(Error::InvalidArgument(
+                "verify of the object-store tier is not available on this node yet".into(),
+            )),
         };
         match result {
             Ok(()) => {

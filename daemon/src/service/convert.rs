@@ -119,6 +119,7 @@ pub fn tier_to_pb(tier: TierKind) -> pb::Tier {
     match tier {
         TierKind::Memory => pb::Tier::Memory,
         TierKind::Disk => pb::Tier::Disk,
+        TierKind::ObjectStore => pb::Tier::ObjectStore,
     }
 }
 

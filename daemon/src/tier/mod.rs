@@ -11,6 +11,7 @@
 
 pub mod disk;
 pub mod memory;
+pub mod object;
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub enum TierKind {
     Memory,
     /// T1: local disk.
     Disk,
+    /// T3: an object store (S3, GCS, Azure Blob or a local directory).
+    ObjectStore,
 }
 
 impl TierKind {
@@ -36,6 +39,7 @@ impl TierKind {
         match self {
             TierKind::Memory => "memory",
             TierKind::Disk => "disk",
+            TierKind::ObjectStore => "object-store",
         }
     }
 }
