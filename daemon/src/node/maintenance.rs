@@ -1,0 +1,281 @@
+//! Operator work: delete, wait for durability, verify and repair, GC, status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_core::{JobName, Manifest, ShardKey, Step, TenantName};
+use futures::{StreamExt, stream};
+
+use super::{DiskState, Node, StepSelection, TierStatus, VerifyFinding, lock};
+use crate::error::{Error, Result};
+use crate::tier::disk::GcReport;
+use crate::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
+use crate::transfer;
+
+impl Node {
+    /// Deletes every shard of a step from both tiers.
+    pub async fn delete_step(&self, tenant: &TenantName, job: &JobName, step: Step) -> Result<u32> {
+        let _gc = self.gc_lock.write().await;
+        let shards: Vec<ShardKey> = self
+            .all_shards(tenant, Some(job))
+            .await?
+            .into_keys()
+            .filter(|k| k.step == step)
+            .collect();
+        if shards.is_empty() {
+            return Err(Error::NotFound(format!(
+                "job {job} of tenant {tenant} has no step {step} on this node"
+            )));
+        }
+        for key in &shards {
+            if self.memory.evict(key)? {
+                self.metrics
+                    .shards_evicted
+                    .with_label_values(&["memory", "delete"])
+                    .inc();
+            }
+            if self.disk.remove_shard(key)? {
+                self.metrics
+                    .shards_evicted
+                    .with_label_values(&["disk", "delete"])
+                    .inc();
+            }
+            lock(&self.writeback).remove(key);
+        }
+        let disk = Arc::clone(&self.disk);
+        tokio::task::spawn_blocking(move || disk.collect_garbage(false)).await??;
+        tracing::info!(%tenant, %job, %step, shards = shards.len(), "step deleted");
+        self.update_usage_metrics();
+        self.notify();
+        Ok(shards.len() as u32)
+    }
+
+    /// Waits until every shard of the step (or one rank) on this node is
+    /// durable in `tier`, or `timeout` passes.
+    pub async fn wait_durable(
+        &self,
+        selection: &StepSelection,
+        tier: TierKind,
+        timeout: Duration,
+    ) -> Result<()> {
+        let StepSelection {
+            tenant,
+            job,
+            step,
+            rank,
+        } = selection;
+        let mut changes = self.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let shards: Vec<ShardKey> = self
+                .all_shards(tenant, Some(job))
+                .await?
+                .into_keys()
+                .filter(|k| selection.matches(k))
+                .collect();
+            if shards.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "job {job} of tenant {tenant} has no committed shard of step {step}{} on this node",
+                    rank.map(|r| format!(" rank {r}")).unwrap_or_default()
+                )));
+            }
+            let mut pending = 0;
+            for key in &shards {
+                if tier == TierKind::Memory || self.disk.contains(key) {
+                    continue;
+                }
+                if let Some(DiskState::Failed(e)) = lock(&self.writeback).get(key) {
+                    return Err(Error::Aborted(format!(
+                        "shard {key} will not become durable on disk: {e}"
+                    )));
+                }
+                pending += 1;
+            }
+            if pending == 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Err(Error::DeadlineExceeded(format!(
+                    "step {step} of job {job}: {pending} of {} shards not yet durable in the {tier} tier after {} ms",
+                    shards.len(),
+                    timeout.as_millis()
+                )));
+            }
+        }
+    }
+
+    /// Re-reads every chunk of the step's shards in `tier`, reporting bad
+    /// ones (and rewriting them from the other tier when `repair` is set).
+    /// `progress(done, total)` is called as bytes are checked.
+    pub async fn verify(
+        &self,
+        selection: &StepSelection,
+        tier: TierKind,
+        repair: bool,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<Vec<VerifyFinding>> {
+        let StepSelection {
+            tenant, job, step, ..
+        } = selection;
+        let _gc = self.gc_lock.read().await;
+        let (target, others): (&dyn ShardSource, &dyn ShardSource) = match tier {
+            TierKind::Memory => (&*self.memory, &*self.disk),
+            TierKind::Disk => (&*self.disk, &*self.memory),
+            TierKind::ObjectStore => {
+                return Err(Error::InvalidArgument(
+                    "verify of the object-store tier is not available on this node yet".into(),
+                ));
+            }
+        };
+        let manifests: Vec<Arc<Manifest>> = target
+            .list(tenant, Some(job))
+            .await?
+            .into_iter()
+            .filter(|m| selection.matches(&m.shard))
+            .collect();
+        if manifests.is_empty() {
+            return Err(Error::NotFound(format!(
+                "the {tier} tier holds no shard of step {step} of job {job}"
+            )));
+        }
+        let locations: Vec<ChunkLocation> = manifests.iter().flat_map(ChunkLocation::all).collect();
+        let total: u64 = locations.iter().map(|l| l.chunk.len).sum();
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let checked: Vec<(ChunkLocation, Result<ChunkRead>)> = stream::iter(locations)
+            .map(|location| {
+                let done = &done;
+                async move {
+                    let result = target.read_chunk(&location).await;
+                    let now = done
+                        .fetch_add(location.chunk.len, std::sync::atomic::Ordering::Relaxed)
+                        + location.chunk.len;
+                    progress(now, total);
+                    (location, result)
+                }
+            })
+            .buffer_unordered(self.config.writeback_concurrency)
+            .collect()
+            .await;
+        let mut findings = Vec::new();
+        for (location, result) in checked {
+            let problem = match result {
+                Ok(ChunkRead::Verified(_)) => continue,
+                Ok(ChunkRead::Missing) => "missing".to_owned(),
+                Ok(ChunkRead::Corrupt) => {
+                    self.metrics
+                        .chunk_verify_failures
+                        .with_label_values(&[tier.as_str()])
+                        .inc();
+                    "corrupt".to_owned()
+                }
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(tier = %tier, shard = %location.shard(), file = location.file_name(), offset = location.offset, chunk = %location.chunk.id, %problem, "verify found a bad chunk");
+            let repaired = repair && self.repair_chunk(tier, &location, others).await;
+            findings.push(VerifyFinding {
+                rank: location.shard().rank,
+                file: location.file_name().to_owned(),
+                offset: location.offset,
+                chunk: location.chunk.id,
+                problem,
+                repaired,
+            });
+        }
+        Ok(findings)
+    }
+
+    async fn repair_chunk(
+        &self,
+        tier: TierKind,
+        location: &ChunkLocation,
+        from: &dyn ShardSource,
+    ) -> bool {
+        let bytes = match transfer::read_first_verified(location, &[from], &self.metrics).await {
+            Ok((_, bytes, _)) => bytes,
+            Err(e) => {
+                tracing::warn!(chunk = %location.chunk.id, error = %e, "cannot repair: no good copy elsewhere");
+                return false;
+            }
+        };
+        let result = match tier {
+            TierKind::Memory => {
+                let memory = Arc::clone(&self.memory);
+                let location = location.clone();
+                tokio::task::spawn_blocking(move || memory.write_chunk_in_place(&location, &bytes))
+                    .await
+                    .map_err(Error::from)
+                    .and_then(|r| r)
+            }
+            TierKind::Disk => {
+                self.disk
+                    .put_chunk(&location.shard().tenant, location.chunk.id, bytes)
+                    .await
+            }
+            TierKind::ObjectStore => Err(Error::InvalidArgument(
+                "verify of the object-store tier is not available on this node yet".into(),
+            )),
+        };
+        match result {
+            Ok(()) => {
+                self.metrics
+                    .chunks_repaired
+                    .with_label_values(&[tier.as_str()])
+                    .inc();
+                tracing::info!(tier = %tier, chunk = %location.chunk.id, source = %from.kind(), "chunk repaired");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(tier = %tier, chunk = %location.chunk.id, error = %e, "repair failed");
+                false
+            }
+        }
+    }
+
+    /// Removes unreferenced disk chunks (or counts them, on a dry run).
+    pub async fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        let _gc = self.gc_lock.write().await;
+        let disk = Arc::clone(&self.disk);
+        let report = tokio::task::spawn_blocking(move || disk.collect_garbage(dry_run)).await??;
+        tracing::info!(
+            dry_run,
+            chunks = report.chunks,
+            bytes = report.bytes,
+            "garbage collection"
+        );
+        self.update_usage_metrics();
+        Ok(report)
+    }
+
+    /// Usage of each tier.
+    pub fn tier_status(&self) -> Vec<TierStatus> {
+        let usage = self.memory.usage();
+        vec![
+            TierStatus {
+                tier: TierKind::Memory,
+                path: self.memory.root().to_path_buf(),
+                used: usage.used,
+                capacity: usage.capacity,
+                shards: usage.shards as u64,
+            },
+            TierStatus {
+                tier: TierKind::Disk,
+                path: self.disk.root().to_path_buf(),
+                used: self.disk.used_bytes(),
+                capacity: 0,
+                shards: self.disk.shards().len() as u64,
+            },
+        ]
+    }
+
+    /// Open sessions and pending write-backs.
+    pub fn activity(&self) -> (usize, usize) {
+        let pending = lock(&self.writeback)
+            .values()
+            .filter(|s| **s == DiskState::Pending)
+            .count();
+        (lock(&self.sessions).len(), pending)
+    }
+}

@@ -1,0 +1,280 @@
+//! The node: sessions, commits, write-back, retention and restore over the
+//! local tiers.
+//!
+//! This is where the save and restore paths of `ARCHITECTURE.md` live. The
+//! gRPC services translate messages into the calls below and nothing else;
+//! the tiers know their own layout and nothing of each other. The node owns
+//! the rules that span tiers:
+//!
+//! * a shard is acknowledged once committed in the memory tier, then written
+//!   back to the disk tier by a background worker;
+//! * a step leaves the memory tier (retention or pressure) only once the disk
+//!   tier holds every shard of it;
+//! * chunks are removed from the disk tier only under the write side of
+//!   `gc_lock`, which copies into and restores from the disk tier hold for
+//!   reading, so collection never races a copy between its chunks and its
+//!   manifest.
+
+mod listing;
+mod maintenance;
+mod restore;
+mod save;
+mod writeback;
+
+pub(crate) use restore::open_for_write;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cairn_core::{FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
+use tokio::sync::{RwLock, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::tier::disk::DiskTier;
+use crate::tier::memory::MemoryTier;
+use crate::tier::{ShardSource, TierKind};
+
+/// Write-back attempts before a shard is marked failed.
+const WRITEBACK_ATTEMPTS: u32 = 3;
+/// First delay between write-back attempts; doubles each time.
+const WRITEBACK_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// One file a client wants to save.
+#[derive(Clone, Debug)]
+pub struct FileSpec {
+    /// Validated relative name.
+    pub name: FileName,
+    /// Exact size in bytes.
+    pub size: u64,
+    /// Client metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A validated BeginShard.
+#[derive(Clone, Debug)]
+pub struct BeginShard {
+    /// The shard to save.
+    pub key: ShardKey,
+    /// Its files.
+    pub files: Vec<FileSpec>,
+    /// The job's number of ranks, if known.
+    pub world_size: Option<u32>,
+    /// Shard metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A staged file handed to the client.
+#[derive(Clone, Debug)]
+pub struct StagedFile {
+    /// Its name in the shard.
+    pub name: FileName,
+    /// Where to write it.
+    pub path: PathBuf,
+    /// Its size.
+    pub size: u64,
+}
+
+struct Session {
+    request: BeginShard,
+    /// The writer's process id, when it connected over the Unix socket.
+    owner_pid: Option<i32>,
+    paths: Vec<PathBuf>,
+    opened: Instant,
+    committing: bool,
+}
+
+/// Where a shard stands in the disk tier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskState {
+    /// Not there and not queued.
+    Absent,
+    /// Queued or being written.
+    Pending,
+    /// Complete and durable.
+    Durable,
+    /// Write-back failed with this error.
+    Failed(String),
+}
+
+/// One shard as listed.
+#[derive(Clone, Debug)]
+pub struct ShardView {
+    /// The rank.
+    pub rank: Rank,
+    /// Its bytes.
+    pub total_bytes: u64,
+    /// Declared world size.
+    pub world_size: Option<u32>,
+    /// Whether the memory tier holds it.
+    pub in_memory: bool,
+    /// Its disk state.
+    pub disk: DiskState,
+}
+
+/// One step as listed.
+#[derive(Clone, Debug)]
+pub struct StepView {
+    /// The step.
+    pub step: Step,
+    /// Every rank's shard is complete in some local tier.
+    pub restorable: bool,
+    /// Its shards, by rank.
+    pub shards: Vec<ShardView>,
+}
+
+/// What a restore produced.
+#[derive(Clone, Debug)]
+pub struct RestoreOutcome {
+    /// The shard's manifest.
+    pub manifest: Arc<Manifest>,
+    /// Readable paths in the memory tier, in manifest order.
+    pub paths: Vec<PathBuf>,
+    /// Bytes by the tier they came from.
+    pub bytes_by_tier: BTreeMap<TierKind, u64>,
+}
+
+/// A chunk found bad by verify.
+#[derive(Clone, Debug)]
+pub struct VerifyFinding {
+    /// Shard rank.
+    pub rank: Rank,
+    /// File name.
+    pub file: String,
+    /// Offset in the file.
+    pub offset: u64,
+    /// The chunk.
+    pub chunk: cairn_core::ChunkId,
+    /// What was wrong.
+    pub problem: String,
+    /// Whether it was rewritten from another tier.
+    pub repaired: bool,
+}
+
+/// A step of a job, optionally narrowed to one rank.
+#[derive(Clone, Debug)]
+pub struct StepSelection {
+    /// Owner.
+    pub tenant: TenantName,
+    /// Job.
+    pub job: JobName,
+    /// Step.
+    pub step: Step,
+    /// One rank, or every rank on this node.
+    pub rank: Option<Rank>,
+}
+
+impl StepSelection {
+    fn matches(&self, key: &ShardKey) -> bool {
+        key.step == self.step && self.rank.is_none_or(|r| key.rank == r)
+    }
+}
+
+/// Usage of one tier, for status.
+#[derive(Clone, Debug)]
+pub struct TierStatus {
+    /// Which tier.
+    pub tier: TierKind,
+    /// Its directory.
+    pub path: PathBuf,
+    /// Bytes used.
+    pub used: u64,
+    /// Capacity (0: unlimited).
+    pub capacity: u64,
+    /// Shards held.
+    pub shards: u64,
+}
+
+/// The daemon's state and operations.
+pub struct Node {
+    config: Config,
+    /// T0.
+    pub memory: Arc<MemoryTier>,
+    /// T1.
+    pub disk: Arc<DiskTier>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    sessions: Mutex<HashMap<String, Session>>,
+    writeback: Mutex<HashMap<ShardKey, DiskState>>,
+    changes: watch::Sender<u64>,
+    writeback_tx: mpsc::UnboundedSender<ShardKey>,
+    gc_lock: RwLock<()>,
+    cancel: CancellationToken,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Node {
+    /// Opens the tiers, starts the write-back worker and the session reaper,
+    /// and queues write-back for shards the memory tier holds but the disk
+    /// tier lacks (a previous run's unfinished work).
+    pub fn start(
+        config: Config,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>> {
+        let memory = Arc::new(MemoryTier::open(
+            &config.memory_dir,
+            config.memory_capacity,
+            config.memory_pool_bytes,
+        )?);
+        let disk = Arc::new(DiskTier::open(&config.disk_dir)?);
+        let (writeback_tx, writeback_rx) = mpsc::unbounded_channel();
+        let node = Arc::new(Self {
+            config,
+            memory,
+            disk,
+            metrics,
+            sessions: Mutex::new(HashMap::new()),
+            writeback: Mutex::new(HashMap::new()),
+            changes: watch::channel(0).0,
+            writeback_tx,
+            gc_lock: RwLock::new(()),
+            cancel,
+        });
+        for manifest in node.memory.shards() {
+            if !node.disk.contains(&manifest.shard) {
+                node.queue_writeback(manifest.shard.clone());
+            }
+        }
+        tokio::spawn(Arc::clone(&node).writeback_loop(writeback_rx));
+        tokio::spawn(Arc::clone(&node).reap_sessions());
+        node.update_usage_metrics();
+        Ok(node)
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Resolves an optional tenant from a request.
+    pub fn tenant(&self, requested: &str) -> Result<TenantName> {
+        if requested.is_empty() {
+            Ok(self.config.default_tenant.clone())
+        } else {
+            Ok(TenantName::parse("tenant", requested.to_owned())?)
+        }
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn sources(&self) -> [&dyn ShardSource; 2] {
+        [&*self.memory, &*self.disk]
+    }
+}

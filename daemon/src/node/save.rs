@@ -1,0 +1,373 @@
+//! The save path: sessions, space in the memory tier, commit.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_core::{
+    EvictionCandidate, FileEntry, FileName, MANIFEST_VERSION, Manifest, ShardKey,
+    choose_pressure_victims,
+};
+
+use super::{BeginShard, FileSpec, Node, Session, StagedFile, lock, now_ms};
+use crate::error::{Error, Result};
+use crate::failpoint::crash_point;
+use crate::hashing;
+
+impl Node {
+    /// Opens a save session: checks the request, reserves memory-tier space
+    /// (evicting steps the disk tier already holds if needed) and creates the
+    /// pre-sized files.
+    ///
+    /// `owner_pid` is the writer's process id when known (Unix socket peer
+    /// credentials): a session whose writer has died is aborted as soon as
+    /// anyone notices (the reaper, or a new writer for the same shard), so a
+    /// restarted trainer can save the same step again at once.
+    #[tracing::instrument(skip_all, fields(shard = %request.key))]
+    pub async fn begin(
+        &self,
+        request: BeginShard,
+        owner_pid: Option<i32>,
+    ) -> Result<(String, Vec<StagedFile>)> {
+        let key = &request.key;
+        if let Some(ws) = request.world_size
+            && (ws == 0 || key.rank.0 >= ws)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "world_size {ws} must be above 0 and above rank {}",
+                key.rank
+            )));
+        }
+        check_file_names(&request.files)?;
+        if self.memory.contains(key) || self.disk.contains(key) {
+            return Err(Error::AlreadyExists(format!(
+                "shard {key} is already committed"
+            )));
+        }
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let existing = lock(&self.sessions)
+            .iter()
+            .find(|(_, s)| &s.request.key == key)
+            .map(|(id, s)| (id.clone(), s.owner_pid, s.committing));
+        if let Some((id, owner, committing)) = existing {
+            if committing || owner.is_none_or(process_alive) {
+                return Err(Error::Aborted(format!(
+                    "shard {key} is being written by another session ({id}{}); abort it or wait for its commit",
+                    owner.map(|p| format!(", pid {p}")).unwrap_or_default()
+                )));
+            }
+            tracing::warn!(session = %id, pid = ?owner, "the previous writer of this shard is gone; aborting its session");
+            self.abort(&id)?;
+        }
+        let total: u64 = request.files.iter().map(|f| f.size).sum();
+        self.reserve_memory(&session_id, total)?;
+        let specs: Vec<(FileName, u64)> = request
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.size))
+            .collect();
+        let memory = Arc::clone(&self.memory);
+        let id = session_id.clone();
+        let staged = tokio::task::spawn_blocking(move || memory.stage(&id, &specs)).await?;
+        let paths = match staged {
+            Ok(paths) => paths,
+            Err(e) => {
+                self.memory.discard_staged(&session_id)?;
+                return Err(e);
+            }
+        };
+        let files = request
+            .files
+            .iter()
+            .zip(&paths)
+            .map(|(f, p)| StagedFile {
+                name: f.name.clone(),
+                path: p.clone(),
+                size: f.size,
+            })
+            .collect();
+        {
+            let mut sessions = lock(&self.sessions);
+            if sessions.values().any(|s| &s.request.key == key) {
+                drop(sessions);
+                self.memory.discard_staged(&session_id)?;
+                return Err(Error::Aborted(format!(
+                    "shard {key} is being written by another session"
+                )));
+            }
+            sessions.insert(
+                session_id.clone(),
+                Session {
+                    request,
+                    owner_pid,
+                    paths,
+                    opened: Instant::now(),
+                    committing: false,
+                },
+            );
+            self.metrics.open_sessions.set(sessions.len() as i64);
+        }
+        self.update_usage_metrics();
+        Ok((session_id, files))
+    }
+
+    /// Reserves `bytes` in the memory tier, evicting the oldest shards the
+    /// disk tier already holds when the tier is full.
+    pub(super) fn reserve_memory(&self, id: &str, bytes: u64) -> Result<()> {
+        let mut shortfall = match self.memory.try_reserve(id, bytes) {
+            Ok(()) => return Ok(()),
+            Err(shortfall) => shortfall,
+        };
+        for _ in 0..3 {
+            let candidates: Vec<EvictionCandidate<ShardKey>> = self
+                .memory
+                .shards()
+                .iter()
+                .map(|m| EvictionCandidate {
+                    key: m.shard.clone(),
+                    age_order: m.committed_unix_ms,
+                    bytes: m.total_bytes(),
+                    safe_to_drop: self.disk.contains(&m.shard),
+                })
+                .collect();
+            let Ok(victims) = choose_pressure_victims(&candidates, shortfall) else {
+                break;
+            };
+            for key in victims {
+                if self.memory.evict(&key)? {
+                    tracing::info!(shard = %key, "evicted from memory tier to make room");
+                    self.metrics
+                        .shards_evicted
+                        .with_label_values(&["memory", "pressure"])
+                        .inc();
+                }
+            }
+            match self.memory.try_reserve(id, bytes) {
+                Ok(()) => {
+                    self.notify();
+                    return Ok(());
+                }
+                Err(s) => shortfall = s,
+            }
+        }
+        Err(Error::ResourceExhausted(self.memory_full_message(bytes)))
+    }
+
+    fn memory_full_message(&self, needed: u64) -> String {
+        let usage = self.memory.usage();
+        let mut by_job: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for m in self.memory.shards() {
+            let entry = by_job
+                .entry(format!("{}/{}", m.shard.tenant, m.shard.job))
+                .or_default();
+            entry.0 += m.total_bytes();
+            if !self.disk.contains(&m.shard) {
+                entry.1 += m.total_bytes();
+            }
+        }
+        let jobs: Vec<String> = by_job
+            .iter()
+            .map(|(job, (bytes, unsafe_bytes))| {
+                format!("{job}: {bytes} bytes ({unsafe_bytes} not yet on disk)")
+            })
+            .collect();
+        format!(
+            "memory tier is full: this save needs {needed} bytes but {} of {} bytes are in use \
+             ({} reserved by {} open sessions; shards: {}); nothing more can be evicted until the disk tier holds it",
+            usage.used,
+            usage.capacity,
+            usage.reserved,
+            usage.staging_areas,
+            if jobs.is_empty() {
+                "none".into()
+            } else {
+                jobs.join(", ")
+            }
+        )
+    }
+
+    /// Commits a session: hashes its files in place, writes the manifest and
+    /// makes the shard visible, then queues the write-back to disk.
+    #[tracing::instrument(skip_all, fields(session = session_id))]
+    pub async fn commit(&self, session_id: &str) -> Result<Arc<Manifest>> {
+        let started = Instant::now();
+        let (request, paths) = {
+            let mut sessions = lock(&self.sessions);
+            let session = sessions
+                .get_mut(session_id)
+                .ok_or_else(|| unknown_session(session_id))?;
+            if session.committing {
+                return Err(Error::FailedPrecondition(format!(
+                    "session {session_id} is already being committed"
+                )));
+            }
+            session.committing = true;
+            (session.request.clone(), session.paths.clone())
+        };
+        let result = self.commit_session(session_id, &request, paths).await;
+        let mut sessions = lock(&self.sessions);
+        match &result {
+            // A bad file size is the client's to fix: the session stays open.
+            Err(Error::InvalidArgument(_)) => {
+                if let Some(s) = sessions.get_mut(session_id) {
+                    s.committing = false;
+                }
+            }
+            _ => {
+                sessions.remove(session_id);
+            }
+        }
+        self.metrics.open_sessions.set(sessions.len() as i64);
+        drop(sessions);
+        if let Err(e) = &result
+            && !matches!(e, Error::InvalidArgument(_))
+        {
+            let _ = self.memory.discard_staged(session_id);
+        }
+        let manifest = result?;
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .saved_bytes
+            .with_label_values(&["memory"])
+            .inc_by(manifest.total_bytes());
+        tracing::info!(
+            shard = %manifest.shard,
+            bytes = manifest.total_bytes(),
+            chunks = manifest.chunk_count(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shard committed"
+        );
+        self.queue_writeback(manifest.shard.clone());
+        self.update_usage_metrics();
+        self.notify();
+        Ok(manifest)
+    }
+
+    async fn commit_session(
+        &self,
+        session_id: &str,
+        request: &BeginShard,
+        paths: Vec<PathBuf>,
+    ) -> Result<Arc<Manifest>> {
+        let files: Vec<(String, PathBuf, u64)> = request
+            .files
+            .iter()
+            .zip(paths)
+            .map(|(f, p)| (f.name.as_str().to_owned(), p, f.size))
+            .collect();
+        let chunk_size = self.config.chunk_size;
+        crash_point("commit.before_hash");
+        let chunks =
+            tokio::task::spawn_blocking(move || hashing::hash_files(&files, chunk_size)).await??;
+        crash_point("commit.after_hash");
+        let manifest = Arc::new(Manifest {
+            version: MANIFEST_VERSION,
+            shard: request.key.clone(),
+            world_size: request.world_size,
+            chunk_size,
+            files: request
+                .files
+                .iter()
+                .zip(chunks)
+                .map(|(f, chunks)| FileEntry {
+                    name: f.name.clone(),
+                    size: f.size,
+                    chunks,
+                    metadata: f.metadata.clone(),
+                })
+                .collect(),
+            metadata: request.metadata.clone(),
+            committed_unix_ms: now_ms(),
+        });
+        let memory = Arc::clone(&self.memory);
+        let id = session_id.to_owned();
+        let m = Arc::clone(&manifest);
+        tokio::task::spawn_blocking(move || memory.commit_staged(&id, m)).await??;
+        crash_point("commit.before_ack");
+        Ok(manifest)
+    }
+
+    /// Drops a session and its files; unknown sessions are fine (idempotent).
+    pub fn abort(&self, session_id: &str) -> Result<()> {
+        let removed = {
+            let mut sessions = lock(&self.sessions);
+            let removed = sessions.remove(session_id);
+            self.metrics.open_sessions.set(sessions.len() as i64);
+            removed
+        };
+        if let Some(session) = removed {
+            tracing::info!(shard = %session.request.key, session = session_id, "session aborted");
+            self.memory.discard_staged(session_id)?;
+            self.update_usage_metrics();
+        }
+        Ok(())
+    }
+
+    pub(super) async fn reap_sessions(self: Arc<Self>) {
+        let period = (self.config.session_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            let stale: Vec<String> = lock(&self.sessions)
+                .iter()
+                .filter(|(_, s)| {
+                    !s.committing
+                        && (s.opened.elapsed() > self.config.session_timeout
+                            || s.owner_pid.is_some_and(|p| !process_alive(p)))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in stale {
+                tracing::warn!(session = %id, "aborting save session: its writer exited or it outlived session_timeout_secs");
+                if let Err(e) = self.abort(&id) {
+                    tracing::warn!(session = %id, error = %e, "aborting stale session failed");
+                }
+            }
+        }
+    }
+}
+
+/// Rejects a file list that names a file twice, or names a file and also a
+/// file inside it as a directory (`a` and `a/b`): both would collide on disk.
+/// Linear in the number of files times their depth.
+fn check_file_names(files: &[FileSpec]) -> Result<()> {
+    let mut names = std::collections::HashSet::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        if !names.insert(f.name.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "files[{i}].name {} is listed twice",
+                f.name
+            )));
+        }
+    }
+    for f in files {
+        let name = f.name.as_str();
+        for (cut, _) in name.match_indices('/') {
+            if names.contains(&name[..cut]) {
+                return Err(Error::InvalidArgument(format!(
+                    "files: {} is both a file and the directory of {name}",
+                    &name[..cut]
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a process with this id exists (in cairnd's pid namespace, which
+/// is the one Unix socket credentials are reported in).
+fn process_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn unknown_session(id: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "session {id:?} is not open (never begun, already committed, or aborted)"
+    ))
+}

@@ -1,0 +1,205 @@
+//! Background work after a commit: write-back to disk and retention.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cairn_core::{JobName, Manifest, ShardKey, Step, StepResidency, TenantName};
+use tokio::sync::mpsc;
+
+use super::{DiskState, Node, WRITEBACK_ATTEMPTS, WRITEBACK_RETRY_DELAY, lock};
+use crate::failpoint::crash_point;
+use crate::tier::ShardSource;
+use crate::transfer;
+
+impl Node {
+    pub(super) fn queue_writeback(&self, key: ShardKey) {
+        lock(&self.writeback).insert(key.clone(), DiskState::Pending);
+        self.metrics.writeback_pending.inc();
+        let _ = self.writeback_tx.send(key);
+    }
+
+    pub(super) async fn writeback_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ShardKey>) {
+        loop {
+            let key = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                key = rx.recv() => match key { Some(k) => k, None => return },
+            };
+            self.write_back(&key).await;
+            self.metrics.writeback_pending.dec();
+            self.apply_retention(&key.tenant, &key.job).await;
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(shard = %key))]
+    async fn write_back(&self, key: &ShardKey) {
+        let Ok(Some(manifest)) = self.memory.manifest(key).await else {
+            lock(&self.writeback).remove(key);
+            return;
+        };
+        let started = Instant::now();
+        let mut delay = WRITEBACK_RETRY_DELAY;
+        let mut attempt = 1;
+        let outcome = loop {
+            let result = {
+                let _gc = self.gc_lock.read().await;
+                transfer::copy_shard(
+                    &manifest,
+                    &*self.memory,
+                    &*self.disk,
+                    self.config.writeback_concurrency,
+                )
+                .await
+            };
+            match result {
+                Ok(report) => break Ok(report),
+                Err(e) if attempt < WRITEBACK_ATTEMPTS && !self.cancel.is_cancelled() => {
+                    tracing::warn!(error = %e, attempt, "write-back to disk failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match outcome {
+            Ok(report) => {
+                crash_point("writeback.after_manifest");
+                self.metrics
+                    .writeback_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics
+                    .saved_bytes
+                    .with_label_values(&["disk"])
+                    .inc_by(report.bytes_written);
+                self.metrics
+                    .dedup_skipped_bytes
+                    .with_label_values(&["disk"])
+                    .inc_by(report.bytes_skipped);
+                tracing::info!(
+                    written = report.bytes_written,
+                    deduplicated = report.bytes_skipped,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "shard durable on disk"
+                );
+                lock(&self.writeback).remove(key);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "write-back to disk failed; the shard stays in memory only");
+                self.metrics
+                    .writeback_failures
+                    .with_label_values(&["disk"])
+                    .inc();
+                lock(&self.writeback).insert(key.clone(), DiskState::Failed(e.to_string()));
+            }
+        }
+        self.update_usage_metrics();
+        self.notify();
+    }
+
+    /// Applies both tiers' retention to one job.
+    async fn apply_retention(&self, tenant: &TenantName, job: &JobName) {
+        let _gc = self.gc_lock.write().await;
+        let mut changed = false;
+        // Memory: a step may go once the disk tier holds every shard of it.
+        let in_memory = self
+            .memory
+            .list(tenant, Some(job))
+            .await
+            .unwrap_or_default();
+        let residency = group_steps(&in_memory, |m| self.disk.contains(&m.shard));
+        for step in self.config.memory_retention.steps_to_evict(&residency) {
+            for m in in_memory.iter().filter(|m| m.shard.step == step) {
+                match self.memory.evict(&m.shard) {
+                    Ok(true) => {
+                        changed = true;
+                        self.metrics
+                            .shards_evicted
+                            .with_label_values(&["memory", "retention"])
+                            .inc();
+                        tracing::info!(shard = %m.shard, "evicted from memory tier by retention");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(shard = %m.shard, error = %e, "evicting from memory tier failed")
+                    }
+                }
+            }
+        }
+        // Disk: the slowest local tier; a step still in memory stays, so that
+        // memory can always drop it later.
+        let on_disk = self.disk.list(tenant, Some(job)).await.unwrap_or_default();
+        let residency = group_steps(&on_disk, |m| !self.memory.contains(&m.shard));
+        let mut removed_from_disk = false;
+        for step in self.config.disk_retention.steps_to_evict(&residency) {
+            for m in on_disk.iter().filter(|m| m.shard.step == step) {
+                match self.disk.remove_shard(&m.shard) {
+                    Ok(true) => {
+                        removed_from_disk = true;
+                        self.metrics
+                            .shards_evicted
+                            .with_label_values(&["disk", "retention"])
+                            .inc();
+                        tracing::info!(shard = %m.shard, "evicted from disk tier by retention");
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(shard = %m.shard, error = %e, "evicting from disk tier failed")
+                    }
+                }
+            }
+        }
+        if removed_from_disk {
+            changed = true;
+            let disk = Arc::clone(&self.disk);
+            match tokio::task::spawn_blocking(move || disk.collect_garbage(false)).await {
+                Ok(Ok(report)) => tracing::debug!(
+                    chunks = report.chunks,
+                    bytes = report.bytes,
+                    "removed unreferenced chunks"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "collecting unreferenced chunks failed"),
+                Err(e) => tracing::warn!(error = %e, "collecting unreferenced chunks panicked"),
+            }
+        }
+        if changed {
+            self.update_usage_metrics();
+            self.notify();
+        }
+    }
+
+    /// Refreshes the tier usage gauges.
+    pub fn update_usage_metrics(&self) {
+        let usage = self.memory.usage();
+        let used = &self.metrics.tier_used_bytes;
+        used.with_label_values(&["memory"]).set(usage.used as i64);
+        self.metrics.memory_pool_bytes.set(usage.pool as i64);
+        used.with_label_values(&["disk"])
+            .set(self.disk.used_bytes() as i64);
+        self.metrics
+            .tier_capacity_bytes
+            .with_label_values(&["memory"])
+            .set(usage.capacity as i64);
+        self.metrics
+            .tier_capacity_bytes
+            .with_label_values(&["disk"])
+            .set(0);
+    }
+}
+
+/// Groups shards by step; a step is safe to drop when `safe` holds for all
+/// of its shards.
+fn group_steps(
+    manifests: &[Arc<Manifest>],
+    safe: impl Fn(&Manifest) -> bool,
+) -> Vec<StepResidency> {
+    let mut steps: BTreeMap<Step, bool> = BTreeMap::new();
+    for m in manifests {
+        let entry = steps.entry(m.shard.step).or_insert(true);
+        *entry &= safe(m);
+    }
+    steps
+        .into_iter()
+        .map(|(step, safe_to_drop)| StepResidency { step, safe_to_drop })
+        .collect()
+}
