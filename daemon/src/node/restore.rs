@@ -89,16 +89,7 @@ impl Node {
                 chunk: b.chunk,
             })
             .collect();
-        let files = open_for_write(&paths)?;
-        let report = transfer::fill_chunks(
-            wanted,
-            &[&*self.disk],
-            &[],
-            &files,
-            self.config.writeback_concurrency,
-            &self.metrics,
-        )
-        .await?;
+        let report = self.fill_from_slower_tiers(wanted, &paths).await?;
         self.metrics
             .chunks_repaired
             .with_label_values(&["memory"])
@@ -143,21 +134,34 @@ impl Node {
             .map(|f| (f.name.clone(), f.size))
             .collect();
         let paths = self.memory.stage(id, &specs)?;
-        let files = open_for_write(&paths)?;
-        let report = transfer::fill_chunks(
-            ChunkLocation::all(manifest),
+        let report = self
+            .fill_from_slower_tiers(ChunkLocation::all(manifest), &paths)
+            .await?;
+        let memory = Arc::clone(&self.memory);
+        let (id, m) = (id.to_owned(), Arc::clone(manifest));
+        tokio::task::spawn_blocking(move || memory.commit_staged(&id, m)).await??;
+        Ok(report)
+    }
+
+    /// Writes `wanted` chunks into the memory-tier files at `paths`, each
+    /// from the fastest tier below memory with a verified copy. The one place
+    /// that says which tiers refill memory: the peer and object-store tiers
+    /// join this list.
+    async fn fill_from_slower_tiers(
+        &self,
+        wanted: Vec<ChunkLocation>,
+        paths: &[PathBuf],
+    ) -> Result<FillReport> {
+        let files = open_for_write(paths)?;
+        transfer::fill_chunks(
+            wanted,
             &[&*self.disk],
             &[],
             &files,
             self.config.writeback_concurrency,
             &self.metrics,
         )
-        .await?;
-        drop(files);
-        let memory = Arc::clone(&self.memory);
-        let (id, m) = (id.to_owned(), Arc::clone(manifest));
-        tokio::task::spawn_blocking(move || memory.commit_staged(&id, m)).await??;
-        Ok(report)
+        .await
     }
 }
 
