@@ -33,4 +33,7 @@ pub enum CoreError {
     /// A manifest could not be decoded or failed its own consistency checks.
     #[error("corrupt manifest: {0}")]
     CorruptManifest(String),
+    /// A stored chunk's header or body could not be decoded.
+    #[error("corrupt stored chunk: {0}")]
+    CorruptChunk(String),
 }

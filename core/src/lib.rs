@@ -1,13 +1,15 @@
 //! Cairn's pure core.
 //!
 //! Everything here is deterministic logic with no I/O and no async runtime:
-//! chunk ids and fixed-size chunking, the manifest format, validation of every
+//! chunk ids and fixed-size chunking, the stored-chunk codec, the manifest format, validation of every
 //! name that arrives from outside, step ordering, retention decisions and
 //! replica placement.
 //! Keeping it pure keeps it fast to compile and lets property tests cover it
 //! exhaustively; the daemon wraps it with tiers, RPCs and background work.
 
+pub mod bucket;
 pub mod chunk;
+pub mod codec;
 pub mod error;
 pub mod manifest;
 pub mod names;

@@ -14,6 +14,9 @@ use crate::names::{Rank, Step};
 pub struct RetentionPolicy {
     /// Keep at least this many of the newest steps of every job.
     pub keep_last: usize,
+    /// Also keep every step that is a multiple of this (long-term snapshots
+    /// in the bucket); `None` keeps only the newest.
+    pub keep_every: Option<u64>,
 }
 
 /// Where one step of one job stands, as far as retention cares.
@@ -27,8 +30,22 @@ pub struct StepResidency {
 }
 
 impl RetentionPolicy {
+    /// Keeps the newest `keep_last` steps.
+    pub fn keep_last(keep_last: usize) -> Self {
+        Self {
+            keep_last,
+            keep_every: None,
+        }
+    }
+
+    fn is_long_term(&self, step: Step) -> bool {
+        self.keep_every
+            .is_some_and(|every| every > 0 && step.0.is_multiple_of(every))
+    }
+
     /// Steps to evict from a tier holding `steps` of one job: everything older
-    /// than the newest `keep_last`, except steps no slower tier holds yet.
+    /// than the newest `keep_last`, except steps no slower tier holds yet and
+    /// every `keep_every`-th step.
     pub fn steps_to_evict(&self, steps: &[StepResidency]) -> Vec<Step> {
         let mut sorted: Vec<StepResidency> = steps.to_vec();
         sorted.sort_by_key(|s| std::cmp::Reverse(s.step));
@@ -36,10 +53,32 @@ impl RetentionPolicy {
         let mut evict: Vec<Step> = sorted
             .iter()
             .skip(self.keep_last)
-            .filter(|s| s.safe_to_drop)
+            .filter(|s| s.safe_to_drop && !self.is_long_term(s.step))
             .map(|s| s.step)
             .collect();
         evict.sort();
+        evict
+    }
+
+    /// Steps to evict from the slowest tier (the bucket), given each step
+    /// and whether it is complete there. Only complete steps count towards
+    /// `keep_last`, so a step still uploading never pushes out the last good
+    /// one; an incomplete step is dropped once it is older than every step
+    /// kept by `keep_last` (a newer complete step superseded it).
+    pub fn bucket_steps_to_evict(&self, steps: &[(Step, bool)]) -> Vec<Step> {
+        let mut complete: Vec<Step> = steps.iter().filter(|(_, c)| *c).map(|(s, _)| *s).collect();
+        complete.sort_by_key(|s| std::cmp::Reverse(*s));
+        complete.dedup();
+        let Some(&oldest_kept) = complete.get(..self.keep_last).and_then(<[Step]>::last) else {
+            return Vec::new(); // fewer complete steps than keep_last: keep all
+        };
+        let mut evict: Vec<Step> = steps
+            .iter()
+            .filter(|(step, _)| *step < oldest_kept && !self.is_long_term(*step))
+            .map(|(step, _)| *step)
+            .collect();
+        evict.sort();
+        evict.dedup();
         evict
     }
 }
@@ -130,7 +169,7 @@ mod tests {
             let residency: Vec<StepResidency> = steps.iter()
                 .map(|(s, safe)| StepResidency { step: Step(*s), safe_to_drop: *safe })
                 .collect();
-            let evict = RetentionPolicy { keep_last: keep }.steps_to_evict(&residency);
+            let evict = RetentionPolicy::keep_last(keep).steps_to_evict(&residency);
             let newest: Vec<u64> = steps.keys().rev().take(keep).copied().collect();
             for s in &evict {
                 prop_assert!(!newest.contains(&s.0), "evicted one of the newest");
@@ -139,6 +178,28 @@ mod tests {
             // Everything else that is safe and old does go.
             let expected = steps.iter().rev().skip(keep).filter(|(_, safe)| **safe).count();
             prop_assert_eq!(evict.len(), expected);
+        }
+
+        #[test]
+        fn bucket_keeps_complete_steps_long_term_ones_and_newer_uploads(
+            steps in proptest::collection::btree_map(0u64..200, any::<bool>(), 0..40),
+            keep in 0usize..5,
+            every in prop_oneof![Just(None), (1u64..20).prop_map(Some)],
+        ) {
+            let policy = RetentionPolicy { keep_last: keep, keep_every: every };
+            let listed: Vec<(Step, bool)> = steps.iter().map(|(s, c)| (Step(*s), *c)).collect();
+            let evict = policy.bucket_steps_to_evict(&listed);
+            let newest_complete: Vec<u64> =
+                steps.iter().rev().filter(|(_, c)| **c).map(|(s, _)| *s).take(keep).collect();
+            for s in &evict {
+                prop_assert!(!newest_complete.contains(&s.0), "evicted one of the newest complete");
+                prop_assert!(every.is_none_or(|k| s.0 % k != 0), "evicted a long-term step");
+                prop_assert!(s.0 < *newest_complete.iter().min().expect("something kept"));
+            }
+            // With fewer complete steps than keep_last nothing goes.
+            if newest_complete.len() < keep || keep == 0 {
+                prop_assert!(evict.is_empty());
+            }
         }
 
         #[test]

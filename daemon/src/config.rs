@@ -5,15 +5,18 @@
 //! documented in `docs/configuration.md`; defaults are the named constants
 //! below.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_core::codec::CompressionPolicy;
 use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, RetentionPolicy, TenantName};
 use clap::Parser;
 use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
+use crate::tier::object::ObjectTierSettings;
 
 /// Default client socket.
 pub const DEFAULT_SOCKET: &str = "/run/cairn/cairn.sock";
@@ -37,6 +40,18 @@ pub const DEFAULT_POOL_FRACTION: u64 = 4;
 pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
 /// Default chunks copied at once by a write-back.
 pub const DEFAULT_WRITEBACK_CONCURRENCY: usize = 4;
+/// Default chunks uploaded at once per shard.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
+/// Default complete steps per job kept in the object store.
+pub const DEFAULT_OBJECT_KEEP_LAST: usize = 5;
+/// Default interval of the bucket's garbage collection.
+pub const DEFAULT_GC_INTERVAL_SECS: u64 = 3600;
+/// The smallest part S3 accepts in a multipart upload (but the last).
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+/// Where, under the disk tier, the local index of the bucket's chunks lives.
+pub const OBJECT_INDEX_DIR: &str = "object-store-index";
+/// Where, under the disk tier, the upload journal lives.
+pub const UPLOAD_JOURNAL_DIR: &str = "upload-journal";
 
 /// Command-line flags; each also reads an environment variable.
 #[derive(Debug, Parser, Default)]
@@ -82,6 +97,9 @@ pub struct Args {
     /// Steps per job kept in the disk tier.
     #[arg(long, env = "CAIRN_DISK_KEEP_LAST")]
     pub disk_keep_last: Option<usize>,
+    /// Object-store tier (T3) URL: s3://, gs://, az:// or file:///.
+    #[arg(long, env = "CAIRN_OBJECT_STORE_URL")]
+    pub object_store_url: Option<String>,
     /// Chunk size in bytes.
     #[arg(long, env = "CAIRN_CHUNK_SIZE")]
     pub chunk_size: Option<u64>,
@@ -106,6 +124,63 @@ struct RawConfig {
     memory: RawMemory,
     #[serde(default)]
     disk: RawDisk,
+    #[serde(default)]
+    object_store: RawObjectStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectStore {
+    url: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+    upload_after: Option<UploadAfter>,
+    concurrency: Option<usize>,
+    keep_last: Option<usize>,
+    keep_every: Option<u64>,
+    compression: Option<bool>,
+    compression_level: Option<i32>,
+    min_compression_ratio: Option<f64>,
+    request_timeout_secs: Option<u64>,
+    attempts: Option<u32>,
+    multipart_threshold_bytes: Option<usize>,
+    part_size_bytes: Option<usize>,
+    gc_grace_secs: Option<u64>,
+    gc_interval_secs: Option<u64>,
+}
+
+/// When a shard is queued for upload to the object store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadAfter {
+    /// Once the disk tier holds it: the upload reads from local disk and
+    /// never competes with the next save for the memory tier.
+    #[default]
+    Disk,
+    /// Right after commit, in parallel with the write-back to disk: the
+    /// bucket gets the step sooner, at the cost of reading it from memory.
+    Commit,
+}
+
+/// The object-store tier's configuration, when one is configured.
+#[derive(Debug, Clone)]
+pub struct ObjectStoreConfig {
+    /// The bucket URL.
+    pub url: String,
+    /// Backend options (`endpoint`, `allow_http`, credentials, SSE-KMS).
+    pub options: BTreeMap<String, String>,
+    /// When shards are queued for upload.
+    pub upload_after: UploadAfter,
+    /// Chunks uploaded at once per shard.
+    pub concurrency: usize,
+    /// Bucket retention per job.
+    pub retention: RetentionPolicy,
+    /// How the tier talks to the bucket (compression, timeouts, multipart,
+    /// GC grace); `index_dir` is filled in under the disk tier.
+    pub settings: ObjectTierSettings,
+    /// How often the daemon collects the bucket's garbage (`None`: only on
+    /// `cairn gc`).
+    pub gc_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +233,8 @@ pub struct Config {
     pub disk_retention: RetentionPolicy,
     /// Chunks copied concurrently by a write-back.
     pub writeback_concurrency: usize,
+    /// The object-store tier, if configured.
+    pub object_store: Option<ObjectStoreConfig>,
 }
 
 impl Config {
@@ -260,6 +337,8 @@ impl Config {
                 "keep_last must be at least 1 in every tier".into(),
             ));
         }
+        let object_store =
+            object_store_config(args.object_store_url.clone(), raw.object_store, &disk_dir)?;
         Ok(Self {
             node_name,
             default_tenant,
@@ -283,16 +362,101 @@ impl Config {
                 .pool_bytes
                 .unwrap_or(memory_capacity / DEFAULT_POOL_FRACTION)
                 .min(memory_capacity),
-            memory_retention: RetentionPolicy {
-                keep_last: memory_keep,
-            },
+            memory_retention: RetentionPolicy::keep_last(memory_keep),
             disk_dir,
-            disk_retention: RetentionPolicy {
-                keep_last: disk_keep,
-            },
+            disk_retention: RetentionPolicy::keep_last(disk_keep),
             writeback_concurrency,
+            object_store,
         })
     }
+}
+
+/// Validates the `[object_store]` section; `None` when no URL is set.
+fn object_store_config(
+    url_flag: Option<String>,
+    raw: RawObjectStore,
+    disk_dir: &Path,
+) -> Result<Option<ObjectStoreConfig>> {
+    let Some(url) = url_flag.or(raw.url).filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let positive = |field: &str, value: u64| {
+        if value == 0 {
+            Err(Error::InvalidArgument(format!(
+                "object_store.{field} must be above 0"
+            )))
+        } else {
+            Ok(value)
+        }
+    };
+    let defaults = ObjectTierSettings::default();
+    let min_ratio = raw
+        .min_compression_ratio
+        .unwrap_or(defaults.compression.min_ratio);
+    if !(min_ratio.is_finite() && min_ratio >= 1.0) {
+        return Err(Error::InvalidArgument(
+            "object_store.min_compression_ratio must be at least 1.0".into(),
+        ));
+    }
+    let level = raw.compression_level.unwrap_or(defaults.compression.level);
+    if !(1..=19).contains(&level) {
+        return Err(Error::InvalidArgument(
+            "object_store.compression_level must be between 1 and 19".into(),
+        ));
+    }
+    let part_size = raw.part_size_bytes.unwrap_or(defaults.part_size);
+    if part_size < MIN_PART_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "object_store.part_size_bytes must be at least {MIN_PART_SIZE} (the S3 minimum)"
+        )));
+    }
+    let settings = ObjectTierSettings {
+        compression: CompressionPolicy {
+            enabled: raw.compression.unwrap_or(true),
+            level,
+            min_ratio,
+        },
+        request_timeout: Duration::from_secs(positive(
+            "request_timeout_secs",
+            raw.request_timeout_secs
+                .unwrap_or(defaults.request_timeout.as_secs()),
+        )?),
+        attempts: positive(
+            "attempts",
+            u64::from(raw.attempts.unwrap_or(defaults.attempts)),
+        )? as u32,
+        multipart_threshold: raw
+            .multipart_threshold_bytes
+            .unwrap_or(defaults.multipart_threshold)
+            .max(part_size),
+        part_size,
+        gc_grace: Duration::from_secs(positive(
+            "gc_grace_secs",
+            raw.gc_grace_secs.unwrap_or(defaults.gc_grace.as_secs()),
+        )?),
+        index_dir: Some(disk_dir.join(OBJECT_INDEX_DIR)),
+    };
+    Ok(Some(ObjectStoreConfig {
+        url,
+        options: raw.options,
+        upload_after: raw.upload_after.unwrap_or_default(),
+        concurrency: positive(
+            "concurrency",
+            raw.concurrency.unwrap_or(DEFAULT_UPLOAD_CONCURRENCY) as u64,
+        )? as usize,
+        retention: RetentionPolicy {
+            keep_last: positive(
+                "keep_last",
+                raw.keep_last.unwrap_or(DEFAULT_OBJECT_KEEP_LAST) as u64,
+            )? as usize,
+            keep_every: raw.keep_every.filter(|k| *k > 0),
+        },
+        settings,
+        gc_interval: match raw.gc_interval_secs.unwrap_or(DEFAULT_GC_INTERVAL_SECS) {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
+    }))
 }
 
 fn hostname() -> String {
@@ -355,5 +519,39 @@ mod tests {
         let mut a = args();
         a.tenant = Some("Bad_Tenant".into());
         assert!(Config::from_parts(&a, RawConfig::default()).is_err());
+    }
+
+    #[test]
+    fn object_store_section_is_validated_and_optional() {
+        let c = Config::from_parts(&args(), RawConfig::default()).expect("valid");
+        assert!(c.object_store.is_none());
+        let raw: RawConfig = toml::from_str(
+            "[object_store]\nurl = \"s3://b/p\"\nupload_after = \"commit\"\nkeep_every = 100\n[object_store.options]\nendpoint = \"http://127.0.0.1:1\"\n",
+        )
+        .expect("parses");
+        let c = Config::from_parts(&args(), raw).expect("valid");
+        let o = c.object_store.expect("configured");
+        assert_eq!(o.upload_after, UploadAfter::Commit);
+        assert_eq!(o.retention.keep_every, Some(100));
+        assert_eq!(o.retention.keep_last, DEFAULT_OBJECT_KEEP_LAST);
+        assert_eq!(o.options["endpoint"], "http://127.0.0.1:1");
+        assert_eq!(
+            o.settings.index_dir,
+            Some(PathBuf::from("/tmp/y").join(OBJECT_INDEX_DIR))
+        );
+        for bad in [
+            "part_size_bytes = 1000",
+            "min_compression_ratio = 0.5",
+            "concurrency = 0",
+            "upload_after = \"later\"",
+        ] {
+            let text = format!("[object_store]\nurl = \"file:///x\"\n{bad}\n");
+            let result = toml::from_str::<RawConfig>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|raw| Config::from_parts(&args(), raw).map_err(|e| e.to_string()));
+            let err = result.expect_err(bad);
+            let field = bad.split(' ').next().expect("field");
+            assert!(err.contains(field), "{bad}: {err}");
+        }
     }
 }

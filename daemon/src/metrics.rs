@@ -4,8 +4,8 @@
 //! cardinality: tier, RPC method and status code, never job or step.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Bytes committed into a tier (`tier`: memory, disk).
@@ -38,8 +38,20 @@ pub const OPEN_SESSIONS: &str = "cairn_open_sessions";
 pub const WRITEBACK_PENDING: &str = "cairn_writeback_pending_shards";
 /// Write-backs that failed.
 pub const WRITEBACK_FAILURES: &str = "cairn_writeback_failures_total";
-/// Bytes the disk tier already had and so did not write again (dedup).
+/// Bytes a tier already had and so did not write again (dedup), by tier.
 pub const DEDUP_SKIPPED_BYTES: &str = "cairn_dedup_skipped_bytes_total";
+/// Shards committed but not yet durable in the object store.
+pub const UPLOAD_PENDING: &str = "cairn_upload_pending_shards";
+/// Time from a shard's commit until it is durable in the object store.
+pub const UPLOAD_LAG_SECONDS: &str = "cairn_upload_lag_seconds";
+/// Bytes sent to the object store for chunks, after compression.
+pub const OBJECT_STORE_STORED_BYTES: &str = "cairn_object_store_stored_bytes_total";
+/// Chunks stored compressed in the object store.
+pub const OBJECT_STORE_COMPRESSED_CHUNKS: &str = "cairn_object_store_compressed_chunks_total";
+/// Object-store requests retried after a transient failure, by operation.
+pub const OBJECT_STORE_RETRIES: &str = "cairn_object_store_retries_total";
+/// Object-store requests that failed for good, by operation.
+pub const OBJECT_STORE_ERRORS: &str = "cairn_object_store_errors_total";
 
 /// The daemon's metrics, registered in their own registry.
 pub struct Metrics {
@@ -76,6 +88,18 @@ pub struct Metrics {
     pub writeback_failures: IntCounterVec,
     /// See [`DEDUP_SKIPPED_BYTES`].
     pub dedup_skipped_bytes: IntCounterVec,
+    /// See [`UPLOAD_PENDING`].
+    pub upload_pending: IntGauge,
+    /// See [`UPLOAD_LAG_SECONDS`].
+    pub upload_lag_seconds: Histogram,
+    /// See [`OBJECT_STORE_STORED_BYTES`].
+    pub object_store_stored_bytes: IntCounter,
+    /// See [`OBJECT_STORE_COMPRESSED_CHUNKS`].
+    pub object_store_compressed_chunks: IntCounter,
+    /// See [`OBJECT_STORE_RETRIES`].
+    pub object_store_retries: IntCounterVec,
+    /// See [`OBJECT_STORE_ERRORS`].
+    pub object_store_errors: IntCounterVec,
 }
 
 /// Latency buckets from 1 ms to about 10 minutes.
@@ -150,6 +174,34 @@ impl Metrics {
                 DEDUP_SKIPPED_BYTES,
                 "Bytes a tier already held.",
                 &["tier"],
+            ),
+            upload_pending: gauge(UPLOAD_PENDING, "Shards waiting for upload."),
+            upload_lag_seconds: histogram(
+                UPLOAD_LAG_SECONDS,
+                "Commit to durable in the object store.",
+            ),
+            object_store_stored_bytes: reg(
+                &registry,
+                IntCounter::new(
+                    OBJECT_STORE_STORED_BYTES,
+                    "Chunk bytes sent to the object store.",
+                )
+                .expect("valid metric"),
+            ),
+            object_store_compressed_chunks: reg(
+                &registry,
+                IntCounter::new(OBJECT_STORE_COMPRESSED_CHUNKS, "Chunks stored compressed.")
+                    .expect("valid metric"),
+            ),
+            object_store_retries: counter(
+                OBJECT_STORE_RETRIES,
+                "Object-store requests retried.",
+                &["op"],
+            ),
+            object_store_errors: counter(
+                OBJECT_STORE_ERRORS,
+                "Object-store requests that failed after retries.",
+                &["op"],
             ),
             registry,
         }

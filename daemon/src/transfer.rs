@@ -35,14 +35,16 @@ pub struct CopyReport {
     pub bytes_skipped: u64,
 }
 
-/// Copies the shard `manifest` describes from `from` into `to`: missing
-/// chunks first (verified as they are read), then the manifest.
-#[tracing::instrument(skip_all, fields(shard = %manifest.shard, from = %from.kind(), to = %to.kind()))]
+/// Copies the shard `manifest` describes into `to`, reading each chunk from
+/// the first of `from` with a verified copy: missing chunks first, then the
+/// manifest.
+#[tracing::instrument(skip_all, fields(shard = %manifest.shard, to = %to.kind()))]
 pub async fn copy_shard(
     manifest: &Arc<Manifest>,
-    from: &dyn ShardSource,
+    from: &[&dyn ShardSource],
     to: &dyn ChunkSink,
     concurrency: usize,
+    metrics: &Metrics,
 ) -> Result<CopyReport> {
     let tenant = &manifest.shard.tenant;
     let mut first_location: BTreeMap<ChunkId, ChunkLocation> = BTreeMap::new();
@@ -56,24 +58,10 @@ pub async fn copy_shard(
         .map(|id| {
             let location = &first_location[&id];
             async move {
-                match from.read_chunk(location).await? {
-                    ChunkRead::Verified(bytes) => {
-                        let len = bytes.len() as u64;
-                        to.put_chunk(tenant, id, bytes).await?;
-                        Ok(len)
-                    }
-                    other => Err(Error::DataLoss(format!(
-                        "cannot copy chunk {id} of file {} of shard {} from the {} tier: {}",
-                        location.file_name(),
-                        manifest.shard,
-                        from.kind(),
-                        if matches!(other, ChunkRead::Missing) {
-                            "missing"
-                        } else {
-                            "corrupt"
-                        }
-                    ))),
-                }
+                let (_, bytes, _) = read_first_verified(location, from, metrics).await?;
+                let len = bytes.len() as u64;
+                to.put_chunk(location, bytes).await?;
+                Ok::<_, Error>(len)
             }
         })
         .buffer_unordered(concurrency)
@@ -116,8 +104,7 @@ pub async fn fill_chunks(
         .map(|location| async move {
             let (tier, bytes, corrupt) = read_first_verified(&location, sources, metrics).await?;
             for sink in repair.iter().filter(|s| corrupt.contains(&s.kind())) {
-                sink.put_chunk(&location.shard().tenant, location.chunk.id, bytes.clone())
-                    .await?;
+                sink.put_chunk(&location, bytes.clone()).await?;
                 metrics.chunks_repaired.with_label_values(&[sink.kind().as_str()]).inc();
                 tracing::info!(tier = %sink.kind(), chunk = %location.chunk.id, "repaired corrupt chunk");
             }

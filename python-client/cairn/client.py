@@ -134,9 +134,13 @@ class StepInfo:
     """One step of a job as the daemon lists it."""
 
     step: int
-    #: Every rank's shard is complete in some tier of this node.
+    #: Every rank's shard is complete in some tier this node can read (its
+    #: memory and disk tiers, and the object store when one is configured).
     restorable: bool
     shards: tuple[ShardStatus, ...]
+    #: Every rank's shard is in the object store and the step is marked
+    #: complete there: it survives the loss of the whole cluster.
+    object_store_complete: bool = False
 
     def durable_in(self, tier: Tier | str) -> bool:
         """Whether every listed shard is durable in ``tier``."""
@@ -861,7 +865,9 @@ class Client:
                     )
                     for s in step.shards
                 )
-                steps.append(StepInfo(step.step, step.restorable, shards))
+                steps.append(
+                    StepInfo(step.step, step.restorable, shards, step.object_store_complete)
+                )
         steps.sort(key=lambda s: s.step)
         return steps
 

@@ -366,7 +366,7 @@ def test_wait_durable_errors(client: cairn.Client, job: str) -> None:
         client.wait_durable(job, 1, "disk", timeout=1)
     client.save(job, 1, 0, {"a": np.zeros(1)})
     client.wait_durable(job, 1, "memory", timeout=5)
-    with pytest.raises(cairn.InvalidArgument, match="tier"):
+    with pytest.raises(cairn.FailedPrecondition, match="no object store"):
         client.wait_durable(job, 1, cairn.Tier.OBJECT_STORE, timeout=1)
 
 

@@ -38,6 +38,7 @@ struct Cli {
 enum TierArg {
     Memory,
     Disk,
+    ObjectStore,
 }
 
 impl TierArg {
@@ -45,6 +46,7 @@ impl TierArg {
         match self {
             TierArg::Memory => pb::Tier::Memory,
             TierArg::Disk => pb::Tier::Disk,
+            TierArg::ObjectStore => pb::Tier::ObjectStore,
         }
     }
 }
@@ -100,7 +102,7 @@ enum Command {
         rank: Option<u32>,
         #[arg(long, value_enum, default_value = "disk")]
         tier: TierArg,
-        /// Rewrite bad chunks from the other tier.
+        /// Rewrite bad chunks from another tier.
         #[arg(long)]
         repair: bool,
     },
@@ -116,7 +118,7 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
-    /// Delete a step from every local tier.
+    /// Delete a step from every tier (the object store included).
     Delete {
         #[arg(long)]
         job: String,
@@ -329,15 +331,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 println!(
                     "{}",
-                    json!({"dry_run": dry_run, "chunks": resp.chunks_removed, "bytes": resp.bytes_removed})
+                    json!({"dry_run": dry_run, "chunks": resp.chunks_removed, "bytes": resp.bytes_removed,
+                           "object_store": {"chunks": resp.object_store_chunks_removed, "bytes": resp.object_store_bytes_removed,
+                                            "skipped_tenants": resp.object_store_skipped_tenants}})
                 );
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 println!(
-                    "{verb} {} unreferenced chunks ({})",
+                    "disk: {verb} {} unreferenced chunks ({})",
                     resp.chunks_removed,
                     human_bytes(resp.bytes_removed)
                 );
+                println!(
+                    "object store: {verb} {} unreferenced chunks ({})",
+                    resp.object_store_chunks_removed,
+                    human_bytes(resp.object_store_bytes_removed)
+                );
+                for tenant in &resp.object_store_skipped_tenants {
+                    println!(
+                        "object store: tenant {tenant} skipped (a manifest cannot be read; see the daemon's log)"
+                    );
+                }
             }
             Ok(())
         }
@@ -406,7 +420,8 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
         println!(
             "{}",
             json!({"node": s.node, "version": s.version, "default_tenant": s.default_tenant, "metrics_addr": s.metrics_addr,
-                   "open_sessions": s.open_sessions, "pending_writebacks": s.pending_writebacks, "tiers": tiers})
+                   "open_sessions": s.open_sessions, "pending_writebacks": s.pending_writebacks,
+                   "pending_uploads": s.pending_uploads, "tiers": tiers})
         );
         return Ok(());
     }
@@ -415,11 +430,11 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
         s.node, s.version, s.default_tenant
     );
     println!(
-        "open sessions {}, pending write-backs {}",
-        s.open_sessions, s.pending_writebacks
+        "open sessions {}, pending write-backs {}, pending uploads {}",
+        s.open_sessions, s.pending_writebacks, s.pending_uploads
     );
     println!(
-        "{:<8} {:>12} {:>12} {:>8}  path",
+        "{:<12} {:>12} {:>12} {:>8}  path",
         "tier", "used", "capacity", "shards"
     );
     for t in &s.tiers {
@@ -429,7 +444,7 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             human_bytes(t.capacity_bytes)
         };
         println!(
-            "{:<8} {:>12} {:>12} {:>8}  {}",
+            "{:<12} {:>12} {:>12} {:>8}  {}",
             tier_name(t.tier),
             human_bytes(t.used_bytes),
             capacity,
@@ -470,7 +485,8 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                                 json!({"rank": r.rank, "bytes": r.total_bytes, "world_size": r.world_size, "tiers": tiers})
                             })
                             .collect();
-                        json!({"step": s.step, "restorable": s.restorable, "shards": shards})
+                        json!({"step": s.step, "restorable": s.restorable,
+                               "object_store_complete": s.object_store_complete, "shards": shards})
                     })
                     .collect();
                 json!({"job": j.job, "steps": steps})
@@ -484,8 +500,8 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
         return Ok(());
     }
     println!(
-        "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8}  restorable",
-        "job", "step", "rank", "size", "memory", "disk"
+        "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8} {:>12}  restorable",
+        "job", "step", "rank", "size", "memory", "disk", "object-store"
     );
     for j in &resp.jobs {
         for s in &j.steps {
@@ -498,14 +514,19 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                         .unwrap_or("-")
                 };
                 println!(
-                    "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8}  {}",
+                    "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8} {:>12}  {}",
                     j.job,
                     s.step,
                     r.rank,
                     human_bytes(r.total_bytes),
                     state(pb::Tier::Memory),
                     state(pb::Tier::Disk),
-                    if s.restorable { "yes" } else { "no" }
+                    state(pb::Tier::ObjectStore),
+                    match (s.restorable, s.object_store_complete) {
+                        (true, true) => "yes (complete in object store)",
+                        (true, false) => "yes",
+                        (false, _) => "no",
+                    }
                 );
             }
         }

@@ -1,13 +1,13 @@
 //! What a node holds: steps, their states, the newest complete step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use cairn_core::{JobName, Manifest, Rank, ShardKey, Step, TenantName, latest_complete_step};
 
-use super::{DiskState, Node, ShardView, StepView, lock};
+use super::{CopyState, Node, ShardView, StepView, lock};
 use crate::error::{Error, Result};
-use crate::tier::{ChunkLocation, ShardSource};
+use crate::tier::{ChunkLocation, TierKind};
 use crate::transfer;
 
 impl Node {
@@ -16,13 +16,38 @@ impl Node {
         tenant: &TenantName,
         job: Option<&JobName>,
     ) -> Result<BTreeMap<ShardKey, Arc<Manifest>>> {
+        Ok(self.shards_by_tier(tenant, job).await?.0)
+    }
+
+    /// Every shard any tier holds (the fastest tier's manifest for each),
+    /// and which shards each tier holds. An unreachable object store is
+    /// logged and left out, so local work never waits on a bucket.
+    async fn shards_by_tier(
+        &self,
+        tenant: &TenantName,
+        job: Option<&JobName>,
+    ) -> Result<(
+        BTreeMap<ShardKey, Arc<Manifest>>,
+        BTreeMap<TierKind, BTreeSet<ShardKey>>,
+    )> {
         let mut all = BTreeMap::new();
+        let mut by_tier: BTreeMap<TierKind, BTreeSet<ShardKey>> = BTreeMap::new();
         for source in self.sources().into_iter().rev() {
-            for m in source.list(tenant, job).await? {
+            let listed = match source.list(tenant, job).await {
+                Ok(listed) => listed,
+                Err(e) if source.kind() == TierKind::ObjectStore => {
+                    tracing::warn!(error = %e, "cannot list the object store; showing local tiers only");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let keys = by_tier.entry(source.kind()).or_default();
+            for m in listed {
+                keys.insert(m.shard.clone());
                 all.insert(m.shard.clone(), m);
             }
         }
-        Ok(all)
+        Ok((all, by_tier))
     }
 
     /// Steps of one job (or every job of the tenant), with each shard's state.
@@ -31,21 +56,23 @@ impl Node {
         tenant: &TenantName,
         job: Option<&JobName>,
     ) -> Result<BTreeMap<JobName, Vec<StepView>>> {
-        let all = self.all_shards(tenant, job).await?;
-        let memory_keys: std::collections::BTreeSet<ShardKey> = self
-            .memory
-            .list(tenant, job)
-            .await?
-            .iter()
-            .map(|m| m.shard.clone())
-            .collect();
+        let (all, by_tier) = self.shards_by_tier(tenant, job).await?;
+        let in_tier = |tier: TierKind, key: &ShardKey| {
+            by_tier.get(&tier).is_some_and(|keys| keys.contains(key))
+        };
         let writeback = lock(&self.writeback).clone();
+        let marked = self.complete_steps_in_bucket(tenant, &all).await;
         let mut jobs: BTreeMap<JobName, BTreeMap<Step, Vec<ShardView>>> = BTreeMap::new();
         for (key, m) in &all {
             let disk = if self.disk.contains(key) {
-                DiskState::Durable
+                CopyState::Durable
             } else {
-                writeback.get(key).cloned().unwrap_or(DiskState::Absent)
+                writeback.get(key).cloned().unwrap_or(CopyState::Absent)
+            };
+            let object_store = if in_tier(TierKind::ObjectStore, key) {
+                CopyState::Durable
+            } else {
+                self.upload_state(key).unwrap_or(CopyState::Absent)
             };
             jobs.entry(key.job.clone())
                 .or_default()
@@ -55,8 +82,9 @@ impl Node {
                     rank: key.rank,
                     total_bytes: m.total_bytes(),
                     world_size: m.world_size,
-                    in_memory: memory_keys.contains(key),
+                    in_memory: in_tier(TierKind::Memory, key),
                     disk,
+                    object_store,
                 });
         }
         Ok(jobs
@@ -70,6 +98,7 @@ impl Node {
                         StepView {
                             step,
                             restorable,
+                            object_store_complete: marked.contains(&(job.clone(), step)),
                             shards,
                         }
                     })
@@ -79,7 +108,33 @@ impl Node {
             .collect())
     }
 
-    /// The newest step of a job complete in some local tier (for `rank`, or
+    /// The steps whose completion marker is in the bucket, among the jobs of
+    /// `shards` (one listing per job; empty without an object store).
+    async fn complete_steps_in_bucket(
+        &self,
+        tenant: &TenantName,
+        shards: &BTreeMap<ShardKey, Arc<Manifest>>,
+    ) -> BTreeSet<(JobName, Step)> {
+        let mut marked = BTreeSet::new();
+        let Some(object) = &self.object else {
+            return marked;
+        };
+        let jobs: BTreeSet<&JobName> = shards.keys().map(|k| &k.job).collect();
+        for job in jobs {
+            match object.steps(tenant, job).await {
+                Ok(steps) => marked.extend(
+                    steps
+                        .into_iter()
+                        .filter(|(_, s)| s.complete)
+                        .map(|(step, _)| (job.clone(), step)),
+                ),
+                Err(e) => tracing::warn!(%job, error = %e, "cannot list the object store's steps"),
+            }
+        }
+        marked
+    }
+
+    /// The newest step of a job complete in some tier (for `rank`, or
     /// for every rank when the shards declare a world size).
     pub async fn latest_step(
         &self,

@@ -1,19 +1,31 @@
 //! Operator work: delete, wait for durability, verify and repair, GC, status.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_core::{JobName, Manifest, ShardKey, Step, TenantName};
 use futures::{StreamExt, stream};
 
-use super::{DiskState, Node, StepSelection, TierStatus, VerifyFinding, lock};
+use super::{CopyState, Node, StepSelection, TierStatus, VerifyFinding, lock};
 use crate::error::{Error, Result};
 use crate::tier::disk::GcReport;
+use crate::tier::object::steps::BucketGcReport;
 use crate::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 use crate::transfer;
 
+/// What a garbage collection removed, per tier.
+#[derive(Clone, Debug)]
+pub struct GcOutcome {
+    /// The disk tier.
+    pub disk: GcReport,
+    /// The object store, when configured.
+    pub object_store: Option<BucketGcReport>,
+}
+
 impl Node {
-    /// Deletes every shard of a step from both tiers.
+    /// Deletes every shard of a step from every tier, the object store
+    /// included (its chunks go with the next garbage collection).
     pub async fn delete_step(&self, tenant: &TenantName, job: &JobName, step: Step) -> Result<u32> {
         let _gc = self.gc_lock.write().await;
         let shards: Vec<ShardKey> = self
@@ -41,6 +53,9 @@ impl Node {
                     .inc();
             }
             lock(&self.writeback).remove(key);
+        }
+        if let Some(object) = &self.object {
+            object.delete_step(tenant, job, step).await?;
         }
         let disk = Arc::clone(&self.disk);
         tokio::task::spawn_blocking(move || disk.collect_garbage(false)).await??;
@@ -80,16 +95,40 @@ impl Node {
                 )));
             }
             let mut pending = 0;
+            let mut last_error = None;
             for key in &shards {
-                if tier == TierKind::Memory || self.disk.contains(key) {
-                    continue;
+                match tier {
+                    TierKind::Memory => {}
+                    TierKind::Disk => {
+                        if self.disk.contains(key) {
+                            continue;
+                        }
+                        if let Some(CopyState::Failed(e)) = lock(&self.writeback).get(key) {
+                            return Err(Error::Aborted(format!(
+                                "shard {key} will not become durable on disk: {e}"
+                            )));
+                        }
+                        pending += 1;
+                    }
+                    TierKind::ObjectStore => {
+                        let Some(object) = &self.object else {
+                            return Err(Error::FailedPrecondition(
+                                "no object store is configured on this node".into(),
+                            ));
+                        };
+                        // Uploads retry until they succeed, so a failure is
+                        // reported at the deadline, not at once.
+                        match self.upload_state(key) {
+                            Some(CopyState::Failed(e)) => {
+                                last_error = Some(e);
+                                pending += 1;
+                            }
+                            Some(_) => pending += 1,
+                            None if object.manifest(key).await?.is_some() => {}
+                            None => pending += 1,
+                        }
+                    }
                 }
-                if let Some(DiskState::Failed(e)) = lock(&self.writeback).get(key) {
-                    return Err(Error::Aborted(format!(
-                        "shard {key} will not become durable on disk: {e}"
-                    )));
-                }
-                pending += 1;
             }
             if pending == 0 {
                 return Ok(());
@@ -99,9 +138,12 @@ impl Node {
                 .is_err()
             {
                 return Err(Error::DeadlineExceeded(format!(
-                    "step {step} of job {job}: {pending} of {} shards not yet durable in the {tier} tier after {} ms",
+                    "step {step} of job {job}: {pending} of {} shards not yet durable in the {tier} tier after {} ms{}",
                     shards.len(),
-                    timeout.as_millis()
+                    timeout.as_millis(),
+                    last_error
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
                 )));
             }
         }
@@ -121,15 +163,17 @@ impl Node {
             tenant, job, step, ..
         } = selection;
         let _gc = self.gc_lock.read().await;
-        let (target, others): (&dyn ShardSource, &dyn ShardSource) = match tier {
-            TierKind::Memory => (&*self.memory, &*self.disk),
-            TierKind::Disk => (&*self.disk, &*self.memory),
-            TierKind::ObjectStore => {
-                return Err(Error::InvalidArgument(
-                    "verify of the object-store tier is not available on this node yet".into(),
-                ));
-            }
+        let sources = self.sources();
+        let Some(&target) = sources.iter().find(|s| s.kind() == tier) else {
+            return Err(Error::FailedPrecondition(format!(
+                "the {tier} tier is not configured on this node"
+            )));
         };
+        let others: Vec<&dyn ShardSource> = sources
+            .iter()
+            .copied()
+            .filter(|s| s.kind() != tier)
+            .collect();
         let manifests: Vec<Arc<Manifest>> = target
             .list(tenant, Some(job))
             .await?
@@ -174,7 +218,7 @@ impl Node {
                 Err(e) => e.to_string(),
             };
             tracing::warn!(tier = %tier, shard = %location.shard(), file = location.file_name(), offset = location.offset, chunk = %location.chunk.id, %problem, "verify found a bad chunk");
-            let repaired = repair && self.repair_chunk(tier, &location, others).await;
+            let repaired = repair && self.repair_chunk(tier, &location, &others).await;
             findings.push(VerifyFinding {
                 rank: location.shard().rank,
                 file: location.file_name().to_owned(),
@@ -191,10 +235,12 @@ impl Node {
         &self,
         tier: TierKind,
         location: &ChunkLocation,
-        from: &dyn ShardSource,
+        from: &[&dyn ShardSource],
     ) -> bool {
-        let bytes = match transfer::read_first_verified(location, &[from], &self.metrics).await {
-            Ok((_, bytes, _)) => bytes,
+        let (source, bytes) = match transfer::read_first_verified(location, from, &self.metrics)
+            .await
+        {
+            Ok((source, bytes, _)) => (source, bytes),
             Err(e) => {
                 tracing::warn!(chunk = %location.chunk.id, error = %e, "cannot repair: no good copy elsewhere");
                 return false;
@@ -209,14 +255,11 @@ impl Node {
                     .map_err(Error::from)
                     .and_then(|r| r)
             }
-            TierKind::Disk => {
-                self.disk
-                    .put_chunk(&location.shard().tenant, location.chunk.id, bytes)
-                    .await
-            }
-            TierKind::ObjectStore => Err(Error::InvalidArgument(
-                "verify of the object-store tier is not available on this node yet".into(),
-            )),
+            TierKind::Disk => self.disk.put_chunk(location, bytes).await,
+            TierKind::ObjectStore => match &self.object {
+                Some(object) => object.put_chunk(location, bytes).await,
+                None => Ok(()),
+            },
         };
         match result {
             Ok(()) => {
@@ -224,7 +267,7 @@ impl Node {
                     .chunks_repaired
                     .with_label_values(&[tier.as_str()])
                     .inc();
-                tracing::info!(tier = %tier, chunk = %location.chunk.id, source = %from.kind(), "chunk repaired");
+                tracing::info!(tier = %tier, chunk = %location.chunk.id, %source, "chunk repaired");
                 true
             }
             Err(e) => {
@@ -234,25 +277,51 @@ impl Node {
         }
     }
 
-    /// Removes unreferenced disk chunks (or counts them, on a dry run).
-    pub async fn gc(&self, dry_run: bool) -> Result<GcReport> {
-        let _gc = self.gc_lock.write().await;
-        let disk = Arc::clone(&self.disk);
-        let report = tokio::task::spawn_blocking(move || disk.collect_garbage(dry_run)).await??;
+    /// Removes unreferenced chunks from the disk tier and the object store
+    /// (or counts them, on a dry run).
+    pub async fn gc(&self, dry_run: bool) -> Result<GcOutcome> {
+        let disk = {
+            let _gc = self.gc_lock.write().await;
+            let disk = Arc::clone(&self.disk);
+            tokio::task::spawn_blocking(move || disk.collect_garbage(dry_run)).await??
+        };
+        tracing::info!(
+            dry_run,
+            chunks = disk.chunks,
+            bytes = disk.bytes,
+            "disk garbage collection"
+        );
+        self.update_usage_metrics();
+        let object_store = match &self.object {
+            Some(_) => Some(self.collect_bucket_garbage(dry_run).await?),
+            None => None,
+        };
+        Ok(GcOutcome { disk, object_store })
+    }
+
+    /// Removes chunks no manifest in the bucket references (see
+    /// [`ObjectTier::collect_garbage`]).
+    pub(super) async fn collect_bucket_garbage(&self, dry_run: bool) -> Result<BucketGcReport> {
+        let Some(object) = &self.object else {
+            return Ok(BucketGcReport::default());
+        };
+        let started = std::time::Instant::now();
+        let report = object.collect_garbage(dry_run).await?;
         tracing::info!(
             dry_run,
             chunks = report.chunks,
             bytes = report.bytes,
-            "garbage collection"
+            skipped_tenants = ?report.skipped_tenants,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "object-store garbage collection"
         );
-        self.update_usage_metrics();
         Ok(report)
     }
 
     /// Usage of each tier.
     pub fn tier_status(&self) -> Vec<TierStatus> {
         let usage = self.memory.usage();
-        vec![
+        let mut tiers = vec![
             TierStatus {
                 tier: TierKind::Memory,
                 path: self.memory.root().to_path_buf(),
@@ -267,15 +336,28 @@ impl Node {
                 capacity: 0,
                 shards: self.disk.shards().len() as u64,
             },
-        ]
+        ];
+        if let Some(object) = &self.object {
+            // What a bucket holds is not known without listing it; status
+            // stays cheap and names the bucket.
+            tiers.push(TierStatus {
+                tier: TierKind::ObjectStore,
+                path: PathBuf::from(object.url()),
+                used: 0,
+                capacity: 0,
+                shards: 0,
+            });
+        }
+        tiers
     }
 
-    /// Open sessions and pending write-backs.
-    pub fn activity(&self) -> (usize, usize) {
+    /// Open sessions, pending write-backs and pending uploads.
+    pub fn activity(&self) -> (usize, usize, usize) {
         let pending = lock(&self.writeback)
             .values()
-            .filter(|s| **s == DiskState::Pending)
+            .filter(|s| **s == CopyState::Pending)
             .count();
-        (lock(&self.sessions).len(), pending)
+        let uploads = lock(&self.uploads).len();
+        (lock(&self.sessions).len(), pending, uploads)
     }
 }

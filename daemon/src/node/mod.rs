@@ -19,6 +19,7 @@ mod listing;
 mod maintenance;
 mod restore;
 mod save;
+mod upload;
 mod writeback;
 
 pub(crate) use restore::open_for_write;
@@ -32,12 +33,14 @@ use cairn_core::{FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
 use tokio::sync::{RwLock, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, UPLOAD_JOURNAL_DIR};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::tier::disk::DiskTier;
 use crate::tier::memory::MemoryTier;
+use crate::tier::object::ObjectTier;
 use crate::tier::{ShardSource, TierKind};
+use upload::UploadJournal;
 
 /// Write-back attempts before a shard is marked failed.
 const WRITEBACK_ATTEMPTS: u32 = 3;
@@ -88,16 +91,16 @@ struct Session {
     committing: bool,
 }
 
-/// Where a shard stands in the disk tier.
+/// Where a shard stands in a tier it is copied into (disk, object store).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DiskState {
+pub enum CopyState {
     /// Not there and not queued.
     Absent,
     /// Queued or being written.
     Pending,
     /// Complete and durable.
     Durable,
-    /// Write-back failed with this error.
+    /// The copy failed with this error (uploads keep retrying).
     Failed(String),
 }
 
@@ -113,7 +116,9 @@ pub struct ShardView {
     /// Whether the memory tier holds it.
     pub in_memory: bool,
     /// Its disk state.
-    pub disk: DiskState,
+    pub disk: CopyState,
+    /// Its object-store state (`Absent` when no object store is configured).
+    pub object_store: CopyState,
 }
 
 /// One step as listed.
@@ -121,8 +126,11 @@ pub struct ShardView {
 pub struct StepView {
     /// The step.
     pub step: Step,
-    /// Every rank's shard is complete in some local tier.
+    /// Every rank's shard is complete in some tier this node can read.
     pub restorable: bool,
+    /// The step's completion marker is in the object store: every rank's
+    /// shard is durable there.
+    pub object_store_complete: bool,
     /// Its shards, by rank.
     pub shards: Vec<ShardView>,
 }
@@ -196,12 +204,19 @@ pub struct Node {
     pub memory: Arc<MemoryTier>,
     /// T1.
     pub disk: Arc<DiskTier>,
+    /// T3, when configured.
+    pub object: Option<Arc<ObjectTier>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     sessions: Mutex<HashMap<String, Session>>,
-    writeback: Mutex<HashMap<ShardKey, DiskState>>,
+    writeback: Mutex<HashMap<ShardKey, CopyState>>,
+    uploads: Mutex<HashMap<ShardKey, CopyState>>,
+    /// Failed attempts per shard still uploading, for the backoff.
+    upload_attempts: Mutex<HashMap<ShardKey, u32>>,
+    upload_journal: Option<UploadJournal>,
     changes: watch::Sender<u64>,
     writeback_tx: mpsc::UnboundedSender<ShardKey>,
+    upload_tx: mpsc::UnboundedSender<ShardKey>,
     gc_lock: RwLock<()>,
     cancel: CancellationToken,
 }
@@ -232,16 +247,36 @@ impl Node {
             config.memory_pool_bytes,
         )?);
         let disk = Arc::new(DiskTier::open(&config.disk_dir)?);
+        let (object, upload_journal) = match &config.object_store {
+            Some(o) => {
+                let tier = ObjectTier::open(
+                    &o.url,
+                    o.options.clone(),
+                    o.settings.clone(),
+                    Arc::clone(&metrics),
+                )?;
+                let journal = UploadJournal::open(&config.disk_dir.join(UPLOAD_JOURNAL_DIR))?;
+                tracing::info!(url = %o.url, upload_after = ?o.upload_after, "object-store tier enabled");
+                (Some(Arc::new(tier)), Some(journal))
+            }
+            None => (None, None),
+        };
         let (writeback_tx, writeback_rx) = mpsc::unbounded_channel();
+        let (upload_tx, upload_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Self {
             config,
             memory,
             disk,
+            object,
             metrics,
             sessions: Mutex::new(HashMap::new()),
             writeback: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashMap::new()),
+            upload_attempts: Mutex::new(HashMap::new()),
+            upload_journal,
             changes: watch::channel(0).0,
             writeback_tx,
+            upload_tx,
             gc_lock: RwLock::new(()),
             cancel,
         });
@@ -250,7 +285,12 @@ impl Node {
                 node.queue_writeback(manifest.shard.clone());
             }
         }
+        node.resume_uploads()?;
         tokio::spawn(Arc::clone(&node).writeback_loop(writeback_rx));
+        if node.object.is_some() {
+            tokio::spawn(Arc::clone(&node).upload_loop(upload_rx));
+            tokio::spawn(Arc::clone(&node).bucket_gc_loop());
+        }
         tokio::spawn(Arc::clone(&node).reap_sessions());
         node.update_usage_metrics();
         Ok(node)
@@ -274,7 +314,18 @@ impl Node {
         self.changes.send_modify(|n| *n += 1);
     }
 
-    fn sources(&self) -> [&dyn ShardSource; 2] {
-        [&*self.memory, &*self.disk]
+    /// Every tier this node reads from, fastest first.
+    fn sources(&self) -> Vec<&dyn ShardSource> {
+        let mut sources: Vec<&dyn ShardSource> = vec![&*self.memory, &*self.disk];
+        if let Some(object) = &self.object {
+            sources.push(&**object);
+        }
+        sources
+    }
+
+    /// The tiers below memory, fastest first: what refills and repairs the
+    /// memory tier.
+    fn slower_sources(&self) -> Vec<&dyn ShardSource> {
+        self.sources().split_off(1)
     }
 }

@@ -105,10 +105,15 @@ impl Node {
     }
 
     async fn refill_memory(&self, key: &ShardKey) -> Result<RestoreOutcome> {
-        let manifest =
-            self.disk.manifest(key).await?.ok_or_else(|| {
-                Error::NotFound(format!("shard {key} is in no tier of this node"))
-            })?;
+        let mut manifest = None;
+        for source in self.slower_sources() {
+            if let Some(m) = source.manifest(key).await? {
+                manifest = Some(m);
+                break;
+            }
+        }
+        let manifest = manifest
+            .ok_or_else(|| Error::NotFound(format!("shard {key} is in no tier of this node")))?;
         let id = format!("restore-{}", uuid::Uuid::new_v4());
         self.reserve_memory(&id, manifest.total_bytes())?;
         let result = self.refill_staged(&id, &manifest).await;
@@ -116,6 +121,11 @@ impl Node {
             let _ = self.memory.discard_staged(&id);
         }
         let report = result?;
+        // A shard fetched from the bucket goes back to disk as well, so a
+        // replacement node holds its checkpoints locally again.
+        if !self.disk.contains(key) {
+            self.queue_writeback(key.clone());
+        }
         let mut bytes_by_tier = BTreeMap::new();
         merge(&mut bytes_by_tier, &report);
         self.update_usage_metrics();
@@ -144,9 +154,8 @@ impl Node {
     }
 
     /// Writes `wanted` chunks into the memory-tier files at `paths`, each
-    /// from the fastest tier below memory with a verified copy. The one place
-    /// that says which tiers refill memory: the peer and object-store tiers
-    /// join this list.
+    /// from the fastest tier below memory with a verified copy (see
+    /// [`Node::slower_sources`]).
     async fn fill_from_slower_tiers(
         &self,
         wanted: Vec<ChunkLocation>,
@@ -155,7 +164,7 @@ impl Node {
         let files = open_for_write(paths)?;
         transfer::fill_chunks(
             wanted,
-            &[&*self.disk],
+            &self.slower_sources(),
             &[],
             &files,
             self.config.writeback_concurrency,

@@ -1,5 +1,6 @@
 //! The save path: sessions, space in the memory tier, commit.
 
+use crate::config::UploadAfter;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -241,6 +242,9 @@ impl Node {
             "shard committed"
         );
         self.queue_writeback(manifest.shard.clone());
+        if self.uploads_after(UploadAfter::Commit) {
+            self.queue_upload(manifest.shard.clone());
+        }
         self.update_usage_metrics();
         self.notify();
         Ok(manifest)

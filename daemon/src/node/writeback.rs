@@ -1,5 +1,6 @@
 //! Background work after a commit: write-back to disk and retention.
 
+use crate::config::UploadAfter;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,16 +8,19 @@ use std::time::Instant;
 use cairn_core::{JobName, Manifest, ShardKey, Step, StepResidency, TenantName};
 use tokio::sync::mpsc;
 
-use super::{DiskState, Node, WRITEBACK_ATTEMPTS, WRITEBACK_RETRY_DELAY, lock};
+use super::{CopyState, Node, WRITEBACK_ATTEMPTS, WRITEBACK_RETRY_DELAY, lock};
 use crate::failpoint::crash_point;
 use crate::tier::ShardSource;
 use crate::transfer;
 
 impl Node {
+    /// Queues a shard for write-back to disk, once.
     pub(super) fn queue_writeback(&self, key: ShardKey) {
-        lock(&self.writeback).insert(key.clone(), DiskState::Pending);
-        self.metrics.writeback_pending.inc();
-        let _ = self.writeback_tx.send(key);
+        if lock(&self.writeback).insert(key.clone(), CopyState::Pending) != Some(CopyState::Pending)
+        {
+            self.metrics.writeback_pending.inc();
+            let _ = self.writeback_tx.send(key);
+        }
     }
 
     pub(super) async fn writeback_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ShardKey>) {
@@ -45,9 +49,10 @@ impl Node {
                 let _gc = self.gc_lock.read().await;
                 transfer::copy_shard(
                     &manifest,
-                    &*self.memory,
+                    &[&*self.memory],
                     &*self.disk,
                     self.config.writeback_concurrency,
+                    &self.metrics,
                 )
                 .await
             };
@@ -83,6 +88,9 @@ impl Node {
                     "shard durable on disk"
                 );
                 lock(&self.writeback).remove(key);
+                if self.uploads_after(UploadAfter::Disk) {
+                    self.queue_upload(key.clone());
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "write-back to disk failed; the shard stays in memory only");
@@ -90,15 +98,23 @@ impl Node {
                     .writeback_failures
                     .with_label_values(&["disk"])
                     .inc();
-                lock(&self.writeback).insert(key.clone(), DiskState::Failed(e.to_string()));
+                lock(&self.writeback).insert(key.clone(), CopyState::Failed(e.to_string()));
             }
         }
         self.update_usage_metrics();
         self.notify();
     }
 
-    /// Applies both tiers' retention to one job.
-    async fn apply_retention(&self, tenant: &TenantName, job: &JobName) {
+    /// Whether shards are queued for upload at this point of their life.
+    pub(super) fn uploads_after(&self, point: UploadAfter) -> bool {
+        self.config
+            .object_store
+            .as_ref()
+            .is_some_and(|o| o.upload_after == point)
+    }
+
+    /// Applies both local tiers' retention to one job.
+    pub(super) async fn apply_retention(&self, tenant: &TenantName, job: &JobName) {
         let _gc = self.gc_lock.write().await;
         let mut changed = false;
         // Memory: a step may go once the disk tier holds every shard of it.
@@ -127,9 +143,12 @@ impl Node {
             }
         }
         // Disk: the slowest local tier; a step still in memory stays, so that
-        // memory can always drop it later.
+        // memory can always drop it later, and so does a step still waiting
+        // for the object store.
         let on_disk = self.disk.list(tenant, Some(job)).await.unwrap_or_default();
-        let residency = group_steps(&on_disk, |m| !self.memory.contains(&m.shard));
+        let residency = group_steps(&on_disk, |m| {
+            !self.memory.contains(&m.shard) && !self.upload_outstanding(&m.shard)
+        });
         let mut removed_from_disk = false;
         for step in self.config.disk_retention.steps_to_evict(&residency) {
             for m in on_disk.iter().filter(|m| m.shard.step == step) {

@@ -40,7 +40,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let (sessions, pending) = self.node.activity();
+        let (sessions, pending, uploads) = self.node.activity();
         Ok(Response::new(pb::StatusResponse {
             node: self.node.config().node_name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -58,6 +58,7 @@ impl Admin for AdminService {
                 .collect(),
             open_sessions: sessions as u32,
             pending_writebacks: pending as u32,
+            pending_uploads: uploads as u32,
             default_tenant: self.node.config().default_tenant.to_string(),
             metrics_addr: self
                 .node
@@ -142,9 +143,13 @@ impl Admin for AdminService {
             .gc(request.get_ref().dry_run)
             .await
             .map_err(|e| to_status(&self.node.metrics, "Gc", e))?;
+        let bucket = report.object_store.unwrap_or_default();
         Ok(Response::new(pb::GcResponse {
-            chunks_removed: report.chunks,
-            bytes_removed: report.bytes,
+            chunks_removed: report.disk.chunks,
+            bytes_removed: report.disk.bytes,
+            object_store_chunks_removed: bucket.chunks,
+            object_store_bytes_removed: bucket.bytes,
+            object_store_skipped_tenants: bucket.skipped_tenants,
         }))
     }
 }

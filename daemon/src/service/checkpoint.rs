@@ -15,7 +15,7 @@ use tracing::Span;
 use super::convert::{self, required};
 use super::to_status;
 use crate::error::{Error, IoContext, Result};
-use crate::node::{DiskState, Node, StepSelection};
+use crate::node::{CopyState, Node, StepSelection};
 use crate::tier::ChunkLocation;
 
 /// Largest data message sent by ReadShard; well under tonic's 4 MiB default
@@ -47,13 +47,17 @@ impl CheckpointService {
     }
 }
 
-/// The calling process's id, when it connected over the Unix socket.
+/// The calling process's id, when it connected over the Unix socket and is
+/// visible from the daemon's PID namespace. A writer in another namespace
+/// (a trainer pod, when cairnd runs without `hostPID`) is reported as pid 0:
+/// unknown, so its session is never taken for a dead writer's.
 fn peer_pid<T>(request: &Request<T>) -> Option<i32> {
     request
         .extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|info| info.peer_cred)
         .and_then(|cred| cred.pid())
+        .filter(|pid| *pid > 0)
 }
 
 fn record_shard(key: &ShardKey) {
@@ -435,6 +439,7 @@ fn step_to_pb(view: crate::node::StepView) -> pb::StepStatus {
     pb::StepStatus {
         step: view.step.0,
         restorable: view.restorable,
+        object_store_complete: view.object_store_complete,
         shards: view
             .shards
             .into_iter()
@@ -453,15 +458,23 @@ fn step_to_pb(view: crate::node::StepView) -> pb::StepStatus {
                     },
                     pb::TierState {
                         tier: pb::Tier::Disk as i32,
-                        state: match s.disk {
-                            DiskState::Absent => pb::ShardState::Absent,
-                            DiskState::Pending => pb::ShardState::Pending,
-                            DiskState::Durable => pb::ShardState::Durable,
-                            DiskState::Failed(_) => pb::ShardState::Failed,
-                        } as i32,
+                        state: copy_state_to_pb(&s.disk) as i32,
+                    },
+                    pb::TierState {
+                        tier: pb::Tier::ObjectStore as i32,
+                        state: copy_state_to_pb(&s.object_store) as i32,
                     },
                 ],
             })
             .collect(),
+    }
+}
+
+fn copy_state_to_pb(state: &CopyState) -> pb::ShardState {
+    match state {
+        CopyState::Absent => pb::ShardState::Absent,
+        CopyState::Pending => pb::ShardState::Pending,
+        CopyState::Durable => pb::ShardState::Durable,
+        CopyState::Failed(_) => pb::ShardState::Failed,
     }
 }

@@ -104,8 +104,9 @@ pub fn tier(field: &str, value: i32) -> Result<TierKind> {
     match pb::Tier::try_from(value) {
         Ok(pb::Tier::Memory) => Ok(TierKind::Memory),
         Ok(pb::Tier::Disk) => Ok(TierKind::Disk),
+        Ok(pb::Tier::ObjectStore) => Ok(TierKind::ObjectStore),
         Ok(other) => Err(Error::InvalidArgument(format!(
-            "{field}: tier {} is not available on this node (memory and disk are)",
+            "{field}: tier {} is not available on this node (memory, disk and object store are)",
             other.as_str_name()
         ))),
         Err(_) => Err(Error::InvalidArgument(format!(

@@ -323,8 +323,8 @@ impl ChunkSink for DiskTier {
         .map_err(Error::from)
     }
 
-    async fn put_chunk(&self, tenant: &TenantName, id: ChunkId, data: Bytes) -> Result<()> {
-        let path = self.chunk_path(tenant, &id);
+    async fn put_chunk(&self, location: &ChunkLocation, data: Bytes) -> Result<()> {
+        let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
         let tmp = self.tmp_path();
         tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, true)).await?
     }

@@ -130,8 +130,10 @@ pub trait ChunkSink: Send + Sync {
     /// Of `ids`, those the tier does not hold for `tenant`.
     async fn missing_chunks(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>>;
 
-    /// Stores a chunk (whose bytes the caller has verified) durably.
-    async fn put_chunk(&self, tenant: &TenantName, id: ChunkId, data: Bytes) -> Result<()>;
+    /// Stores a chunk (whose bytes the caller has verified) durably. The
+    /// location names the shard and file it was read for, so a tier can use
+    /// the file's metadata (the object store picks its compression by dtype).
+    async fn put_chunk(&self, location: &ChunkLocation, data: Bytes) -> Result<()>;
 
     /// Stores a manifest durably; every chunk it names must already be stored.
     async fn put_manifest(&self, manifest: &Manifest) -> Result<()>;

@@ -254,14 +254,16 @@ class ShardStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., total_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierState, _Mapping]]] = ...) -> None: ...
 
 class StepStatus(_message.Message):
-    __slots__ = ("step", "restorable", "shards")
+    __slots__ = ("step", "restorable", "shards", "object_store_complete")
     STEP_FIELD_NUMBER: _ClassVar[int]
     RESTORABLE_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_STORE_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     step: int
     restorable: bool
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
-    def __init__(self, step: _Optional[int] = ..., restorable: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+    object_store_complete: bool
+    def __init__(self, step: _Optional[int] = ..., restorable: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., object_store_complete: _Optional[bool] = ...) -> None: ...
 
 class ListStepsRequest(_message.Message):
     __slots__ = ("tenant", "job")
@@ -388,7 +390,7 @@ class TierUsage(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., path: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr")
+    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -396,6 +398,7 @@ class StatusResponse(_message.Message):
     PENDING_WRITEBACKS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TENANT_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDR_FIELD_NUMBER: _ClassVar[int]
+    PENDING_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
@@ -403,7 +406,8 @@ class StatusResponse(_message.Message):
     pending_writebacks: int
     default_tenant: str
     metrics_addr: str
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ...) -> None: ...
+    pending_uploads: int
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("tenant", "job", "step", "rank", "tier", "repair")
@@ -456,9 +460,15 @@ class GcRequest(_message.Message):
     def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
 
 class GcResponse(_message.Message):
-    __slots__ = ("chunks_removed", "bytes_removed")
+    __slots__ = ("chunks_removed", "bytes_removed", "object_store_chunks_removed", "object_store_bytes_removed", "object_store_skipped_tenants")
     CHUNKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_STORE_CHUNKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_STORE_BYTES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_STORE_SKIPPED_TENANTS_FIELD_NUMBER: _ClassVar[int]
     chunks_removed: int
     bytes_removed: int
-    def __init__(self, chunks_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ...) -> None: ...
+    object_store_chunks_removed: int
+    object_store_bytes_removed: int
+    object_store_skipped_tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, chunks_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ..., object_store_chunks_removed: _Optional[int] = ..., object_store_bytes_removed: _Optional[int] = ..., object_store_skipped_tenants: _Optional[_Iterable[str]] = ...) -> None: ...
