@@ -65,6 +65,9 @@ impl Daemon {
             .open(&self.log)
             .expect("log file");
         let mut cmd = Command::new(CAIRND);
+        if !self.extra_args.iter().any(|a| a == "--chunk-size") {
+            cmd.arg("--chunk-size").arg(TEST_CHUNK.to_string());
+        }
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--memory-dir")
@@ -73,8 +76,6 @@ impl Daemon {
             .arg(&self.disk_dir)
             .arg("--metrics-addr")
             .arg("127.0.0.1:0")
-            .arg("--chunk-size")
-            .arg(TEST_CHUNK.to_string())
             .args(&self.extra_args)
             .env("CAIRN_LOG", "info")
             .env_remove("FAILPOINTS")
