@@ -348,7 +348,10 @@ async fn latest_is_the_newest_complete_step_and_tenants_are_isolated() {
         .await
         .expect_err("no object store on this node");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("no object store is configured"), "{err:?}");
+    assert!(
+        err.message().contains("no object store is configured"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
