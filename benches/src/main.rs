@@ -14,12 +14,14 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use cairn_daemon::client::Clients;
+use anyhow::Result;
+use cairn_bench::{
+    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, tempdir,
+};
 use cairn_proto::v1 as pb;
 use clap::Parser;
 
@@ -35,107 +37,6 @@ struct Args {
     /// Repetitions per figure; the median is reported.
     #[arg(long)]
     repeat: Option<usize>,
-}
-
-/// Tensors per shard: a checkpoint is many files, not one.
-const TENSORS: usize = 8;
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    memory_dir: PathBuf,
-    disk_dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(work: &Path, memory_dir: &Path) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let cairnd = std::env::var_os("CAIRND_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| exe.with_file_name("cairnd"));
-        let socket = work.join("cairn.sock");
-        let disk_dir = work.join("disk");
-        let child = Command::new(&cairnd)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--memory-dir")
-            .arg(memory_dir)
-            .arg("--disk-dir")
-            .arg(&disk_dir)
-            .args([
-                "--metrics-addr",
-                "off",
-                "--memory-keep-last",
-                "100",
-                "--disk-keep-last",
-                "100",
-            ])
-            .env("CAIRN_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", cairnd.display()))?;
-        Ok(Self {
-            child,
-            socket,
-            memory_dir: memory_dir.to_path_buf(),
-            disk_dir,
-        })
-    }
-
-    async fn connect(&self) -> Result<Clients> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = Clients::connect(self.socket.to_str().context("socket path")?).await
-                && c.admin.status(pb::StatusRequest {}).await.is_ok()
-            {
-                return Ok(c);
-            }
-            if Instant::now() > deadline {
-                bail!("cairnd did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.memory_dir);
-    }
-}
-
-/// Fast deterministic bytes, distinct per tensor, so nothing dedups.
-fn make_tensors(total: u64, seed: u64) -> Vec<Vec<u8>> {
-    let per = (total / TENSORS as u64) as usize;
-    (0..TENSORS)
-        .map(|t| {
-            let mut state = (seed + t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            let mut v = vec![0u8; per];
-            for word in v.chunks_exact_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes());
-            }
-            v
-        })
-        .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn gbps(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / secs / 1e9
 }
 
 /// Drops the page cache so disk reads hit the disk; needs root. Returns
@@ -160,15 +61,6 @@ fn read_files(paths: &[PathBuf], buf: &mut [u8]) -> Result<u64> {
     Ok(total)
 }
 
-struct Row {
-    figure: &'static str,
-    cairn: f64,
-    baseline: f64,
-    baseline_name: &'static str,
-    ratio: f64,
-    goal: &'static str,
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -178,7 +70,7 @@ async fn main() -> Result<()> {
     let work = tempdir("/tmp", "cairn-bench")?;
     let shm = tempdir("/dev/shm", "cairn-bench")?;
     let memory_dir = shm.join("t0");
-    let mut daemon = Daemon::start(&work, &memory_dir)?;
+    let mut daemon = Daemon::start(&work, &memory_dir, &[])?;
     let mut c = daemon.connect().await?;
     let tensors = make_tensors(total, 1);
     println!(
@@ -303,7 +195,7 @@ async fn main() -> Result<()> {
     let (mut restore_t0, mut read_t0) = (vec![], vec![]);
     for _ in 0..repeat {
         let t = Instant::now();
-        let resp = restore(&mut c, last_step).await?;
+        let resp = restore(&mut c, "bench", last_step).await?;
         let paths: Vec<PathBuf> = resp.files.iter().map(|f| PathBuf::from(&f.path)).collect();
         read_files(&paths, &mut buf)?;
         restore_t0.push(t.elapsed().as_secs_f64());
@@ -336,11 +228,11 @@ async fn main() -> Result<()> {
         // Lose the memory tier, as after a node reboot.
         daemon.kill();
         std::fs::remove_dir_all(&memory_dir)?;
-        daemon = Daemon::start(&work, &memory_dir)?;
+        daemon = Daemon::start(&work, &memory_dir, &[])?;
         c = daemon.connect().await?;
         cold &= drop_caches();
         let t = Instant::now();
-        let resp = restore(&mut c, last_step).await?;
+        let resp = restore(&mut c, "bench", last_step).await?;
         let paths: Vec<PathBuf> = resp.files.iter().map(|f| PathBuf::from(&f.path)).collect();
         read_files(&paths, &mut buf)?;
         restore_t1.push(t.elapsed().as_secs_f64());
@@ -363,15 +255,7 @@ async fn main() -> Result<()> {
         goal: "time ratio (report)",
     });
 
-    println!();
-    println!("| figure | cairn GB/s | baseline GB/s | baseline | ratio | goal |");
-    println!("|---|---:|---:|---|---:|---|");
-    for r in &rows {
-        println!(
-            "| {} | {:.2} | {:.2} | {} | {:.2} | {} |",
-            r.figure, r.cairn, r.baseline, r.baseline_name, r.ratio, r.goal
-        );
-    }
+    print_table(&rows);
     println!();
     println!(
         "commit latency {:.0} ms for {} MiB; save stall {:.0} ms vs plain write {:.0} ms",
@@ -384,25 +268,4 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&shm);
     Ok(())
-}
-
-async fn restore(c: &mut Clients, step: u64) -> Result<pb::RestoreShardResponse> {
-    Ok(c.checkpoint
-        .restore_shard(pb::RestoreShardRequest {
-            shard: Some(pb::ShardSelector {
-                tenant: String::new(),
-                job: "bench".into(),
-                step: Some(step),
-                rank: 0,
-            }),
-            skip_verify: false,
-        })
-        .await?
-        .into_inner())
-}
-
-fn tempdir(parent: &str, prefix: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(parent).join(format!("{prefix}-{}", std::process::id()));
-    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(path)
 }

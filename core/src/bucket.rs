@@ -28,10 +28,16 @@ pub fn reusable(age: Duration, grace: Duration) -> bool {
     age < grace / 2
 }
 
+/// How long after checking which chunks the bucket holds an uploader may
+/// still write the manifest that reuses them; past this it must check again.
+pub fn upload_deadline(grace: Duration) -> Duration {
+    grace / 2
+}
+
 /// Whether a manifest whose reused chunks were checked `since_check` ago may
-/// still be written; past this the uploader must check them again.
+/// still be written.
 pub fn within_upload_deadline(since_check: Duration, grace: Duration) -> bool {
-    since_check < grace / 2
+    since_check < upload_deadline(grace)
 }
 
 /// Whether the collector may delete a chunk written `age` ago.

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_core::{ChunkId, Manifest};
@@ -37,13 +38,17 @@ pub struct CopyReport {
 
 /// Copies the shard `manifest` describes into `to`, reading each chunk from
 /// the first of `from` with a verified copy: missing chunks first, then the
-/// manifest.
+/// manifest. With a `manifest_deadline`, the manifest is written only if
+/// that little time has passed since the sink said which chunks it holds
+/// (see [`cairn_core::bucket`]); otherwise the copy fails with `Aborted`
+/// and the caller retries, which checks again.
 #[tracing::instrument(skip_all, fields(shard = %manifest.shard, to = %to.kind()))]
 pub async fn copy_shard(
     manifest: &Arc<Manifest>,
     from: &[&dyn ShardSource],
     to: &dyn ChunkSink,
     concurrency: usize,
+    manifest_deadline: Option<Duration>,
     metrics: &Metrics,
 ) -> Result<CopyReport> {
     let tenant = &manifest.shard.tenant;
@@ -52,6 +57,7 @@ pub async fn copy_shard(
         first_location.entry(location.chunk.id).or_insert(location);
     }
     let ids: Vec<ChunkId> = first_location.keys().copied().collect();
+    let checked = Instant::now();
     let missing = to.missing_chunks(tenant, &ids).await?;
     let total: u64 = first_location.values().map(|l| l.chunk.len).sum();
     let report = stream::iter(missing)
@@ -72,6 +78,17 @@ pub async fn copy_shard(
         })
         .await?;
     crash_point("writeback.before_manifest");
+    if let Some(deadline) = manifest_deadline
+        && checked.elapsed() >= deadline
+    {
+        return Err(Error::Aborted(format!(
+            "copying shard {} took {} s, longer than the {} s a check of the {} tier stays valid; checking again",
+            manifest.shard,
+            checked.elapsed().as_secs(),
+            deadline.as_secs(),
+            to.kind()
+        )));
+    }
     to.put_manifest(manifest).await?;
     Ok(CopyReport {
         bytes_skipped: total - report.bytes_written,
@@ -140,11 +157,14 @@ pub async fn read_first_verified(
 ) -> Result<(TierKind, Bytes, Vec<TierKind>)> {
     let mut corrupt = Vec::new();
     let mut tried = Vec::new();
+    let mut failed = false;
     for source in sources {
         let tier = source.kind();
         match source.read_chunk(location).await {
             Ok(ChunkRead::Verified(bytes)) => {
-                if !corrupt.is_empty() || !tried.is_empty() {
+                // A faster tier merely lacking the chunk is the normal case
+                // of a refill; only a corrupt copy or a failed read is news.
+                if !corrupt.is_empty() || failed {
                     tracing::warn!(
                         chunk = %location.chunk.id,
                         file = location.file_name(),
@@ -174,6 +194,7 @@ pub async fn read_first_verified(
             Err(e) => {
                 tracing::warn!(tier = %tier, chunk = %location.chunk.id, error = %e, "reading chunk failed");
                 tried.push(format!("{tier}: {e}"));
+                failed = true;
             }
         }
     }

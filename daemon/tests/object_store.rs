@@ -410,3 +410,36 @@ async fn bucket_retention_and_gc_from_the_cli() {
     let (_, restored) = restore(&mut c, "ret", Some(3), 0).await.expect("restore");
     assert_eq!(restored["w"], bytes(23, 3 * TEST_CHUNK as usize));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_disk_and_bucket_still_uploads_after_restart() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let bucket = work.path().join("bucket");
+    // Dies right after the disk tier has the shard, before anything else.
+    let mut d = start_with_bucket(
+        work.path(),
+        &bucket,
+        "",
+        &[("FAILPOINTS", "writeback.after_manifest=return")],
+    )
+    .await;
+    let mut c = d.clients().await;
+    let data = bytes(40, 6 * TEST_CHUNK as usize);
+    save(&mut c, shard("gap", 1, 0), &[("w", &data)])
+        .await
+        .expect("save");
+    assert!(
+        d.wait_exit(std::time::Duration::from_secs(30)),
+        "failpoint killed cairnd"
+    );
+    assert!(
+        !bucket
+            .join("tenants/default/manifests/gap/1/0.manifest")
+            .exists()
+    );
+    d.restart().await;
+    let mut c = d.clients().await;
+    wait_object_store(&mut c, "gap", 1, 30_000)
+        .await
+        .expect("uploaded after the restart");
+}

@@ -109,7 +109,7 @@ fn open_bucket(dir: &Path) -> ObjectTier {
 }
 
 async fn copy(m: &Arc<Manifest>, from: &dyn ShardSource, to: &dyn ChunkSink) -> CopyReport {
-    copy_shard(m, &[from], to, 4, &Metrics::new())
+    copy_shard(m, &[from], to, 4, None, &Metrics::new())
         .await
         .expect("copy shard")
 }

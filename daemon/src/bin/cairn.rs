@@ -125,7 +125,8 @@ enum Command {
         #[arg(long)]
         step: u64,
     },
-    /// Remove disk chunks that no manifest references.
+    /// Remove chunks that no manifest references, on disk and in the object
+    /// store (there only once older than its grace period).
     Gc {
         /// Only report what would be removed.
         #[arg(long)]
@@ -342,11 +343,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     resp.chunks_removed,
                     human_bytes(resp.bytes_removed)
                 );
-                println!(
-                    "object store: {verb} {} unreferenced chunks ({})",
-                    resp.object_store_chunks_removed,
-                    human_bytes(resp.object_store_bytes_removed)
-                );
+                if resp.object_store_configured {
+                    println!(
+                        "object store: {verb} {} unreferenced chunks ({})",
+                        resp.object_store_chunks_removed,
+                        human_bytes(resp.object_store_bytes_removed)
+                    );
+                }
                 for tenant in &resp.object_store_skipped_tenants {
                     println!(
                         "object store: tenant {tenant} skipped (a manifest cannot be read; see the daemon's log)"

@@ -7,7 +7,7 @@ use cairn_core::{JobName, Manifest, Rank, ShardKey, Step, TenantName, latest_com
 
 use super::{CopyState, Node, ShardView, StepView, lock};
 use crate::error::{Error, Result};
-use crate::tier::{ChunkLocation, TierKind};
+use crate::tier::{ChunkLocation, ShardSource, TierKind};
 use crate::transfer;
 
 impl Node {
@@ -17,6 +17,26 @@ impl Node {
         job: Option<&JobName>,
     ) -> Result<BTreeMap<ShardKey, Arc<Manifest>>> {
         Ok(self.shards_by_tier(tenant, job).await?.0)
+    }
+
+    /// The shards this node's own tiers (memory and disk) hold: what it
+    /// saved or restored, without asking the bucket.
+    pub(super) async fn local_shards(
+        &self,
+        tenant: &TenantName,
+        job: &JobName,
+    ) -> Result<BTreeSet<ShardKey>> {
+        let mut keys = BTreeSet::new();
+        for source in [&*self.memory as &dyn ShardSource, &*self.disk] {
+            keys.extend(
+                source
+                    .list(tenant, Some(job))
+                    .await?
+                    .iter()
+                    .map(|m| m.shard.clone()),
+            );
+        }
+        Ok(keys)
     }
 
     /// Every shard any tier holds (the fastest tier's manifest for each),

@@ -83,9 +83,9 @@ impl Node {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let shards: Vec<ShardKey> = self
-                .all_shards(tenant, Some(job))
+                .local_shards(tenant, job)
                 .await?
-                .into_keys()
+                .into_iter()
                 .filter(|k| selection.matches(k))
                 .collect();
             if shards.is_empty() {

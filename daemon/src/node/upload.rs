@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cairn_core::{Manifest, ShardKey};
 use tokio::sync::mpsc;
@@ -98,16 +98,27 @@ impl Node {
     /// Queues a shard for upload, journaled first. A no-op without an
     /// object store.
     pub(super) fn queue_upload(&self, key: ShardKey) {
-        let Some(journal) = &self.upload_journal else {
-            return;
-        };
-        if let Err(e) = journal.add(&key) {
-            tracing::warn!(shard = %key, error = %e, "cannot journal the upload; it will not resume after a restart");
+        if self.upload_journal.is_some() {
+            self.journal_upload(&key);
+            self.enqueue_upload(key);
         }
-        self.enqueue_upload(key);
     }
 
-    fn enqueue_upload(&self, key: ShardKey) {
+    /// Records in the journal that a shard must reach the bucket (without
+    /// queueing it yet).
+    pub(super) fn journal_upload(&self, key: &ShardKey) {
+        if let Some(journal) = &self.upload_journal
+            && let Err(e) = journal.add(key)
+        {
+            tracing::warn!(shard = %key, error = %e, "cannot journal the upload; it will not resume after a restart");
+        }
+    }
+
+    /// Puts a shard on the upload queue (its journal entry already written).
+    pub(super) fn enqueue_upload(&self, key: ShardKey) {
+        if self.upload_journal.is_none() {
+            return;
+        }
         let previous = lock(&self.uploads).insert(key.clone(), CopyState::Pending);
         if previous.is_none() {
             self.metrics.upload_pending.inc();
@@ -227,19 +238,33 @@ impl Node {
         manifest: &Arc<Manifest>,
         concurrency: usize,
     ) -> Result<CopyReport> {
-        let started = Instant::now();
-        let report = {
-            let _gc = self.gc_lock.read().await;
+        // Already there (a shard restored from the bucket, or a journal
+        // entry whose upload had finished): nothing to send.
+        let report = if object
+            .manifest(&manifest.shard)
+            .await?
+            .is_some_and(|stored| stored.hash() == manifest.hash())
+        {
+            CopyReport {
+                bytes_skipped: manifest.total_bytes(),
+                ..CopyReport::default()
+            }
+        } else {
+            // No gc_lock here: the disk tier keeps the shard (and so its
+            // chunks) until the upload is done, and holding the lock across
+            // a slow bucket would stall retention and restores.
             let sources: [&dyn ShardSource; 2] = [&*self.memory, &*self.disk];
-            transfer::copy_shard(manifest, &sources, object, concurrency, &self.metrics).await?
+            let deadline = cairn_core::bucket::upload_deadline(object.settings().gc_grace);
+            transfer::copy_shard(
+                manifest,
+                &sources,
+                object,
+                concurrency,
+                Some(deadline),
+                &self.metrics,
+            )
+            .await?
         };
-        let grace = object.settings().gc_grace;
-        if !cairn_core::bucket::within_upload_deadline(started.elapsed(), grace) {
-            return Err(Error::Aborted(format!(
-                "the upload took {} s, over half the GC grace period; checking its chunks again",
-                started.elapsed().as_secs()
-            )));
-        }
         crash_point("upload.before_marker");
         object.complete_step_if_ready(manifest).await?;
         Ok(report)

@@ -14,8 +14,11 @@ use crate::tier::ShardSource;
 use crate::transfer;
 
 impl Node {
-    /// Queues a shard for write-back to disk, once.
+    /// Queues a shard for write-back to disk, once. With an object store
+    /// the shard's upload is journaled here too, before anything can crash
+    /// between the disk and the bucket, so a restart always resumes it.
     pub(super) fn queue_writeback(&self, key: ShardKey) {
+        self.journal_upload(&key);
         if lock(&self.writeback).insert(key.clone(), CopyState::Pending) != Some(CopyState::Pending)
         {
             self.metrics.writeback_pending.inc();
@@ -52,6 +55,7 @@ impl Node {
                     &[&*self.memory],
                     &*self.disk,
                     self.config.writeback_concurrency,
+                    None,
                     &self.metrics,
                 )
                 .await
@@ -89,7 +93,7 @@ impl Node {
                 );
                 lock(&self.writeback).remove(key);
                 if self.uploads_after(UploadAfter::Disk) {
-                    self.queue_upload(key.clone());
+                    self.enqueue_upload(key.clone());
                 }
             }
             Err(e) => {

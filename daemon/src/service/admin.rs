@@ -143,6 +143,7 @@ impl Admin for AdminService {
             .gc(request.get_ref().dry_run)
             .await
             .map_err(|e| to_status(&self.node.metrics, "Gc", e))?;
+        let object_store_configured = report.object_store.is_some();
         let bucket = report.object_store.unwrap_or_default();
         Ok(Response::new(pb::GcResponse {
             chunks_removed: report.disk.chunks,
@@ -150,6 +151,7 @@ impl Admin for AdminService {
             object_store_chunks_removed: bucket.chunks,
             object_store_bytes_removed: bucket.bytes,
             object_store_skipped_tenants: bucket.skipped_tenants,
+            object_store_configured,
         }))
     }
 }

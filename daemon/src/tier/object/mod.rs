@@ -211,9 +211,24 @@ impl ObjectTier {
                 .into_iter()
                 .map(|(k, v)| (k.as_ref().to_owned(), v.into())),
         );
+        // Two servers behind the same URL (say, another S3 endpoint) are
+        // different buckets to the local chunk index.
+        let mut identity = url.to_owned();
+        for (key, value) in &all_options {
+            if key.contains("endpoint") || key.contains("url") {
+                identity.push_str(&format!(" {key}={value}"));
+            }
+        }
         let (store, prefix) = object_store::parse_url_opts(&parsed, all_options)
             .map_err(|e| invalid(e.to_string()))?;
-        Self::from_store(Arc::from(store), prefix, url, settings, metrics)
+        Self::build(
+            Arc::from(store),
+            prefix,
+            url.to_owned(),
+            &identity,
+            settings,
+            metrics,
+        )
     }
 
     /// Wraps an already-built store, for callers that add their own layers
@@ -226,8 +241,22 @@ impl ObjectTier {
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let url = url.into();
+        let identity = url.clone();
+        Self::build(store, prefix, url, &identity, settings, metrics)
+    }
+
+    /// `identity` keys the local chunk index: the URL and anything else
+    /// that decides which bucket it names.
+    fn build(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        url: String,
+        identity: &str,
+        settings: ObjectTierSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
         let index = match &settings.index_dir {
-            Some(dir) => KnownChunks::open(dir, &url)?,
+            Some(dir) => KnownChunks::open(dir, identity)?,
             None => KnownChunks::in_memory(),
         };
         Ok(Self {
@@ -280,6 +309,22 @@ impl ObjectTier {
         &self,
         op: &'static str,
         key: &Path,
+        request: F,
+    ) -> object_store::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        self.retrying_within(op, key, self.settings.request_timeout, request)
+            .await
+    }
+
+    /// [`Self::retrying`] with the bound on one attempt given explicitly.
+    async fn retrying_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &Path,
+        attempt_timeout: Duration,
         mut request: F,
     ) -> object_store::Result<T>
     where
@@ -294,12 +339,12 @@ impl ObjectTier {
             });
             let result = match injected {
                 Some(fault) => Err(fault),
-                None => tokio::time::timeout(self.settings.request_timeout, request())
+                None => tokio::time::timeout(attempt_timeout, request())
                     .await
                     .unwrap_or_else(|_| {
                         Err(generic_error(format!(
                             "no answer within {} s",
-                            self.settings.request_timeout.as_secs_f64()
+                            attempt_timeout.as_secs_f64()
                         )))
                     }),
             };
@@ -315,7 +360,14 @@ impl ObjectTier {
                     attempt += 1;
                 }
                 Err(e) => {
-                    if !matches!(e, object_store::Error::NotFound { .. }) {
+                    // Absent objects and lost create-only races are answers
+                    // the callers expect, not failures.
+                    if !matches!(
+                        e,
+                        object_store::Error::NotFound { .. }
+                            | object_store::Error::AlreadyExists { .. }
+                            | object_store::Error::Precondition { .. }
+                    ) {
                         self.metrics
                             .object_store_errors
                             .with_label_values(&[op])
@@ -364,7 +416,12 @@ impl ObjectTier {
                 .map(drop)
         } else {
             let whole: Bytes = parts.concat().into();
-            self.retrying("put_multipart", path, || {
+            // put_in_parts bounds each attempt itself (one request timeout
+            // per part) so that it can abort the upload when it stalls; this
+            // outer bound only catches an abort that hangs too.
+            let parts = whole.len().div_ceil(self.settings.part_size.max(1)) as u32;
+            let outer = self.settings.request_timeout * (parts + 2);
+            self.retrying_within("put_multipart", path, outer, || {
                 self.put_in_parts(path, whole.clone())
             })
             .await

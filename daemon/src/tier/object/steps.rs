@@ -3,10 +3,11 @@
 //!
 //! A shard is complete in the bucket once its manifest is there; a *step* is
 //! complete once every rank's manifest is there, and the daemon that uploads
-//! the last one writes the step's marker (`.../<step>/complete`). Status,
-//! retention and restore trust the marker, so a step that is still uploading
-//! never looks complete. Deleting a step removes the marker first, so a
-//! half-deleted step never looks complete either.
+//! the last one writes the step's marker (`.../<step>/complete`). Status and
+//! bucket retention trust the marker, so a step that is still uploading never
+//! looks complete (restore reads the manifests themselves). Deleting a step
+//! removes the marker first, so a half-deleted step never looks complete
+//! either.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
@@ -43,6 +44,8 @@ pub struct BucketStep {
     /// Ranks whose manifest is in the bucket.
     pub ranks: BTreeSet<Rank>,
     /// Whether the step's completion marker is in the bucket.
+    pub marked: bool,
+    /// Marked and holding manifests: every rank's shard is in the bucket.
     pub complete: bool,
 }
 
@@ -101,13 +104,18 @@ impl ObjectTier {
                 continue;
             };
             if name == MARKER {
-                steps.entry(step).or_default().complete = true;
+                steps.entry(step).or_default().marked = true;
             } else if let Some(rank) = name
                 .strip_suffix(&format!(".{MANIFEST_EXT}"))
                 .and_then(|r| r.parse::<u32>().ok())
             {
                 steps.entry(step).or_default().ranks.insert(Rank(rank));
             }
+        }
+        for step in steps.values_mut() {
+            // A marker without manifests is what a delete racing an upload
+            // can leave: not a complete step.
+            step.complete = step.marked && !step.ranks.is_empty();
         }
         Ok(steps)
     }
@@ -257,23 +265,52 @@ impl ObjectTier {
                     cairn_core::bucket::collectable(referenced.contains(id), age, grace)
                 })
                 .collect();
-            report.chunks += victims.len() as u64;
-            report.bytes += victims.iter().map(|(_, m)| m.size).sum::<u64>();
             if dry_run || victims.is_empty() {
+                report.chunks += victims.len() as u64;
+                report.bytes += victims.iter().map(|(_, m)| m.size).sum::<u64>();
                 continue;
             }
             let ids: Vec<ChunkId> = victims.iter().map(|(id, _)| *id).collect();
             // Forget first: a chunk the index still lists after its deletion
             // would be trusted by the next upload.
             self.index.forget(&tenant, &ids);
-            stream::iter(victims)
-                .map(|(_, meta)| async move { self.delete(&meta.location).await })
+            // Look at each victim once more right before deleting it: one
+            // uploaded again since the listing (an uploader refreshing a chunk
+            // too old to reuse) is young now and stays. What remains is the
+            // window between this look and the delete itself.
+            let deleted: Vec<u64> = stream::iter(victims)
+                .map(|(_, meta)| async move {
+                    Ok::<_, crate::error::Error>(if self.delete_if_unchanged(&meta).await? {
+                        Some(meta.size)
+                    } else {
+                        None
+                    })
+                })
                 .buffer_unordered(DEFAULT_REQUEST_CONCURRENCY)
-                .try_collect::<Vec<()>>()
+                .try_filter_map(|size| async move { Ok(size) })
+                .try_collect()
                 .await?;
+            report.chunks += deleted.len() as u64;
+            report.bytes += deleted.iter().sum::<u64>();
             tracing::info!(%tenant, chunks = ids.len(), "removed unreferenced chunks from the object store");
         }
         Ok(report)
+    }
+
+    /// Deletes the object `listed` describes unless it was written again
+    /// since it was listed; true when it is gone.
+    async fn delete_if_unchanged(&self, listed: &object_store::ObjectMeta) -> Result<bool> {
+        let path = &listed.location;
+        let store = &self.store;
+        match self.retrying("head", path, || store.head(path)).await {
+            Ok(now) if now.last_modified != listed.last_modified => {
+                tracing::debug!(key = %path, "chunk rewritten since the GC listing; keeping it");
+                Ok(false)
+            }
+            Ok(_) => self.delete(path).await.map(|()| true),
+            Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(source) => Err(store_error(format!("checking {path}"), source)),
+        }
     }
 
     /// Every chunk a manifest of `tenant` names, or `None` when some

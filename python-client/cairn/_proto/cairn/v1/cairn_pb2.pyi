@@ -460,15 +460,17 @@ class GcRequest(_message.Message):
     def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
 
 class GcResponse(_message.Message):
-    __slots__ = ("chunks_removed", "bytes_removed", "object_store_chunks_removed", "object_store_bytes_removed", "object_store_skipped_tenants")
+    __slots__ = ("chunks_removed", "bytes_removed", "object_store_chunks_removed", "object_store_bytes_removed", "object_store_skipped_tenants", "object_store_configured")
     CHUNKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_REMOVED_FIELD_NUMBER: _ClassVar[int]
     OBJECT_STORE_CHUNKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     OBJECT_STORE_BYTES_REMOVED_FIELD_NUMBER: _ClassVar[int]
     OBJECT_STORE_SKIPPED_TENANTS_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_STORE_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
     chunks_removed: int
     bytes_removed: int
     object_store_chunks_removed: int
     object_store_bytes_removed: int
     object_store_skipped_tenants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, chunks_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ..., object_store_chunks_removed: _Optional[int] = ..., object_store_bytes_removed: _Optional[int] = ..., object_store_skipped_tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+    object_store_configured: bool
+    def __init__(self, chunks_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ..., object_store_chunks_removed: _Optional[int] = ..., object_store_bytes_removed: _Optional[int] = ..., object_store_skipped_tenants: _Optional[_Iterable[str]] = ..., object_store_configured: _Optional[bool] = ...) -> None: ...

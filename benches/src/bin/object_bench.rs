@@ -1,0 +1,348 @@
+//! `object-bench`: the object-store tier against a real S3 server (SeaweedFS
+//! `weed mini`, started here on loopback), with the AWS CLI on the same
+//! server and the same bytes as the baseline:
+//!
+//! | figure | Cairn | baseline |
+//! |---|---|---|
+//! | upload | commit → durable in the bucket (chunks, manifest, marker) | `aws s3 cp --recursive` of the same files from tmpfs |
+//! | incremental step | the next step with 90% of its chunks unchanged | the full step's upload |
+//! | restore from the bucket | RestoreShard on an empty node (verified, into tmpfs) | `aws s3 cp --recursive` download into tmpfs |
+//!
+//! plus the codec's compression ratio and speed on bf16- and fp32-like
+//! weights. Usage: `object-bench [--quick] [--size-mib N]`, through
+//! `./scripts/bench` (which installs the servers with
+//! `./scripts/install-test-servers`).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cairn_bench::{
+    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, save, tempdir,
+    wait_durable,
+};
+use cairn_core::codec::{self, CompressionPolicy};
+use cairn_proto::v1 as pb;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Object-store tier against SeaweedFS and the AWS CLI")]
+struct Args {
+    /// Small sizes, one repetition: a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Checkpoint size in MiB (default 1024, or 32 with --quick).
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// Repetitions per figure; the median is reported.
+    #[arg(long)]
+    repeat: Option<usize>,
+}
+
+const ACCESS_KEY: &str = "bench";
+const SECRET_KEY: &str = "bench-secret";
+
+/// SeaweedFS on free loopback ports, killed on drop.
+struct SeaweedFs {
+    child: Child,
+    endpoint: String,
+}
+
+impl SeaweedFs {
+    fn start(repo: &Path, data: &Path) -> Result<Self> {
+        let base = (0..100)
+            .map(|i| 16_000 + i * 50)
+            .find(|b| (0..5).all(|i| TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
+            .context("no free ports")?;
+        std::fs::create_dir_all(data)?;
+        let child = Command::new(repo.join(".venv/bin/weed"))
+            .arg("mini")
+            .arg(format!("-dir={}", data.display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false"])
+            .arg(format!("-master.port={base}"))
+            .arg(format!("-volume.port={}", base + 1))
+            .arg(format!("-filer.port={}", base + 2))
+            .arg(format!("-s3.port={}", base + 3))
+            .arg(format!("-admin.port={}", base + 4))
+            .args([
+                "-s3.port.lance=0",
+                "-s3.port.iceberg=0",
+                "-admin.ui=false",
+                "-master.telemetry=false",
+            ])
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting weed (run ./scripts/install-test-servers)")?;
+        let s3 = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{}", base + 3),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !s3
+            .aws(repo, &["s3", "mb", "s3://cairn"])
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            if Instant::now() > deadline {
+                bail!("SeaweedFS did not start");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(s3)
+    }
+
+    fn aws(&self, repo: &Path, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(repo.join(".venv/bin/aws"))
+            .arg("--endpoint-url")
+            .arg(&self.endpoint)
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .output()
+            .context("running the AWS CLI")
+    }
+
+    /// Times one AWS CLI command, which must succeed.
+    fn timed_aws(&self, repo: &Path, args: &[&str]) -> Result<f64> {
+        let t = Instant::now();
+        let out = self.aws(repo, args)?;
+        if !out.status.success() {
+            bail!("aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
+impl Drop for SeaweedFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Weights as training leaves them: small values around zero, as bf16
+/// (2 bytes) or fp32 (4 bytes), little endian.
+fn weights(elements: usize, fp32: bool) -> Vec<u8> {
+    let mut state = 0x853c_49e6_748f_ea9bu64;
+    let mut out = Vec::with_capacity(elements * 4);
+    for _ in 0..elements {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        // Sum of uniforms: roughly normal, sd about 0.02.
+        let u = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            + ((state >> 16 & 0xff_ffff) as f32 / (1u64 << 24) as f32 - 0.5);
+        let value = u * 0.035;
+        if fp32 {
+            out.extend_from_slice(&value.to_le_bytes());
+        } else {
+            out.extend_from_slice(&((value.to_bits() >> 16) as u16).to_le_bytes());
+        }
+    }
+    out
+}
+
+fn codec_report() {
+    println!();
+    println!("| data | shuffle | ratio | compress GB/s (1 thread) | decompress GB/s |");
+    println!("|---|---|---:|---:|---:|");
+    let policy = CompressionPolicy {
+        min_ratio: 1.0,
+        ..CompressionPolicy::default()
+    };
+    for (name, data, width) in [
+        ("bf16-like", weights(16 << 20, false), 2u8),
+        ("fp32-like", weights(8 << 20, true), 4u8),
+    ] {
+        for shuffle in [None, Some(width)] {
+            let mut stored = 0;
+            let t = Instant::now();
+            let mut compressed = Vec::new();
+            for chunk in data.chunks(4 << 20) {
+                let (encoding, body) =
+                    codec::compress(chunk, shuffle, &policy).expect("compressible");
+                stored += body.len();
+                compressed.push((encoding, chunk.len() as u64, body));
+            }
+            let compress_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for (encoding, raw_len, body) in &compressed {
+                let header = codec::ChunkHeader {
+                    encoding: *encoding,
+                    raw_len: *raw_len,
+                };
+                std::hint::black_box(codec::decompress(&header, body).expect("decodes"));
+            }
+            let decompress_s = t.elapsed().as_secs_f64();
+            println!(
+                "| {name} | {} | {:.2} | {:.2} | {:.2} |",
+                shuffle.map_or("none".to_owned(), |w| format!("{w}-byte planes")),
+                data.len() as f64 / stored as f64,
+                gbps(data.len() as u64, compress_s),
+                gbps(data.len() as u64, decompress_s)
+            );
+        }
+    }
+}
+
+fn config_file(work: &Path, endpoint: &str) -> Result<PathBuf> {
+    let path = work.join("cairnd-object.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[object_store]\nurl = \"s3://cairn/cairn\"\nupload_after = \"commit\"\n\
+             [object_store.options]\nendpoint = \"{endpoint}\"\nallow_http = \"true\"\nregion = \"us-east-1\"\n\
+             access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let size_mib = args.size_mib.unwrap_or(if args.quick { 32 } else { 1024 });
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
+    let total = size_mib << 20;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let work = tempdir("/tmp", "cairn-object-bench")?;
+    let shm = tempdir("/dev/shm", "cairn-object-bench")?;
+    let s3 = SeaweedFs::start(&repo, &work.join("weed"))?;
+    let config = config_file(&work, &s3.endpoint)?;
+    let config_arg = ["--config", config.to_str().context("utf-8")?];
+    println!(
+        "object-bench: {size_mib} MiB in {TENSORS} tensors to SeaweedFS on loopback, median of {repeat} runs"
+    );
+
+    // The baseline's files: the same bytes, in tmpfs, as `aws s3 cp` reads them.
+    let baseline_dir = shm.join("baseline-up");
+    std::fs::create_dir_all(&baseline_dir)?;
+    let download_dir = shm.join("baseline-down");
+    let (mut up, mut up_aws, mut inc, mut down, mut down_aws) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..repeat {
+        let tensors = make_tensors(total, 100 + run as u64);
+        for (n, t) in tensors.iter().enumerate() {
+            std::fs::write(baseline_dir.join(format!("tensor-{n}")), t)?;
+        }
+        let prefix = format!("s3://cairn/baseline-{run}/");
+        up_aws.push(s3.timed_aws(
+            &repo,
+            &[
+                "s3",
+                "cp",
+                "--recursive",
+                "--quiet",
+                baseline_dir.to_str().context("utf-8")?,
+                &prefix,
+            ],
+        )?);
+        std::fs::remove_dir_all(&download_dir).ok();
+        down_aws.push(s3.timed_aws(
+            &repo,
+            &[
+                "s3",
+                "cp",
+                "--recursive",
+                "--quiet",
+                &prefix,
+                download_dir.to_str().context("utf-8")?,
+            ],
+        )?);
+
+        let node_dir = work.join(format!("node-{run}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let daemon = Daemon::start(&node_dir, &shm.join(format!("t0-{run}")), &config_arg)?;
+        let mut c = daemon.connect().await?;
+        let job = format!("bench-{run}");
+        save(&mut c, &job, 1, &tensors).await?;
+        let t = Instant::now();
+        wait_durable(&mut c, &job, 1, pb::Tier::ObjectStore).await?;
+        up.push(t.elapsed().as_secs_f64());
+
+        // The next step: one chunk in ten changed (counted over the whole
+        // shard, at the default 4 MiB chunk size).
+        let mut next = tensors;
+        for (i, chunk) in next
+            .iter_mut()
+            .flat_map(|t| t.chunks_mut(4 << 20))
+            .enumerate()
+        {
+            if i % 10 == 0 {
+                chunk[0] ^= 0xff;
+            }
+        }
+        save(&mut c, &job, 2, &next).await?;
+        let t = Instant::now();
+        wait_durable(&mut c, &job, 2, pb::Tier::ObjectStore).await?;
+        inc.push(t.elapsed().as_secs_f64());
+        drop(daemon);
+
+        // A brand-new node, with nothing but the bucket.
+        let fresh_dir = work.join(format!("fresh-{run}"));
+        std::fs::create_dir_all(&fresh_dir)?;
+        let fresh = Daemon::start(
+            &fresh_dir,
+            &shm.join(format!("t0-fresh-{run}")),
+            &config_arg,
+        )?;
+        let mut c = fresh.connect().await?;
+        let t = Instant::now();
+        let resp = restore(&mut c, &job, 1).await?;
+        down.push(t.elapsed().as_secs_f64());
+        let from_bucket: u64 = resp
+            .sources
+            .iter()
+            .filter(|s| s.tier == pb::Tier::ObjectStore as i32)
+            .map(|s| s.bytes)
+            .sum();
+        if from_bucket != total {
+            bail!("restore took {from_bucket} of {total} bytes from the bucket");
+        }
+    }
+    let (up, up_aws, inc, down, down_aws) = (
+        median(up),
+        median(up_aws),
+        median(inc),
+        median(down),
+        median(down_aws),
+    );
+    let rows = [
+        Row {
+            figure: "upload to S3 (commit to durable)",
+            cairn: gbps(total, up),
+            baseline: gbps(total, up_aws),
+            baseline_name: "aws s3 cp --recursive, same bytes",
+            ratio: up_aws / up,
+            goal: "throughput ratio >= 1.0",
+        },
+        Row {
+            figure: "incremental step (90% unchanged)",
+            cairn: gbps(total, inc),
+            baseline: gbps(total, up),
+            baseline_name: "Cairn's full step",
+            ratio: up / inc,
+            goal: "speed-up >= 5",
+        },
+        Row {
+            figure: "restore from S3 on an empty node (verified)",
+            cairn: gbps(total, down),
+            baseline: gbps(total, down_aws),
+            baseline_name: "aws s3 cp --recursive download",
+            ratio: down_aws / down,
+            goal: "throughput ratio (report)",
+        },
+    ];
+    print_table(&rows);
+    codec_report();
+    drop(s3);
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&shm);
+    Ok(())
+}
