@@ -11,7 +11,9 @@ pub mod bucket;
 pub mod chunk;
 pub mod codec;
 pub mod error;
+pub mod ingest;
 pub mod manifest;
+pub mod membership;
 pub mod names;
 pub mod placement;
 pub mod retention;
@@ -19,6 +21,9 @@ pub mod retention;
 pub use chunk::{ChunkId, ChunkSize, DEFAULT_CHUNK_SIZE, chunk_ranges};
 pub use error::CoreError;
 pub use manifest::{ChunkRef, FileEntry, MANIFEST_VERSION, Manifest};
+pub use membership::{
+    MembershipDiff, MembershipView, NodeInfo, Peer, PeerChange, PodInfo, StaticPeer, TopologyLabels,
+};
 pub use names::{FileName, JobName, Rank, ShardKey, Step, TenantName};
 pub use placement::{
     MAX_DOMAIN_LABEL_LEN, MAX_NODE_ID_LEN, MAX_WEIGHT, Member, Membership, NodeId,

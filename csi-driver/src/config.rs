@@ -6,6 +6,7 @@
 //! plugin can join validated names onto them without re-checking.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -24,6 +25,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/cairn/csi";
 pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 /// Default socket of the node's cairnd.
 pub const DEFAULT_DAEMON_SOCKET: &str = "/run/cairn/cairn.sock";
+/// Default time a publish waits for cairnd to restore the checkpoint it
+/// pre-fills (kubelet retries a publish that takes longer).
+pub const DEFAULT_PREFILL_TIMEOUT: &str = "10m";
 /// Default CSI driver name (the CSIDriver object's name).
 pub const DEFAULT_DRIVER_NAME: &str = "csi.cairn.dev";
 /// The topology key NodeGetInfo reports the zone under.
@@ -63,9 +67,14 @@ pub struct Args {
     /// Kubelet's root directory; target paths must be under it.
     #[arg(long, default_value = DEFAULT_KUBELET_DIR)]
     pub kubelet_dir: PathBuf,
-    /// The node daemon's socket (recorded; used by ingest and prefill later).
+    /// The node daemon's socket: publish asks it for the checkpoint to
+    /// pre-fill the volume with (`restore` attribute).
     #[arg(long, default_value = DEFAULT_DAEMON_SOCKET)]
     pub daemon_socket: PathBuf,
+    /// How long a publish waits for the daemon to restore that checkpoint
+    /// (e.g. `90s`, `10m`).
+    #[arg(long, default_value = DEFAULT_PREFILL_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub prefill_timeout: Duration,
     /// The CSI driver name reported by GetPluginInfo.
     #[arg(long, default_value = DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
@@ -91,6 +100,8 @@ pub struct Config {
     pub kubelet_dir: PathBuf,
     /// The node daemon's socket.
     pub daemon_socket: PathBuf,
+    /// How long a publish waits for a restore.
+    pub prefill_timeout: Duration,
     /// The driver name.
     pub driver_name: String,
 }
@@ -143,6 +154,9 @@ impl Config {
                 )));
             }
         }
+        if args.prefill_timeout.is_zero() {
+            return Err(Error::Config("--prefill-timeout must be above 0".into()));
+        }
         if volumes_dir.starts_with(&state_dir) || state_dir.starts_with(&volumes_dir) {
             return Err(Error::Config(
                 "--volumes-dir and --state-dir must not overlap".into(),
@@ -156,6 +170,7 @@ impl Config {
             state_dir,
             kubelet_dir,
             daemon_socket,
+            prefill_timeout: args.prefill_timeout,
             driver_name: args.driver_name.clone(),
         })
     }
@@ -224,6 +239,7 @@ mod tests {
         assert_eq!(config.kubelet_dir, PathBuf::from(DEFAULT_KUBELET_DIR));
         assert_eq!(config.driver_name, DEFAULT_DRIVER_NAME);
         assert_eq!(config.zone, None);
+        assert_eq!(config.prefill_timeout, Duration::from_secs(600));
     }
 
     #[test]
@@ -250,6 +266,7 @@ mod tests {
             &["--kubelet-dir", "/var/lib/kubelet/../x"],
             &["--volumes-dir", "/var/lib/kubelet/cairn"],
             &["--state-dir", "/dev/shm/cairn/volumes/state"],
+            &["--prefill-timeout", "0s"],
         ] {
             assert!(Config::from_args(&args(extra)).is_err(), "{extra:?}");
         }

@@ -32,6 +32,13 @@ pub enum Error {
     /// target that is not a directory the plugin may use).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The node's cairnd, needed to pre-fill the volume, did not answer:
+    /// the CO retries, and the daemon is usually back by then.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The node's cairnd failed to restore the checkpoint to pre-fill.
+    #[error("{0}")]
+    Internal(String),
     /// The RPC is one the plugin does not advertise.
     #[error("{0} is not supported by cairn-csi")]
     Unimplemented(&'static str),
@@ -87,6 +94,8 @@ impl Error {
             Error::Aborted(_) => Code::Aborted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
             Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
             Error::Io { .. } => Code::Internal,
         }

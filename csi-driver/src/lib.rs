@@ -3,9 +3,10 @@
 //! A pod asks for a Cairn volume with an ephemeral inline CSI volume; the
 //! plugin validates the request, creates `<volumes-dir>/<volume_id>/data/`
 //! inside the node's memory tier, writes `volume.json` beside it (job, rank,
-//! tenant, restore request) and bind-mounts `data/` into the pod. Whatever
-//! the pod writes there is already in T0, so the daemon can ingest finished
-//! steps without a copy.
+//! tenant, restore request), pre-fills it with the checkpoint the volume
+//! asks for, and bind-mounts `data/` into the pod. Whatever the pod writes
+//! there is already in T0, so the daemon ingests finished steps without a
+//! copy.
 //!
 //! Modules, outermost first:
 //!
@@ -13,7 +14,8 @@
 //!   converted into validated types on arrival; prost types go no further.
 //! - [`volume`]: the pure validation of publish arguments (no I/O).
 //! - [`publish`]: the filesystem and mount work, per-volume exclusion,
-//!   idempotency, crash recovery.
+//!   idempotency, crash recovery; [`prefill`]: placing the checkpoint the
+//!   volume asks for (restored by the node's cairnd) before the mount.
 //! - [`store`], [`mountinfo`], [`mount`], [`usage`]: records on disk, the
 //!   kernel's mount table, mount(2)/umount(2), and disk usage.
 //! - [`redact`]: log-safe views of requests (no secrets, no tokens).
@@ -25,6 +27,7 @@ pub mod identity;
 pub mod mount;
 pub mod mountinfo;
 pub mod node;
+pub mod prefill;
 pub mod publish;
 pub mod redact;
 pub mod server;

@@ -5,14 +5,17 @@
 //! # Layout
 //!
 //! ```text
-//! <volumes-dir>/<volume_id>/volume.json   the VolumeRecord (job, rank, tenant, ...)
-//! <volumes-dir>/<volume_id>/data/         bind-mounted onto the target path
-//! <state-dir>/volumes/<volume_id>.json    the same record: what this node published
+//! <volumes-dir>/<volume_id>/volume.json     the VolumeRecord (job, rank, tenant, ...)
+//! <volumes-dir>/<volume_id>/data/           bind-mounted onto the target path
+//! <volumes-dir>/<volume_id>/ingested.json   steps ingested or pre-filled (cairn_core::ingest)
+//! <state-dir>/volumes/<volume_id>.json      the same record: what this node published
 //! ```
 //!
-//! The daemon's ingest relies on the first two: it reads `volume.json` to
+//! The daemon's ingest relies on the first three: it reads `volume.json` to
 //! know whose checkpoints `data/` holds, and, since the volumes directory is
-//! inside the memory tier, takes finalized steps out of `data/` by rename.
+//! inside the memory tier, takes finished steps out of `data/` by hard link.
+//! Publish pre-fills `data/` with the checkpoint `restore` asks for before
+//! mounting it (`prefill.rs`).
 //!
 //! # Rules
 //!
@@ -41,6 +44,7 @@ use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::mount;
 use crate::mountinfo;
+use crate::prefill::{self, DaemonClient};
 use crate::store::{StateStore, VolumeRecord, create_private_dir, write_atomically};
 use crate::usage::{self, Usage};
 use crate::volume::{DATA_DIR, SPEC_FILE, VolumeId, VolumeSpec, volume_dir};
@@ -78,6 +82,7 @@ pub struct Volumes {
     store: StateStore,
     records: Mutex<HashMap<VolumeId, VolumeRecord>>,
     in_flight: Mutex<HashSet<VolumeId>>,
+    daemon: DaemonClient,
 }
 
 /// Holds one volume for one operation; dropping it lets the next one in.
@@ -153,6 +158,7 @@ impl Volumes {
                     .collect(),
             ),
             in_flight: Mutex::new(HashSet::new()),
+            daemon: DaemonClient::new(config.daemon_socket.clone(), config.prefill_timeout)?,
         }))
     }
 
@@ -258,8 +264,9 @@ impl Volumes {
         result
     }
 
-    /// Creates the volume's directories and files, records it, and mounts
-    /// `data/` onto the (existing) target unless it already is.
+    /// Creates the volume's directories and files, records it, pre-fills
+    /// `data/` as `restore` asks, and mounts `data/` onto the (existing)
+    /// target unless it already is.
     fn create_and_mount(&self, record: &VolumeRecord) -> Result<()> {
         let spec = &record.spec;
         let dir = volume_dir(&self.volumes_dir, &spec.volume_id);
@@ -270,7 +277,10 @@ impl Volumes {
         self.store.save(record)?;
         lock(&self.records).insert(spec.volume_id.clone(), record.clone());
         match self.mount_state(&spec.target_path, &spec.volume_id)? {
-            MountState::NotMounted => mount::bind(&data, &spec.target_path, spec.read_only)?,
+            MountState::NotMounted => {
+                prefill::prefill(&dir, spec, &self.daemon)?;
+                mount::bind(&data, &spec.target_path, spec.read_only)?
+            }
             MountState::Ours => {
                 tracing::warn!("target was mounted but not recorded; kept the mount");
             }
@@ -311,10 +321,10 @@ impl Volumes {
     /// Idempotent: an unknown or already unpublished volume is OK, and so is
     /// a target the volume is not published at (nothing is touched then).
     ///
-    /// The volume's directory is deleted with everything in it. The
-    /// daemon's ingest will move finalized steps out of `data/` (a rename
-    /// within the memory tier) before this runs; until then what the pod
-    /// wrote goes with the volume, as with any ephemeral volume.
+    /// The volume's directory is deleted with everything in it. Steps the
+    /// daemon ingested live on as shards (their files are hard links in the
+    /// memory tier); what it did not ingest goes with the volume, as with
+    /// any ephemeral volume.
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
         hooks::pause_point(hooks::UNPUBLISH_START);
         if let Some(record) = self.record(id)
@@ -503,6 +513,16 @@ fn differences(old: &VolumeSpec, new: &VolumeSpec) -> String {
     diff("rank", old.rank.to_string(), new.rank.to_string());
     diff("tenant", old.tenant.to_string(), new.tenant.to_string());
     diff("restore", old.restore.to_string(), new.restore.to_string());
+    diff(
+        "stepDirFormat",
+        old.step_dir_format.to_string(),
+        new.step_dir_format.to_string(),
+    );
+    diff(
+        "commitMarker",
+        format!("{:?}", old.commit_marker.as_ref().map(|m| m.to_string())),
+        format!("{:?}", new.commit_marker.as_ref().map(|m| m.to_string())),
+    );
     diff(
         "read_only",
         old.read_only.to_string(),

@@ -260,6 +260,26 @@ mod tests {
     }
 
     #[test]
+    fn the_daemon_reads_the_record_as_written() {
+        use cairn_core::ingest::{
+            CommitPolicy, VOLUME_DATA_DIR, VOLUME_FILE, VOLUME_FORMAT, VolumeInfo,
+        };
+        assert_eq!(FORMAT_VERSION, VOLUME_FORMAT);
+        assert_eq!(crate::volume::SPEC_FILE, VOLUME_FILE);
+        assert_eq!(crate::volume::DATA_DIR, VOLUME_DATA_DIR);
+        let mut record = VolumeRecord::new(spec("vol-a"));
+        let info = VolumeInfo::decode(&record.to_json()).expect("decode");
+        assert_eq!(info.volume_id, "vol-a");
+        assert_eq!(info.job.as_str(), "job");
+        assert_eq!(info.rank.0, 2);
+        assert_eq!(info.tenant.as_str(), "team");
+        assert_eq!(info.commit_marker, None);
+        record.spec.commit_marker = Some(CommitPolicy::Marker(".metadata".into()));
+        let info = VolumeInfo::decode(&record.to_json()).expect("decode");
+        assert_eq!(info.commit_marker, record.spec.commit_marker);
+    }
+
+    #[test]
     fn the_record_names_what_ingest_needs() {
         let json = String::from_utf8(VolumeRecord::new(spec("vol-a")).to_json()).expect("utf-8");
         for field in [
@@ -271,6 +291,7 @@ mod tests {
             "\"restore\": \"latest\"",
             "\"read_only\": false",
             "\"published_at\"",
+            "\"step_dir_format\": \"{step}\"",
             "\"target_path\"",
             "\"pod\"",
         ] {

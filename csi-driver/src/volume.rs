@@ -15,8 +15,9 @@
 //!   components, no NUL) and strictly under the kubelet directory;
 //! - the volume is an ephemeral inline volume with a mount (not block)
 //!   capability and a single-node access mode;
-//! - the job, rank, tenant and restore request are valid Cairn values, and
-//!   every attribute key is one the plugin knows.
+//! - the job, rank, tenant and restore request are valid Cairn values, the
+//!   step directory format makes names that ingest reads back as the same
+//!   step, and every attribute key is one the plugin knows.
 //!
 //! Symbolic links are the I/O layer's business: `publish.rs` re-checks the
 //! resolved target against the resolved kubelet directory before mounting.
@@ -25,6 +26,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use cairn_core::ingest::{CommitPolicy, StepDirFormat};
 use cairn_core::names::{JobName, Rank, Step, TenantName};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +68,13 @@ pub mod attr {
     pub const RANK_FROM: &str = "rankFrom";
     /// Which step to pre-fill: `latest` (the default), `none` or a step.
     pub const RESTORE: &str = "restore";
+    /// The name prefill gives the restored step's directory: a prefix and
+    /// `{step}` (default `{step}`, what Orbax expects).
+    pub const STEP_DIR_FORMAT: &str = "stepDirFormat";
+    /// The file whose arrival in a step directory tells the daemon the step
+    /// is finished (`.metadata` for DCP), or `none` (the rename of the
+    /// directory is the commit); default: the daemon's `ingest.commit_marker`.
+    pub const COMMIT_MARKER: &str = "commitMarker";
     /// The Cairn tenant; defaults to the pod's namespace.
     pub const TENANT: &str = "tenant";
 
@@ -275,8 +284,8 @@ pub enum RankSource {
     PodNameOrdinal,
 }
 
-/// Which checkpoint to pre-fill the volume with (recorded now; the prefill
-/// itself is future work).
+/// Which checkpoint to pre-fill the volume with, at publish, before the
+/// pod's containers start (see `prefill.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Restore {
@@ -362,6 +371,13 @@ pub struct VolumeSpec {
     pub rank_source: RankSource,
     /// Which checkpoint to pre-fill.
     pub restore: Restore,
+    /// The name of the prefilled step's directory. Absent from records
+    /// written before the attribute existed: the default then.
+    #[serde(default)]
+    pub step_dir_format: StepDirFormat,
+    /// The volume's own commit policy for ingest; `None`: the daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_marker: Option<CommitPolicy>,
     /// Whether the mount is read-only.
     pub read_only: bool,
     /// The requested access mode.
@@ -412,6 +428,14 @@ impl VolumeSpec {
             Some(value) => Restore::parse("volume_context.restore", value)?,
             None => Restore::Latest,
         };
+        let step_dir_format = match ctx.get(attr::STEP_DIR_FORMAT) {
+            Some(value) => StepDirFormat::parse("volume_context.stepDirFormat", value)?,
+            None => StepDirFormat::default(),
+        };
+        let commit_marker = match ctx.get(attr::COMMIT_MARKER) {
+            Some(value) => Some(CommitPolicy::parse("volume_context.commitMarker", value)?),
+            None => None,
+        };
         let tenant = match (ctx.get(attr::TENANT), &pod.namespace) {
             (Some(tenant), _) => TenantName::parse("volume_context.tenant", tenant.to_owned())?,
             (None, Some(namespace)) => TenantName::parse(
@@ -434,6 +458,8 @@ impl VolumeSpec {
             rank,
             rank_source,
             restore,
+            step_dir_format,
+            commit_marker,
             read_only: req.readonly || access_mode == AccessMode::SingleNodeReaderOnly,
             access_mode,
             pod,
@@ -558,18 +584,26 @@ impl<'a> Attributes<'a> {
             check_string("a volume_context key", key, MAX_ATTRIBUTE_KEY_LEN)?;
             let known = matches!(
                 key.as_str(),
-                attr::JOB | attr::RANK | attr::RANK_FROM | attr::RESTORE | attr::TENANT
+                attr::JOB
+                    | attr::RANK
+                    | attr::RANK_FROM
+                    | attr::RESTORE
+                    | attr::TENANT
+                    | attr::STEP_DIR_FORMAT
+                    | attr::COMMIT_MARKER
             ) || key.starts_with(attr::KUBELET_PREFIX);
             if !known {
                 return Err(invalid(format!(
-                    "volume_context has an unknown attribute {}; known: {}, {}, {}, {}, {} \
-                     (and the {}* ones kubelet adds)",
+                    "volume_context has an unknown attribute {}; known: {}, {}, {}, {}, {}, {}, \
+                     {} (and the {}* ones kubelet adds)",
                     shown(key),
                     attr::JOB,
                     attr::RANK,
                     attr::RANK_FROM,
                     attr::RESTORE,
                     attr::TENANT,
+                    attr::STEP_DIR_FORMAT,
+                    attr::COMMIT_MARKER,
                     attr::KUBELET_PREFIX
                 )));
             }
@@ -1073,6 +1107,57 @@ mod tests {
             &with_attr(attr::POD_NAMESPACE, Some("a.b")),
             "pod.namespace",
         );
+    }
+
+    #[test]
+    fn step_dir_format_and_commit_marker_are_validated() {
+        let spec = validate(&request()).expect("defaults");
+        assert_eq!(spec.step_dir_format.to_string(), "{step}");
+        assert_eq!(spec.commit_marker, None);
+        let mut req = with_attr(attr::STEP_DIR_FORMAT, Some("step_{step}"));
+        req.volume_context
+            .insert(attr::COMMIT_MARKER.into(), ".metadata".into());
+        let spec = validate(&req).expect("custom");
+        assert_eq!(spec.step_dir_format.dir_name(Step(5)), "step_5");
+        assert_eq!(
+            spec.commit_marker,
+            Some(CommitPolicy::Marker(".metadata".into()))
+        );
+        let json = serde_json::to_string(&spec).expect("encode");
+        assert!(
+            json.contains("\"step_dir_format\":\"step_{step}\""),
+            "{json}"
+        );
+        assert!(json.contains("\"commit_marker\":\".metadata\""), "{json}");
+        assert_eq!(
+            serde_json::from_str::<VolumeSpec>(&json).expect("decode"),
+            spec
+        );
+        let spec = validate(&with_attr(attr::COMMIT_MARKER, Some("none"))).expect("none");
+        assert_eq!(spec.commit_marker, Some(CommitPolicy::Rename));
+        for bad in ["{step}.ckpt", "v1{step}", "tmp-{step}", "../{step}", "step"] {
+            rejected(
+                &with_attr(attr::STEP_DIR_FORMAT, Some(bad)),
+                "volume_context.stepDirFormat",
+            );
+        }
+        for bad in ["a/b", "..", "x y"] {
+            rejected(
+                &with_attr(attr::COMMIT_MARKER, Some(bad)),
+                "volume_context.commitMarker",
+            );
+        }
+    }
+
+    #[test]
+    fn records_without_the_newer_fields_still_load() {
+        let spec = validate(&request()).expect("valid");
+        let mut json: serde_json::Value = serde_json::to_value(&spec).expect("encode");
+        let object = json.as_object_mut().expect("object");
+        object.remove("step_dir_format");
+        object.remove("commit_marker");
+        let back: VolumeSpec = serde_json::from_value(json).expect("decode an older record");
+        assert_eq!(back, spec);
     }
 
     #[test]

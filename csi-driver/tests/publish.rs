@@ -49,7 +49,7 @@ async fn publish_bind_mounts_the_volume_and_unpublish_removes_everything() {
         assert_eq!(record["job"], "llama");
         assert_eq!(record["rank"], 3);
         assert_eq!(record["tenant"], "ml");
-        assert_eq!(record["restore"], "latest");
+        assert_eq!(record["restore"], "none");
         assert_eq!(record["pod"]["name"], "train-3-abcde");
     }
     let log = plugin.log_text();
@@ -63,11 +63,13 @@ async fn publish_bind_mounts_the_volume_and_unpublish_removes_everything() {
 
     // Same volume and target, other arguments: ALREADY_EXISTS.
     let mut other = publish_request(id, &target, 3);
-    other.volume_context.insert("restore".into(), "none".into());
+    other
+        .volume_context
+        .insert("restore".into(), "latest".into());
     assert_code(
         node.node_publish_volume(other).await,
         tonic::Code::AlreadyExists,
-        "restore: latest -> none",
+        "restore: none -> latest",
     );
     let mut read_only = publish_request(id, &target, 3);
     read_only.readonly = true;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_core::codec::CompressionPolicy;
+use cairn_core::ingest::CommitPolicy;
 use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, RetentionPolicy, TenantName};
 use clap::Parser;
 use serde::Deserialize;
@@ -40,18 +41,27 @@ pub const DEFAULT_POOL_FRACTION: u64 = 4;
 pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
 /// Default chunks copied at once by a write-back.
 pub const DEFAULT_WRITEBACK_CONCURRENCY: usize = 4;
-/// Default chunks uploaded at once per shard.
-pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 8;
+/// Default chunks uploaded at once per shard: object stores answer each
+/// request slowly but many at once (at most this many chunks, raw and
+/// compressed, are in memory).
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 16;
 /// Default complete steps per job kept in the object store.
 pub const DEFAULT_OBJECT_KEEP_LAST: usize = 5;
-/// Default interval of the bucket's garbage collection.
-pub const DEFAULT_GC_INTERVAL_SECS: u64 = 3600;
+/// Default interval of the bucket's garbage collection: daily, since every
+/// daemon that collects lists the whole bucket (large clusters turn it off
+/// on most nodes, or run `cairn gc` from one place).
+pub const DEFAULT_GC_INTERVAL_SECS: u64 = 24 * 3600;
 /// The smallest part S3 accepts in a multipart upload (but the last).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 /// Where, under the disk tier, the local index of the bucket's chunks lives.
 pub const OBJECT_INDEX_DIR: &str = "object-store-index";
 /// Where, under the disk tier, the upload journal lives.
 pub const UPLOAD_JOURNAL_DIR: &str = "upload-journal";
+/// Where, under the memory tier, the CSI plugin's volumes live by default
+/// (the plugin's `--volumes-dir` default is `/dev/shm/cairn/volumes`).
+pub const DEFAULT_VOLUMES_SUBDIR: &str = "volumes";
+/// Default interval of ingest's safety-net rescan of the volumes.
+pub const DEFAULT_INGEST_RESCAN_SECS: u64 = 10;
 
 /// Command-line flags; each also reads an environment variable.
 #[derive(Debug, Parser, Default)]
@@ -126,6 +136,36 @@ struct RawConfig {
     disk: RawDisk,
     #[serde(default)]
     object_store: RawObjectStore,
+    #[serde(default)]
+    ingest: RawIngest,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    enabled: Option<bool>,
+    volumes_dir: Option<PathBuf>,
+    commit_marker: Option<String>,
+    rescan_secs: Option<u64>,
+}
+
+/// Ingest of step directories that frameworks write into the CSI plugin's
+/// volumes (see `node::ingest`).
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Whether ingest runs. It idles until `volumes_dir` exists (the CSI
+    /// plugin creates it), so the default is on: a node without the plugin
+    /// pays one `stat` per rescan.
+    pub enabled: bool,
+    /// The CSI plugin's `--volumes-dir`; must be on the memory tier's
+    /// filesystem (files are taken by hard link).
+    pub volumes_dir: PathBuf,
+    /// When a step directory counts as finished, for volumes that do not
+    /// set their own `commitMarker`.
+    pub commit_policy: CommitPolicy,
+    /// Interval of the rescan that catches what inotify could not report
+    /// (a daemon restart, a full event queue).
+    pub rescan: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +275,8 @@ pub struct Config {
     pub writeback_concurrency: usize,
     /// The object-store tier, if configured.
     pub object_store: Option<ObjectStoreConfig>,
+    /// Ingest of CSI volumes.
+    pub ingest: IngestConfig,
 }
 
 impl Config {
@@ -339,6 +381,7 @@ impl Config {
         }
         let object_store =
             object_store_config(args.object_store_url.clone(), raw.object_store, &disk_dir)?;
+        let ingest = ingest_config(raw.ingest, &memory_dir)?;
         Ok(Self {
             node_name,
             default_tenant,
@@ -367,8 +410,38 @@ impl Config {
             disk_retention: RetentionPolicy::keep_last(disk_keep),
             writeback_concurrency,
             object_store,
+            ingest,
         })
     }
+}
+
+/// Validates the `[ingest]` section.
+fn ingest_config(raw: RawIngest, memory_dir: &Path) -> Result<IngestConfig> {
+    let volumes_dir = raw
+        .volumes_dir
+        .unwrap_or_else(|| memory_dir.join(DEFAULT_VOLUMES_SUBDIR));
+    if !volumes_dir.is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "ingest.volumes_dir {} must be an absolute path",
+            volumes_dir.display()
+        )));
+    }
+    let commit_policy = match raw.commit_marker {
+        Some(marker) => CommitPolicy::parse("ingest.commit_marker", &marker)?,
+        None => CommitPolicy::default(),
+    };
+    let rescan_secs = raw.rescan_secs.unwrap_or(DEFAULT_INGEST_RESCAN_SECS);
+    if rescan_secs == 0 {
+        return Err(Error::InvalidArgument(
+            "ingest.rescan_secs must be above 0".into(),
+        ));
+    }
+    Ok(IngestConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        volumes_dir,
+        commit_policy,
+        rescan: Duration::from_secs(rescan_secs),
+    })
 }
 
 /// Validates the `[object_store]` section; `None` when no URL is set.
@@ -519,6 +592,39 @@ mod tests {
         let mut a = args();
         a.tenant = Some("Bad_Tenant".into());
         assert!(Config::from_parts(&a, RawConfig::default()).is_err());
+    }
+
+    #[test]
+    fn ingest_section_has_defaults_and_is_validated() {
+        let c = Config::from_parts(&args(), RawConfig::default()).expect("valid");
+        assert!(c.ingest.enabled);
+        assert_eq!(c.ingest.volumes_dir, PathBuf::from("/dev/shm/x/volumes"));
+        assert_eq!(c.ingest.commit_policy, CommitPolicy::default());
+        assert_eq!(
+            c.ingest.rescan,
+            Duration::from_secs(DEFAULT_INGEST_RESCAN_SECS)
+        );
+        let raw: RawConfig = toml::from_str(
+            "[ingest]\nenabled = false\ncommit_marker = \".metadata\"\nrescan_secs = 2\n",
+        )
+        .expect("parses");
+        let c = Config::from_parts(&args(), raw).expect("valid");
+        assert!(!c.ingest.enabled);
+        assert_eq!(c.ingest.commit_policy.marker(), Some(".metadata"));
+        assert_eq!(c.ingest.rescan, Duration::from_secs(2));
+        let raw: RawConfig = toml::from_str("[ingest]\ncommit_marker = \"\"\n").expect("parses");
+        let c = Config::from_parts(&args(), raw).expect("valid");
+        assert_eq!(c.ingest.commit_policy, CommitPolicy::Rename);
+        for bad in [
+            "rescan_secs = 0",
+            "commit_marker = \"a/b\"",
+            "volumes_dir = \"relative\"",
+        ] {
+            let raw: RawConfig = toml::from_str(&format!("[ingest]\n{bad}\n")).expect("parses");
+            let err = Config::from_parts(&args(), raw).expect_err(bad);
+            let field = bad.split(' ').next().expect("field");
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

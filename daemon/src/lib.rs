@@ -12,6 +12,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fsutil;
 pub mod hashing;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod server;

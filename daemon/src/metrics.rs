@@ -52,6 +52,12 @@ pub const OBJECT_STORE_COMPRESSED_CHUNKS: &str = "cairn_object_store_compressed_
 pub const OBJECT_STORE_RETRIES: &str = "cairn_object_store_retries_total";
 /// Object-store requests that failed for good, by operation.
 pub const OBJECT_STORE_ERRORS: &str = "cairn_object_store_errors_total";
+/// Step directories of CSI volumes taken into the memory tier as shards.
+pub const INGESTED_SHARDS: &str = "cairn_ingested_shards_total";
+/// Step directories of CSI volumes that could not be ingested, by reason
+/// (`refused`: symbolic links, special files or unstorable names, reported
+/// once; `error`: I/O or space, retried at the next rescan).
+pub const INGEST_FAILURES: &str = "cairn_ingest_failures_total";
 
 /// The daemon's metrics, registered in their own registry.
 pub struct Metrics {
@@ -100,6 +106,10 @@ pub struct Metrics {
     pub object_store_retries: IntCounterVec,
     /// See [`OBJECT_STORE_ERRORS`].
     pub object_store_errors: IntCounterVec,
+    /// See [`INGESTED_SHARDS`].
+    pub ingested_shards: IntCounter,
+    /// See [`INGEST_FAILURES`].
+    pub ingest_failures: IntCounterVec,
 }
 
 /// Latency buckets from 1 ms to about 10 minutes.
@@ -202,6 +212,19 @@ impl Metrics {
                 OBJECT_STORE_ERRORS,
                 "Object-store requests that failed after retries.",
                 &["op"],
+            ),
+            ingested_shards: reg(
+                &registry,
+                IntCounter::new(
+                    INGESTED_SHARDS,
+                    "Step directories ingested from CSI volumes.",
+                )
+                .expect("valid metric"),
+            ),
+            ingest_failures: counter(
+                INGEST_FAILURES,
+                "Step directories that could not be ingested.",
+                &["reason"],
             ),
             registry,
         }

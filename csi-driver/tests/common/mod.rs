@@ -274,7 +274,8 @@ pub fn mounts_at(path: &Path) -> usize {
 }
 
 /// The attributes kubelet sends for an inline volume of an Indexed Job pod
-/// `train-<rank>-abcde` in namespace `ml`, plus `job`.
+/// `train-<rank>-abcde` in namespace `ml`, plus `job` and `restore: none`
+/// (these tests run no cairnd to restore from; `tests/ingest.rs` does).
 pub fn inline_attrs(rank: u32) -> HashMap<String, String> {
     HashMap::from([
         ("csi.storage.k8s.io/ephemeral".into(), "true".into()),
@@ -293,6 +294,7 @@ pub fn inline_attrs(rank: u32) -> HashMap<String, String> {
         ),
         ("job".into(), "llama".into()),
         ("rankFrom".into(), "jobCompletionIndex".into()),
+        ("restore".into(), "none".into()),
     ])
 }
 

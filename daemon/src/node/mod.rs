@@ -15,6 +15,7 @@
 //!   reading, so collection never races a copy between its chunks and its
 //!   manifest.
 
+mod ingest;
 mod listing;
 mod maintenance;
 mod restore;
@@ -292,6 +293,7 @@ impl Node {
             tokio::spawn(Arc::clone(&node).bucket_gc_loop());
         }
         tokio::spawn(Arc::clone(&node).reap_sessions());
+        tokio::spawn(ingest::run(Arc::clone(&node)));
         node.update_usage_metrics();
         Ok(node)
     }

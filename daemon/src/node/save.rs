@@ -206,7 +206,7 @@ impl Node {
             session.committing = true;
             (session.request.clone(), session.paths.clone())
         };
-        let result = self.commit_session(session_id, &request, paths).await;
+        let result = self.commit_staged_files(session_id, &request, paths).await;
         let mut sessions = lock(&self.sessions);
         match &result {
             // A bad file size is the client's to fix: the session stays open.
@@ -230,6 +230,14 @@ impl Node {
         self.metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.shard_committed(&manifest, started);
+        Ok(manifest)
+    }
+
+    /// What follows every commit into the memory tier, whoever staged the
+    /// files (a client's session or ingest): metrics, the log line, the
+    /// write-back and upload queues, usage, and waking waiters.
+    pub(super) fn shard_committed(&self, manifest: &Arc<Manifest>, started: Instant) {
         self.metrics
             .saved_bytes
             .with_label_values(&["memory"])
@@ -247,12 +255,17 @@ impl Node {
         }
         self.update_usage_metrics();
         self.notify();
-        Ok(manifest)
     }
 
-    async fn commit_session(
+    /// Turns the files of staging area `staging_id` (at `paths`, in the
+    /// order of `request.files`) into the committed shard `request`
+    /// describes: hashes them in place, builds the manifest, and has the
+    /// memory tier write it and rename the area into place. The one way
+    /// staged files become a shard, for client commits and ingest alike.
+    /// On error the caller discards the staging area.
+    pub(super) async fn commit_staged_files(
         &self,
-        session_id: &str,
+        staging_id: &str,
         request: &BeginShard,
         paths: Vec<PathBuf>,
     ) -> Result<Arc<Manifest>> {
@@ -287,7 +300,7 @@ impl Node {
             committed_unix_ms: now_ms(),
         });
         let memory = Arc::clone(&self.memory);
-        let id = session_id.to_owned();
+        let id = staging_id.to_owned();
         let m = Arc::clone(&manifest);
         tokio::task::spawn_blocking(move || memory.commit_staged(&id, m)).await??;
         crash_point("commit.before_ack");

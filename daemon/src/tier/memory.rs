@@ -30,10 +30,16 @@
 //! at start are treated the same way, since a reader from before the restart
 //! may still map them. When space runs short the pool is the first thing
 //! dropped.
+//!
+//! **Adopted files.** Ingest of a CSI volume (on the same tmpfs) stages hard
+//! links to the files a pod wrote instead of new files (`stage_links`): the
+//! bytes exist once, under the pod's name and the shard's. A file with
+//! another link is never recycled into the pool, since the pod (or a
+//! pre-filled volume) still sees it; it is unlinked with its shard instead.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -347,6 +353,43 @@ impl MemoryTier {
         Ok(())
     }
 
+    /// Creates staging area `id` whose files are hard links to `sources`,
+    /// files on the tier's own filesystem (ingest of a step directory from
+    /// a CSI volume), and returns the links' paths in order. The caller must
+    /// have reserved the bytes.
+    ///
+    /// No byte is copied: each file exists once on the tmpfs under two
+    /// names, and its bytes count in this tier (through the reservation,
+    /// then the committed shard) like any staged file's. Each link is
+    /// checked to be a regular file *after* it is made: checking the source
+    /// first would race with a writer swapping it for a symbolic link, while
+    /// a hard link's inode cannot change. A link that is not a regular file
+    /// is `FailedPrecondition`.
+    pub fn stage_links(&self, id: &str, sources: &[(FileName, PathBuf)]) -> Result<Vec<PathBuf>> {
+        let dir = self.staging_dir(id).join(FILES);
+        let mut paths = Vec::with_capacity(sources.len());
+        for (name, source) in sources {
+            let path = join_name(&dir, name);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .io_context(|| format!("creating {}", parent.display()))?;
+            }
+            fs::hard_link(source, &path).io_context(|| {
+                format!("hard-linking {} as {}", source.display(), path.display())
+            })?;
+            let meta = fs::symlink_metadata(&path)
+                .io_context(|| format!("inspecting {}", path.display()))?;
+            if !meta.file_type().is_file() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is not a regular file",
+                    source.display()
+                )));
+            }
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
     /// Removes staging area `id` and releases its reservation.
     pub fn discard_staged(&self, id: &str) -> Result<()> {
         let result = fsutil::remove_all(&self.staging_dir(id));
@@ -375,11 +418,18 @@ impl MemoryTier {
         let dir = self.shard_dir(key);
         if !exported {
             for file in manifest.files.iter().filter(|f| f.size > 0) {
+                let from = join_name(&dir.join(FILES), &file.name);
+                // A file with another hard link (ingested from, or
+                // prefilled into, a CSI volume) is still visible to a pod:
+                // recycling it would let the next save overwrite what the
+                // pod reads. It is unlinked with the directory instead.
+                if fs::symlink_metadata(&from).is_ok_and(|m| m.nlink() > 1) {
+                    continue;
+                }
                 let mut state = self.lock_state();
                 if state.pool_bytes + file.size > self.pool_limit {
                     break;
                 }
-                let from = join_name(&dir.join(FILES), &file.name);
                 let to = self.root.join(POOL).join(uuid::Uuid::new_v4().to_string());
                 if fs::rename(&from, &to).is_ok() {
                     state.pool_bytes += file.size;

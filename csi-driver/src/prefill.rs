@@ -1,0 +1,450 @@
+//! Prefill on publish: the checkpoint a volume's `restore` attribute asks
+//! for (`latest` by default, or a step) is placed into its `data/` before
+//! NodePublishVolume returns, so before the pod's containers start.
+//!
+//! The plugin asks the node's cairnd (`RestoreShard` over its Unix socket)
+//! to make the job's shard for the volume's rank readable in the memory
+//! tier; cairnd answers with the files' paths there. The memory tier and
+//! the volumes directory share a tmpfs, so the files are hard-linked into
+//! the volume, without a copy; only a link that fails with `EXDEV` (a
+//! memory tier on another filesystem, or seen through another mount) falls
+//! back to a copy, logged. The plugin must see the memory tier at the same
+//! path as cairnd does.
+//!
+//! The step is assembled in a hidden directory (`.cairn-prefill-<step>`, a
+//! name ingest never takes), listed in the volume's `ingested.json` (so the
+//! daemon, seeing it appear, does not take it back as a new shard), and
+//! then renamed to its final name, `stepDirFormat` (default `{step}`, what
+//! Orbax expects). A retried publish finds `ingested.json` and does not
+//! prefill twice.
+//!
+//! `latest` with nothing restorable (NOT_FOUND) publishes an empty volume:
+//! a first start. An unreachable daemon (UNAVAILABLE) or a named step that
+//! cannot be restored (FAILED_PRECONDITION) fails the publish, and kubelet
+//! retries: starting a pod empty when it asked for its checkpoint would
+//! silently throw its training away.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_core::FileName;
+use cairn_core::ingest::{INGESTED_FILE, IngestSource, IngestedSteps, original_file_name};
+use cairn_core::names::Step;
+use cairn_proto::v1 as pb;
+use cairn_proto::v1::checkpoint_client::CheckpointClient;
+use tokio::runtime::Handle;
+
+use crate::client;
+use crate::error::{Error, IoContext, Result};
+use crate::store::write_atomically;
+use crate::volume::{DATA_DIR, Restore, VolumeSpec};
+
+/// How long connecting to cairnd's socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer accepted from cairnd: a restore's manifest lists every
+/// chunk of the shard (tens of bytes each).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Prefix of the hidden directory a step is assembled in.
+const TEMP_PREFIX: &str = ".cairn-prefill-";
+/// Mode of `ingested.json`, like `volume.json`.
+const INGESTED_FILE_MODE: u32 = 0o640;
+
+/// The node's cairnd, as far as prefill needs it.
+#[derive(Debug)]
+pub struct DaemonClient {
+    socket: PathBuf,
+    timeout: Duration,
+    runtime: Handle,
+}
+
+/// A shard cairnd made readable in its memory tier.
+#[derive(Debug)]
+pub struct RestoredShard {
+    /// The step restored (the newest restorable one, for `latest`).
+    pub step: Step,
+    /// Its files.
+    pub files: Vec<RestoredFile>,
+}
+
+/// One restored file.
+#[derive(Debug)]
+pub struct RestoredFile {
+    /// Its path inside the step directory, as the framework wrote it.
+    pub relative: String,
+    /// Where cairnd holds it (in the memory tier).
+    pub source: PathBuf,
+    /// Its size.
+    pub size: u64,
+}
+
+impl DaemonClient {
+    /// A client for the daemon at `socket`, whose restores may take up to
+    /// `timeout`. Must be created inside the plugin's runtime: publishes
+    /// run on blocking threads and use its handle to make the call.
+    pub fn new(socket: PathBuf, timeout: Duration) -> Result<Self> {
+        let runtime = Handle::try_current()
+            .map_err(|e| Error::Config(format!("prefill needs the async runtime: {e}")))?;
+        Ok(Self {
+            socket,
+            timeout,
+            runtime,
+        })
+    }
+
+    /// Asks cairnd to restore what `spec` asks for. `Ok(None)`: `latest`
+    /// and nothing restorable yet. Blocks: call it from a blocking thread.
+    pub fn restore(&self, spec: &VolumeSpec) -> Result<Option<RestoredShard>> {
+        let step = match spec.restore {
+            Restore::None => return Ok(None),
+            Restore::Latest => None,
+            Restore::Step(step) => Some(step.0),
+        };
+        let wanted = format!(
+            "{} of job {} rank {} (tenant {})",
+            match step {
+                Some(step) => format!("step {step}"),
+                None => "the newest restorable step".into(),
+            },
+            spec.job,
+            spec.rank,
+            spec.tenant
+        );
+        let socket = self.socket.clone();
+        let timeout = self.timeout;
+        let request = pb::RestoreShardRequest {
+            shard: Some(pb::ShardSelector {
+                tenant: spec.tenant.to_string(),
+                job: spec.job.to_string(),
+                step,
+                rank: spec.rank.0,
+            }),
+            skip_verify: false,
+        };
+        let unavailable = |detail: String| {
+            Error::Unavailable(format!(
+                "cairnd is not reachable at {} ({detail}); the volume asks for restore: {} \
+                 and the checkpoint comes from cairnd: start cairnd, or set restore: none \
+                 to start empty",
+                socket.display(),
+                spec.restore
+            ))
+        };
+        let answer = self.runtime.block_on(async {
+            let channel =
+                match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(&socket)).await {
+                    Ok(Ok(channel)) => channel,
+                    Ok(Err(e)) => return Err(unavailable(error_chain(&e))),
+                    Err(_) => return Err(unavailable("connecting timed out".into())),
+                };
+            let mut client = CheckpointClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(timeout);
+            Ok(client.restore_shard(request).await)
+        })?;
+        let response = match answer {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound && step.is_none() => {
+                return Ok(None);
+            }
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot pre-fill the volume: cairnd has no {wanted}: {}",
+                    status.message()
+                )));
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                return Err(unavailable(status.message().to_owned()));
+            }
+            Err(status) => {
+                return Err(Error::Internal(format!(
+                    "cairnd could not restore {wanted}: {:?}: {}",
+                    status.code(),
+                    status.message()
+                )));
+            }
+        };
+        convert(response, spec).map(Some)
+    }
+}
+
+/// The full error chain, for a connection failure's message.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// Checks cairnd's answer and turns stored names back into the names the
+/// framework wrote.
+fn convert(response: pb::RestoreShardResponse, spec: &VolumeSpec) -> Result<RestoredShard> {
+    let bad =
+        |what: String| Error::Internal(format!("cairnd's restore answer is unusable: {what}"));
+    let shard = response
+        .manifest
+        .and_then(|m| m.shard)
+        .ok_or_else(|| bad("no manifest".into()))?;
+    if shard.job != spec.job.as_str() || shard.rank != spec.rank.0 {
+        return Err(bad(format!(
+            "it is job {} rank {}, not job {} rank {}",
+            shard.job, shard.rank, spec.job, spec.rank
+        )));
+    }
+    let mut files = Vec::with_capacity(response.files.len());
+    for (i, file) in response.files.into_iter().enumerate() {
+        let stored = FileName::parse(&format!("files[{i}].name"), file.name)
+            .map_err(|e| bad(e.to_string()))?;
+        let relative = original_file_name(&stored).map_err(|e| bad(e.to_string()))?;
+        let source = PathBuf::from(file.path);
+        if !source.is_absolute() {
+            return Err(bad(format!("files[{i}].path is not absolute")));
+        }
+        files.push(RestoredFile {
+            relative,
+            source,
+            size: file.size,
+        });
+    }
+    Ok(RestoredShard {
+        step: Step(shard.step),
+        files,
+    })
+}
+
+/// Reads a volume's `ingested.json` (an empty list when there is none).
+pub fn read_ingested(volume_dir: &Path) -> Result<IngestedSteps> {
+    let path = volume_dir.join(INGESTED_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(IngestedSteps::decode(&bytes)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IngestedSteps::default()),
+        Err(e) => Err(e).io_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// How a prefill went, for the log.
+#[derive(Debug, Default)]
+struct Placed {
+    linked: usize,
+    copied: usize,
+    bytes: u64,
+}
+
+/// Pre-fills the volume in `volume_dir` as `spec` asks. Only an empty
+/// `data/` is filled: a volume remounted after the pod wrote into it (or
+/// after an earlier prefill) keeps what it has. Leftovers of an attempt
+/// that crashed half-way are removed first. The caller holds the volume's
+/// in-flight guard and has not mounted the volume yet.
+pub fn prefill(volume_dir: &Path, spec: &VolumeSpec, daemon: &DaemonClient) -> Result<()> {
+    if spec.restore == Restore::None {
+        return Ok(());
+    }
+    let data = volume_dir.join(DATA_DIR);
+    let mut holds_data = false;
+    for entry in fs::read_dir(&data).io_context(|| format!("listing {}", data.display()))? {
+        let entry = entry.io_context(|| format!("listing {}", data.display()))?;
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            remove_tree(&entry.path())?;
+        } else {
+            holds_data = true;
+        }
+    }
+    let mut ingested = read_ingested(volume_dir)?;
+    if holds_data || ingested.has_prefilled() {
+        tracing::info!("the volume already holds data; not pre-filling it");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let Some(shard) = daemon.restore(spec)? else {
+        tracing::info!(restore = %spec.restore, "no checkpoint to restore yet; the volume starts empty");
+        return Ok(());
+    };
+    let name = spec.step_dir_format.dir_name(shard.step);
+    let target = data.join(&name);
+    let temp = data.join(format!("{TEMP_PREFIX}{}", shard.step));
+    let placed = place(&temp, &shard.files);
+    let placed = match placed {
+        Ok(placed) => placed,
+        Err(e) => {
+            let _ = remove_tree(&temp);
+            return Err(e);
+        }
+    };
+    // Listed before it appears under its final name, so the daemon never
+    // sees it as a new step.
+    ingested.record(shard.step, &name, IngestSource::Prefilled);
+    write_atomically(
+        &volume_dir.join(INGESTED_FILE),
+        &ingested.encode(),
+        INGESTED_FILE_MODE,
+    )?;
+    fs::rename(&temp, &target)
+        .io_context(|| format!("renaming {} to {}", temp.display(), target.display()))?;
+    tracing::info!(
+        step = %shard.step,
+        dir = %name,
+        files = shard.files.len(),
+        bytes = placed.bytes,
+        linked = placed.linked,
+        copied = placed.copied,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "volume pre-filled"
+    );
+    Ok(())
+}
+
+/// Hard-links (or, across filesystems, copies) every file into `dir`.
+fn place(dir: &Path, files: &[RestoredFile]) -> Result<Placed> {
+    let exdev = rustix::io::Errno::XDEV.raw_os_error();
+    let mut placed = Placed::default();
+    fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
+    for file in files {
+        let mut target = dir.to_path_buf();
+        target.extend(file.relative.split('/'));
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
+        }
+        let meta = fs::symlink_metadata(&file.source)
+            .io_context(|| format!("inspecting the restored file {}", file.source.display()))?;
+        if !meta.file_type().is_file() || meta.len() != file.size {
+            return Err(Error::Internal(format!(
+                "cairnd's restored file {} is not a regular file of {} bytes",
+                file.source.display(),
+                file.size
+            )));
+        }
+        match fs::hard_link(&file.source, &target) {
+            Ok(()) => placed.linked += 1,
+            Err(e) if e.raw_os_error() == Some(exdev) => {
+                if placed.copied == 0 {
+                    tracing::warn!(
+                        source = %file.source.display(),
+                        "the memory tier is on another filesystem (or mount) than the volume; \
+                         copying instead of linking"
+                    );
+                }
+                fs::copy(&file.source, &target).io_context(|| {
+                    format!("copying {} to {}", file.source.display(), target.display())
+                })?;
+                placed.copied += 1;
+            }
+            Err(e) => {
+                return Err(e).io_context(|| {
+                    format!(
+                        "hard-linking {} to {}",
+                        file.source.display(),
+                        target.display()
+                    )
+                });
+            }
+        }
+        placed.bytes += file.size;
+    }
+    Ok(placed)
+}
+
+/// Removes a directory tree if it exists (never following a link).
+fn remove_tree(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            fs::remove_dir_all(path).io_context(|| format!("removing {}", path.display()))
+        }
+        Ok(_) => fs::remove_file(path).io_context(|| format!("removing {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).io_context(|| format!("inspecting {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_empty_volume_is_prefilled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join(DATA_DIR);
+        fs::create_dir_all(data.join(".cairn-prefill-3/x")).expect("leftover");
+        fs::create_dir_all(data.join("3")).expect("the pod's step");
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        // The socket does not exist: a call to cairnd would fail, so
+        // success means it was not called.
+        let daemon = runtime.block_on(async {
+            DaemonClient::new(dir.path().join("no.sock"), Duration::from_secs(1))
+        });
+        let daemon = daemon.expect("client");
+        let req = crate::volume::PublishRequest {
+            volume_id: "v".into(),
+            target_path: "/var/lib/kubelet/pods/p/mount".into(),
+            capability: Some(crate::volume::Capability {
+                access_type: Some(crate::volume::AccessType::Mount {
+                    fs_type: String::new(),
+                    mount_flags: vec![],
+                    volume_mount_group: String::new(),
+                }),
+                access_mode: Some(crate::volume::AccessMode::SingleNodeWriter),
+            }),
+            volume_context: [
+                ("csi.storage.k8s.io/ephemeral", "true"),
+                ("job", "j"),
+                ("rank", "0"),
+                ("tenant", "t"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..Default::default()
+        };
+        let spec = VolumeSpec::from_request(&req, Path::new("/var/lib/kubelet")).expect("spec");
+        prefill(dir.path(), &spec, &daemon).expect("nothing to do");
+        assert!(!data.join(".cairn-prefill-3").exists(), "leftover removed");
+        fs::remove_dir(data.join("3")).expect("empty the volume");
+        let err = prefill(dir.path(), &spec, &daemon).expect_err("cairnd is needed now");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.to_string().contains("no.sock"), "{err}");
+    }
+
+    #[test]
+    fn files_are_linked_with_their_original_names() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let source = dir.path().join("shard");
+        fs::create_dir_all(&source).expect("mkdir");
+        let a = source.join("a");
+        fs::write(&a, b"hello").expect("write");
+        let files = vec![
+            RestoredFile {
+                relative: ".metadata".into(),
+                source: a.clone(),
+                size: 5,
+            },
+            RestoredFile {
+                relative: "default/d/x".into(),
+                source: a.clone(),
+                size: 5,
+            },
+        ];
+        let target = dir.path().join("out");
+        let placed = place(&target, &files).expect("place");
+        assert_eq!((placed.linked, placed.copied, placed.bytes), (2, 0, 10));
+        assert_eq!(fs::read(target.join(".metadata")).expect("read"), b"hello");
+        assert_eq!(
+            fs::read(target.join("default/d/x")).expect("read"),
+            b"hello"
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(&a).expect("stat").nlink(), 3);
+
+        let wrong = vec![RestoredFile {
+            relative: "b".into(),
+            source: a,
+            size: 6,
+        }];
+        let err = place(&dir.path().join("out2"), &wrong).expect_err("size mismatch");
+        assert_eq!(err.code(), tonic::Code::Internal);
+    }
+}

@@ -1,0 +1,564 @@
+//! Ingest and prefill end to end: a real `cairnd` whose memory tier holds
+//! the real `cairn-csi`'s volumes, real bind mounts, and real Orbax and
+//! PyTorch DCP code writing and reading checkpoints through them.
+//!
+//! Needs root (mounts) and the repository's `.venv` with torch, jax and
+//! orbax-checkpoint (`CAIRN_PYTHON_SETUP_ONLY=1 ./scripts/test-python`).
+//! Set `CAIRN_SKIP_FRAMEWORK_TESTS=1` to skip it where that cannot exist.
+//! `cairnd` is `target/debug/cairnd` beside this test (`cargo test
+//! --workspace` builds it), or `CAIRND_BIN`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_csi::mountinfo;
+use cairn_proto::v1 as cpb;
+use cairn_proto::v1::admin_client::AdminClient;
+use cairn_proto::v1::checkpoint_client::CheckpointClient;
+use common::{Plugin, assert_code, can_mount, mounts_at, publish_request, unpublish_request};
+use tonic::transport::Channel;
+
+/// Rescan interval of the test daemon: short, so restarts are caught fast.
+const RESCAN_SECS: u64 = 1;
+const TENANT: &str = "ml";
+const ORBAX_JOB: &str = "llama";
+const DCP_JOB: &str = "llama-dcp";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
+}
+
+/// The virtualenv's python, or `None` (after saying why) when the test
+/// must skip; panics when it is missing and skipping was not asked for.
+fn python(test: &str) -> Option<PathBuf> {
+    if std::env::var("CAIRN_SKIP_FRAMEWORK_TESTS").as_deref() == Ok("1") {
+        eprintln!("{test}: skipped (CAIRN_SKIP_FRAMEWORK_TESTS=1)");
+        return None;
+    }
+    let python = repo_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{test}: {} is missing: run `CAIRN_PYTHON_SETUP_ONLY=1 ./scripts/test-python` to \
+         install torch, jax and orbax-checkpoint (or set CAIRN_SKIP_FRAMEWORK_TESTS=1 to skip)",
+        python.display()
+    );
+    Some(python)
+}
+
+/// `CAIRND_BIN`, else `cairnd` in the target directory holding this test.
+fn cairnd_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("CAIRND_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/ingest-<hash> -> target/<profile>/cairnd
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("cairnd");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p cairn-daemon` (or set CAIRND_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `cairnd` whose memory tier is the plugin's tmpfs directory, so the
+/// plugin's volumes (`<memory_dir>/volumes`) are inside it.
+struct Daemon {
+    memory_dir: PathBuf,
+    disk_dir: PathBuf,
+    socket: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    async fn start(memory_dir: &Path, work: &Path) -> Daemon {
+        let config = work.join("cairnd.toml");
+        std::fs::write(&config, format!("[ingest]\nrescan_secs = {RESCAN_SECS}\n"))
+            .expect("daemon config");
+        let mut daemon = Daemon {
+            memory_dir: memory_dir.to_path_buf(),
+            disk_dir: work.join("disk"),
+            socket: work.join("cairn.sock"),
+            config,
+            log: work.join("cairnd.log"),
+            child: None,
+        };
+        daemon.spawn().await;
+        daemon
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(cairnd_binary())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--memory-dir")
+            .arg(&self.memory_dir)
+            .arg("--disk-dir")
+            .arg(&self.disk_dir)
+            .arg("--metrics-addr")
+            .arg("off")
+            .arg("--chunk-size")
+            .arg("65536")
+            .env("CAIRN_LOG", "info")
+            .env_remove("FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cairnd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "cairnd exited during start ({status}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(channel) = cairn_csi::client::connect(&self.socket).await
+                && AdminClient::new(channel)
+                    .status(cpb::StatusRequest {})
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cairnd did not start; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, and wait for the exit. Async, so this test's client
+    /// connections keep being driven (they answer the daemon's graceful
+    /// GOAWAY) while it drains.
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("cairnd did not stop on SIGTERM; log:\n{}", self.log_text());
+    }
+
+    async fn checkpoint(&self) -> CheckpointClient<Channel> {
+        CheckpointClient::new(
+            cairn_csi::client::connect(&self.socket)
+                .await
+                .expect("connect to cairnd"),
+        )
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn count_in_log(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The steps the daemon lists for `job`.
+    async fn steps(&self, job: &str) -> BTreeSet<u64> {
+        let response = self
+            .checkpoint()
+            .await
+            .list_steps(cpb::ListStepsRequest {
+                tenant: TENANT.into(),
+                job: job.into(),
+            })
+            .await
+            .expect("ListSteps")
+            .into_inner();
+        response
+            .jobs
+            .iter()
+            .flat_map(|j| j.steps.iter().map(|s| s.step))
+            .collect()
+    }
+
+    /// Polls ListSteps until `job` lists at least `want`.
+    async fn wait_for_steps(&self, job: &str, want: &[u64]) {
+        let want: BTreeSet<u64> = want.iter().copied().collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let have = self.steps(job).await;
+            if want.is_subset(&have) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{job}: waited for steps {want:?}, have {have:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_durable_on_disk(&self, job: &str, step: u64) {
+        self.checkpoint()
+            .await
+            .wait_durable(cpb::WaitDurableRequest {
+                tenant: TENANT.into(),
+                job: job.into(),
+                step,
+                rank: None,
+                tier: cpb::Tier::Disk as i32,
+                timeout_ms: 60_000,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{job} step {step} durable on disk: {e}"));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `tests/frameworks.py` in the virtualenv; panics with its output on
+/// failure.
+fn run_frameworks(python: &Path, mode: &str, orbax_dir: &Path, dcp_dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/frameworks.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(mode)
+        .arg(orbax_dir)
+        .arg(dcp_dir)
+        .env("JAX_PLATFORMS", "cpu")
+        .env("TF_CPP_MIN_LOG_LEVEL", "3")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "frameworks.py {mode} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A publish of `id` for `job`'s rank 0 with extra attributes.
+fn publish(
+    id: &str,
+    target: &Path,
+    job: &str,
+    attrs: &[(&str, &str)],
+) -> cairn_csi::csi::v1::NodePublishVolumeRequest {
+    let mut request = publish_request(id, target, 0);
+    request.volume_context.insert("job".into(), job.into());
+    for (key, value) in attrs {
+        request
+            .volume_context
+            .insert((*key).into(), (*value).into());
+    }
+    request
+}
+
+fn ingested_steps(volume_dir: &Path) -> Vec<(u64, String, String)> {
+    let bytes = std::fs::read(volume_dir.join("ingested.json")).expect("ingested.json");
+    let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    json["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_u64().expect("step"),
+                s["dir"].as_str().expect("dir").to_owned(),
+                s["source"].as_str().expect("source").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memory_tier() {
+    let test = "framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memory_tier";
+    if !can_mount(test) {
+        return;
+    }
+    let Some(python) = python(test) else {
+        return;
+    };
+    let mut plugin = Plugin::new(&[], &[]);
+    let work = plugin.dir.path().join("cairnd");
+    std::fs::create_dir_all(&work).expect("daemon dir");
+    let mut daemon = Daemon::start(&plugin.shm_dir, &work).await;
+    plugin.extra_args.extend([
+        "--daemon-socket".into(),
+        daemon.socket.display().to_string(),
+    ]);
+    plugin.spawn();
+    plugin.wait_ready().await;
+    let mut node = plugin.node().await;
+
+    // Nothing saved yet: `restore: latest` publishes an empty volume.
+    let orbax_target = plugin.target("pod-orbax", "ckpt");
+    let dcp_target = plugin.target("pod-dcp", "ckpt");
+    node.node_publish_volume(publish(
+        "vol-orbax",
+        &orbax_target,
+        ORBAX_JOB,
+        &[("restore", "latest")],
+    ))
+    .await
+    .expect("publish the Orbax volume");
+    node.node_publish_volume(publish(
+        "vol-dcp",
+        &dcp_target,
+        DCP_JOB,
+        &[("restore", "latest"), ("commitMarker", ".metadata")],
+    ))
+    .await
+    .expect("publish the DCP volume");
+    assert_eq!(
+        std::fs::read_dir(&orbax_target).expect("list").count(),
+        0,
+        "nothing to restore yet"
+    );
+
+    // Real frameworks save through the mounts.
+    run_frameworks(&python, "save", &orbax_target, &dcp_target);
+    // What must never be ingested: a step left under its temporary name
+    // (even with Orbax's marker in it), a name without a step number, and
+    // a step holding a symbolic link. Made after the save: Orbax would
+    // take a directory named 9 for a newer step of its own and skip 1, 2.
+    let temp = orbax_target.join("7.orbax-checkpoint-tmp-1700000000");
+    std::fs::create_dir(&temp).expect("temp step");
+    std::fs::write(temp.join("state.bin"), vec![7u8; 1000]).expect("write");
+    std::fs::write(temp.join("commit_success.txt"), b"ok").expect("marker");
+    let notes = orbax_target.join("notes");
+    std::fs::create_dir(&notes).expect("notes");
+    std::fs::write(notes.join("commit_success.txt"), b"ok").expect("marker");
+    let linked = orbax_target.join("9.orbax-checkpoint-tmp-1");
+    std::fs::create_dir(&linked).expect("step 9");
+    std::os::unix::fs::symlink("/etc/hostname", linked.join("hostname")).expect("symlink");
+    std::fs::write(linked.join("commit_success.txt"), b"ok").expect("marker");
+    std::fs::rename(&linked, orbax_target.join("9")).expect("finish step 9");
+
+    daemon.wait_for_steps(ORBAX_JOB, &[1, 2]).await;
+    daemon.wait_for_steps(DCP_JOB, &[5]).await;
+    // A few rescans later, still nothing else.
+    tokio::time::sleep(Duration::from_secs(3 * RESCAN_SECS)).await;
+    assert_eq!(daemon.steps(ORBAX_JOB).await, BTreeSet::from([1, 2]));
+    assert_eq!(daemon.steps(DCP_JOB).await, BTreeSet::from([5]));
+    assert_eq!(
+        daemon.count_in_log("step ingested"),
+        3,
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(
+        daemon.count_in_log("has no step number"),
+        1,
+        "{}",
+        daemon.log_text()
+    );
+    let refused: Vec<String> = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("step directory refused"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(refused.len(), 1, "{}", daemon.log_text());
+    assert!(refused[0].contains("symbolic link"), "{}", refused[0]);
+
+    // Ingest copied nothing: the pod's files are hard links into the tier.
+    let orbax_volume = plugin.volume_dir("vol-orbax");
+    let dcp_volume = plugin.volume_dir("vol-dcp");
+    for file in [
+        orbax_volume.join("data/2/_CHECKPOINT_METADATA"),
+        dcp_volume.join("data/step_5/.metadata"),
+        dcp_volume.join("data/step_5/__0_0.distcp"),
+    ] {
+        assert_eq!(
+            std::fs::metadata(&file).expect("stat").nlink(),
+            2,
+            "{}",
+            file.display()
+        );
+    }
+    assert_eq!(
+        ingested_steps(&orbax_volume),
+        vec![
+            (1, "1".into(), "ingested".into()),
+            (2, "2".into(), "ingested".into())
+        ]
+    );
+    assert_eq!(
+        ingested_steps(&dcp_volume),
+        vec![(5, "step_5".into(), "ingested".into())]
+    );
+
+    // Lose the memory tier, as a node reboot would, once the disk holds
+    // every step; keep the plugin's volumes (still mounted).
+    for step in [1, 2] {
+        daemon.wait_durable_on_disk(ORBAX_JOB, step).await;
+    }
+    daemon.wait_durable_on_disk(DCP_JOB, 5).await;
+    daemon.stop().await;
+    for entry in std::fs::read_dir(&plugin.shm_dir)
+        .expect("memory dir")
+        .flatten()
+    {
+        if entry.file_name() != "volumes" {
+            let path = entry.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("wipe");
+            } else {
+                std::fs::remove_file(&path).expect("wipe");
+            }
+        }
+    }
+    daemon.spawn().await;
+    // The restarted daemon rescans the volumes and takes nothing twice.
+    tokio::time::sleep(Duration::from_secs(3 * RESCAN_SECS)).await;
+    assert_eq!(
+        daemon.count_in_log("step ingested"),
+        3,
+        "{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.steps(ORBAX_JOB).await, BTreeSet::from([1, 2]));
+
+    for (id, target) in [("vol-orbax", &orbax_target), ("vol-dcp", &dcp_target)] {
+        node.node_unpublish_volume(unpublish_request(id, target))
+            .await
+            .expect("unpublish");
+        assert_eq!(mounts_at(target), 0);
+        assert!(!plugin.volume_dir(id).exists());
+    }
+
+    // New pods: their volumes are pre-filled with the newest steps, from
+    // the disk tier, before publish returns.
+    let orbax_target = plugin.target("pod-orbax-2", "ckpt");
+    let dcp_target = plugin.target("pod-dcp-2", "ckpt");
+    node.node_publish_volume(publish(
+        "vol-orbax-2",
+        &orbax_target,
+        ORBAX_JOB,
+        &[("restore", "latest")],
+    ))
+    .await
+    .expect("publish with restore: latest");
+    node.node_publish_volume(publish(
+        "vol-dcp-2",
+        &dcp_target,
+        DCP_JOB,
+        &[
+            ("restore", "latest"),
+            ("commitMarker", ".metadata"),
+            ("stepDirFormat", "step_{step}"),
+        ],
+    ))
+    .await
+    .expect("publish with restore: latest and stepDirFormat");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&orbax_target), vec!["2"]);
+    assert_eq!(names(&dcp_target), vec!["step_5"]);
+    let orbax_volume = plugin.volume_dir("vol-orbax-2");
+    assert_eq!(
+        ingested_steps(&orbax_volume),
+        vec![(2, "2".into(), "prefilled".into())]
+    );
+    // Linked from the memory tier, not copied.
+    assert!(
+        std::fs::metadata(orbax_volume.join("data/2/_CHECKPOINT_METADATA"))
+            .expect("stat")
+            .nlink()
+            >= 2
+    );
+
+    run_frameworks(&python, "restore", &orbax_target, &dcp_target);
+    tokio::time::sleep(Duration::from_secs(2 * RESCAN_SECS)).await;
+    assert_eq!(
+        daemon.count_in_log("step ingested"),
+        3,
+        "a prefilled step was taken back: {}",
+        daemon.log_text()
+    );
+
+    for (id, target) in [("vol-orbax-2", &orbax_target), ("vol-dcp-2", &dcp_target)] {
+        node.node_unpublish_volume(unpublish_request(id, target))
+            .await
+            .expect("unpublish");
+        assert_eq!(mounts_at(target), 0);
+    }
+
+    // Without the daemon, a publish that asks for a checkpoint fails
+    // UNAVAILABLE (kubelet retries) and leaves nothing behind.
+    daemon.stop().await;
+    let target = plugin.target("pod-3", "ckpt");
+    assert_code(
+        node.node_publish_volume(publish(
+            "vol-3",
+            &target,
+            ORBAX_JOB,
+            &[("restore", "latest")],
+        ))
+        .await,
+        tonic::Code::Unavailable,
+        "cairnd is not reachable",
+    );
+    assert_eq!(mounts_at(&target), 0);
+    assert!(!plugin.volume_dir("vol-3").exists());
+
+    let entries = mountinfo::read().expect("mountinfo");
+    assert!(
+        mountinfo::mounts_under(&entries, plugin.dir.path()).is_empty(),
+        "mounts left behind"
+    );
+}

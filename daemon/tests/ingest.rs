@@ -1,0 +1,208 @@
+//! Ingest of step directories from CSI volumes, against a real `cairnd`:
+//! the volumes are laid out by hand here, as the CSI plugin lays them out
+//! (`csi-driver/tests/ingest.rs` runs the plugin, real mounts and real
+//! frameworks), so this test needs neither root nor Python.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_daemon::client::Clients;
+use cairn_proto::v1 as pb;
+use common::{Daemon, bytes, restore, save, shard, wait_disk};
+
+/// Lays out `<volumes>/<id>/{volume.json,data/}` as cairn-csi does.
+fn volume(daemon: &Daemon, id: &str, job: &str, commit_marker: Option<&str>) -> PathBuf {
+    let dir = daemon.memory_dir.join("volumes").join(id);
+    std::fs::create_dir_all(dir.join("data")).expect("volume dir");
+    let mut spec = serde_json::json!({
+        "format": 1,
+        "volume_id": id,
+        "target_path": "/var/lib/kubelet/pods/p/volumes/kubernetes.io~csi/ckpt/mount",
+        "tenant": "default",
+        "job": job,
+        "rank": 0,
+        "restore": "none",
+    });
+    if let Some(marker) = commit_marker {
+        spec["commit_marker"] = marker.into();
+    }
+    std::fs::write(dir.join("volume.json"), spec.to_string()).expect("volume.json");
+    dir.join("data")
+}
+
+async fn steps(c: &mut Clients, job: &str) -> BTreeSet<u64> {
+    c.checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: job.into(),
+        })
+        .await
+        .expect("ListSteps")
+        .into_inner()
+        .jobs
+        .iter()
+        .flat_map(|j| j.steps.iter().map(|s| s.step))
+        .collect()
+}
+
+async fn wait_for_step(daemon: &Daemon, c: &mut Clients, job: &str, step: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !steps(c, job).await.contains(&step) {
+        assert!(
+            Instant::now() < deadline,
+            "{job} step {step} was not ingested; log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the memory tier still holds `job`'s `step`.
+async fn in_memory(c: &mut Clients, job: &str, step: u64) -> bool {
+    let response = c
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: job.into(),
+        })
+        .await
+        .expect("ListSteps")
+        .into_inner();
+    response
+        .jobs
+        .iter()
+        .flat_map(|j| &j.steps)
+        .filter(|s| s.step == step)
+        .flat_map(|s| &s.shards)
+        .flat_map(|shard| &shard.tiers)
+        .any(|t| t.tier == pb::Tier::Memory as i32 && t.state == pb::ShardState::Durable as i32)
+}
+
+fn write_step(dir: &Path, files: &[(&str, &[u8])]) {
+    for (name, data) in files {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, data).expect("write");
+    }
+}
+
+#[tokio::test]
+async fn finished_step_directories_are_ingested_once_and_never_recycled() {
+    let config = tempfile::tempdir().expect("config dir");
+    let config_file = config.path().join("cairnd.toml");
+    std::fs::write(&config_file, "[ingest]\nrescan_secs = 1\n").expect("config");
+    let mut daemon = Daemon::start(&[
+        "--config",
+        config_file.to_str().expect("utf-8"),
+        "--memory-keep-last",
+        "1",
+    ])
+    .await;
+    let mut c = daemon.clients().await;
+    // The volumes directory appears after cairnd started (the plugin
+    // creates it): ingest picks it up at the next rescan.
+    let data = volume(&daemon, "vol-a", "job-a", None);
+    let rename_data = volume(&daemon, "vol-r", "job-r", Some("none"));
+
+    // Written under a temporary name, then renamed into place: ingested.
+    let model = bytes(1, 300_000);
+    let optimizer = bytes(2, 100_000);
+    let temp = data.join("step_10.tmp");
+    write_step(
+        &temp,
+        &[
+            ("model.bin", &model),
+            ("sub/.optimizer", &optimizer),
+            ("commit_success.txt", b"ok"),
+        ],
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::rename(&temp, data.join("step_10")).expect("rename");
+    wait_for_step(&daemon, &mut c, "job-a", 10).await;
+
+    // Its files come back with the names the framework wrote.
+    let (response, files) = restore(&mut c, "job-a", Some(10), 0)
+        .await
+        .expect("restore step 10");
+    assert_eq!(files["model.bin"], model);
+    assert_eq!(files["sub/_.optimizer"], optimizer);
+    let metadata = &response.manifest.expect("manifest").metadata;
+    assert_eq!(metadata["cairn.ingest.dir"], "step_10");
+    assert_eq!(metadata["cairn.ingest.volume_id"], "vol-a");
+    wait_disk(&mut c, "job-a", 10).await;
+
+    // A restart forgets which files a reader was given; the link count
+    // still keeps the pod's files out of the page pool.
+    daemon.restart().await;
+    let mut c = daemon.clients().await;
+
+    // Created in place under its final name: taken only once the marker is
+    // written.
+    let step_20 = data.join("step_20");
+    write_step(&step_20, &[("model.bin", &bytes(3, 300_000))]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!steps(&mut c, "job-a").await.contains(&20));
+    write_step(&step_20, &[("commit_success.txt", b"ok")]);
+    wait_for_step(&daemon, &mut c, "job-a", 20).await;
+
+    // Memory keeps one step: step 10 leaves the memory tier once step 20
+    // is on disk. A save of the same size then reuses pooled files; the
+    // pod's copy of step 10 must be untouched.
+    wait_disk(&mut c, "job-a", 20).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_memory(&mut c, "job-a", 10).await {
+        assert!(Instant::now() < deadline, "step 10 never left memory");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other = bytes(4, 300_000);
+    save(&mut c, shard("other", 1, 0), &[("model.bin", &other)])
+        .await
+        .expect("save");
+    assert_eq!(
+        std::fs::read(data.join("step_10/model.bin")).expect("read"),
+        model,
+        "the pod's ingested file was recycled"
+    );
+
+    // No marker configured for this volume: the rename is the commit; a
+    // temporary name is never taken.
+    let temp = rename_data.join("30.partial.tmp");
+    write_step(&temp, &[("state.pt", &bytes(5, 5000))]);
+    write_step(&rename_data.join("tmp_40"), &[("state.pt", b"x")]);
+    std::fs::rename(&temp, rename_data.join("30")).expect("rename");
+    wait_for_step(&daemon, &mut c, "job-r", 30).await;
+
+    // Nothing twice: a few rescans, and a restart that rescans everything.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    daemon.restart().await;
+    let mut c = daemon.clients().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(steps(&mut c, "job-r").await, BTreeSet::from([30]));
+    let ingested = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("step ingested"))
+        .count();
+    assert_eq!(ingested, 3, "{}", daemon.log_text());
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.parent().expect("volume dir").join("ingested.json"))
+            .expect("ingested.json"),
+    )
+    .expect("json");
+    let listed: Vec<u64> = record["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(listed, vec![10, 20]);
+    // This process ingested nothing (a counter per process).
+    let metrics = daemon.metrics().await;
+    assert!(
+        metrics.contains("cairn_ingested_shards_total 0"),
+        "{metrics}"
+    );
+}
