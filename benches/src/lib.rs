@@ -118,9 +118,18 @@ pub fn make_tensors(total: u64, seed: u64) -> Vec<Vec<u8>> {
 }
 
 /// Saves `tensors` as one shard of `job` at `step` the way the Python client
-/// does (BeginShard, one `pwrite` per tensor into the staged files,
-/// CommitShard).
+/// does: [`stage`], then CommitShard.
 pub async fn save(c: &mut Clients, job: &str, step: u64, tensors: &[Vec<u8>]) -> Result<()> {
+    let session_id = stage(c, job, step, tensors).await?;
+    c.checkpoint
+        .commit_shard(pb::CommitShardRequest { session_id })
+        .await?;
+    Ok(())
+}
+
+/// The part of a save the trainer waits for: BeginShard and one `pwrite`
+/// per tensor into the staged files. Returns the session to commit.
+pub async fn stage(c: &mut Clients, job: &str, step: u64, tensors: &[Vec<u8>]) -> Result<String> {
     let begin = c
         .checkpoint
         .begin_shard(pb::BeginShardRequest {
@@ -143,12 +152,7 @@ pub async fn save(c: &mut Clients, job: &str, step: u64, tensors: &[Vec<u8>]) ->
         let f = std::fs::OpenOptions::new().write(true).open(&staged.path)?;
         f.write_all_at(tensor, 0)?;
     }
-    c.checkpoint
-        .commit_shard(pb::CommitShardRequest {
-            session_id: begin.session_id,
-        })
-        .await?;
-    Ok(())
+    Ok(begin.session_id)
 }
 
 /// Rank 0 of `job` at `step`, in the default tenant.

@@ -11,16 +11,14 @@
 //! Usage: `cairn-bench [--quick] [--size-mib N]`; run it through
 //! `./scripts/bench`, which builds cairnd first.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Result;
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, tempdir,
+    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, stage, tempdir,
 };
 use cairn_proto::v1 as pb;
 use clap::Parser;
@@ -98,39 +96,11 @@ async fn main() -> Result<()> {
 
         // Cairn: begin, one pwrite per tensor into the staged files, commit.
         let t = Instant::now();
-        let begin = c
-            .checkpoint
-            .begin_shard(pb::BeginShardRequest {
-                shard: Some(pb::ShardRef {
-                    tenant: String::new(),
-                    job: "bench".into(),
-                    step: i as u64,
-                    rank: 0,
-                }),
-                files: tensors
-                    .iter()
-                    .enumerate()
-                    .map(|(n, t)| pb::FileSpec {
-                        name: format!("tensor-{n}"),
-                        size: t.len() as u64,
-                        metadata: HashMap::new(),
-                    })
-                    .collect(),
-                world_size: Some(1),
-                metadata: HashMap::new(),
-            })
-            .await?
-            .into_inner();
-        for (staged, tensor) in begin.files.iter().zip(&tensors) {
-            let f = std::fs::OpenOptions::new().write(true).open(&staged.path)?;
-            f.write_all_at(tensor, 0)?;
-        }
+        let session_id = stage(&mut c, "bench", i as u64, &tensors).await?;
         stall.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         c.checkpoint
-            .commit_shard(pb::CommitShardRequest {
-                session_id: begin.session_id,
-            })
+            .commit_shard(pb::CommitShardRequest { session_id })
             .await?;
         commit.push(t.elapsed().as_secs_f64());
         // Let write-back finish so it does not steal the next run's cores.

@@ -224,25 +224,14 @@ async fn start_daemon(
 }
 
 async fn wait_uploaded(c: &mut Clients, job: &str, step: u64) {
-    c.checkpoint
-        .wait_durable(pb::WaitDurableRequest {
-            tenant: String::new(),
-            job: job.into(),
-            step,
-            rank: None,
-            tier: pb::Tier::ObjectStore as i32,
-            timeout_ms: 60_000,
-        })
+    wait_durable(c, job, step, pb::Tier::ObjectStore, 60_000)
         .await
         .expect("durable in the object store");
 }
 
-fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+/// A counter's value as a whole number.
+fn count(scrape: &str, name_and_labels: &str) -> u64 {
+    metric(scrape, name_and_labels) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,7 +255,7 @@ async fn s3_full_and_incremental_steps_round_trip() {
     wait_uploaded(&mut c, "s3job", 2).await;
     let m = node.metrics().await;
     assert_eq!(
-        metric(&m, "cairn_saved_bytes_total{tier=\"object-store\"}"),
+        count(&m, "cairn_saved_bytes_total{tier=\"object-store\"}"),
         30 * TEST_CHUNK + 5 + 3 * TEST_CHUNK,
         "step 2 sent only its 3 changed chunks"
     );
@@ -346,7 +335,7 @@ async fn s3_server_killed_mid_upload_finishes_without_resending() {
     let stored_per_chunk = TEST_CHUNK + 16; // random bytes are stored raw
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let sent = metric(
+        let sent = count(
             &node.metrics().await,
             "cairn_object_store_stored_bytes_total",
         );
@@ -357,7 +346,7 @@ async fn s3_server_killed_mid_upload_finishes_without_resending() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     s3.server.kill();
-    let sent_before = metric(
+    let sent_before = count(
         &node.metrics().await,
         "cairn_object_store_stored_bytes_total",
     );
@@ -369,7 +358,7 @@ async fn s3_server_killed_mid_upload_finishes_without_resending() {
     s3.server.spawn();
     wait_uploaded(&mut c, "outage", 1).await;
     let m = node.metrics().await;
-    let sent_total = metric(&m, "cairn_object_store_stored_bytes_total");
+    let sent_total = count(&m, "cairn_object_store_stored_bytes_total");
     // Every chunk once, plus at most the one in flight when the server died.
     assert!(
         sent_total <= (chunks + 1) * stored_per_chunk,
@@ -449,7 +438,7 @@ async fn azure_full_and_incremental_steps_round_trip() {
     wait_uploaded(&mut c, "azjob", 2).await;
     let m = node.metrics().await;
     assert_eq!(
-        metric(&m, "cairn_saved_bytes_total{tier=\"object-store\"}"),
+        count(&m, "cairn_saved_bytes_total{tier=\"object-store\"}"),
         13 * TEST_CHUNK
     );
     let (fresh, _cfg2) = start_daemon(config, &[], &env).await;

@@ -43,26 +43,7 @@ async fn wait_object_store(
     step: u64,
     timeout_ms: u64,
 ) -> Result<(), tonic::Status> {
-    c.checkpoint
-        .wait_durable(pb::WaitDurableRequest {
-            tenant: String::new(),
-            job: job.into(),
-            step,
-            rank: None,
-            tier: pb::Tier::ObjectStore as i32,
-            timeout_ms,
-        })
-        .await
-        .map(drop)
-}
-
-/// The value of a counter or gauge line `name{labels} value` in a scrape.
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    wait_durable(c, job, step, pb::Tier::ObjectStore, timeout_ms).await
 }
 
 fn object_state(step: &pb::StepStatus, rank: u32) -> pb::ShardState {

@@ -286,7 +286,7 @@ impl Node {
                 node.queue_writeback(manifest.shard.clone());
             }
         }
-        node.resume_uploads()?;
+        node.resume_uploads();
         tokio::spawn(Arc::clone(&node).writeback_loop(writeback_rx));
         if node.object.is_some() {
             tokio::spawn(Arc::clone(&node).upload_loop(upload_rx));

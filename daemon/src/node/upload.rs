@@ -130,14 +130,13 @@ impl Node {
 
     /// Queues every shard the journal holds: the uploads a previous run did
     /// not finish.
-    pub(super) fn resume_uploads(&self) -> Result<()> {
+    pub(super) fn resume_uploads(&self) {
         if let Some(journal) = &self.upload_journal {
             for key in journal.pending() {
                 tracing::info!(shard = %key, "resuming upload");
                 self.enqueue_upload(key);
             }
         }
-        Ok(())
     }
 
     /// Whether a shard still waits for the object store (so the disk tier
@@ -218,13 +217,15 @@ impl Node {
             lag_s = lag,
             "shard durable in the object store"
         );
-        self.finish_upload(key);
+        // Bucket retention before the shard counts as done, so that whoever
+        // waits for it sees the bucket as this upload leaves it.
         if let Err(e) = object
             .apply_retention(&key.tenant, &key.job, &settings.retention)
             .await
         {
             tracing::warn!(error = %e, "object-store retention failed; it runs again after the next upload");
         }
+        self.finish_upload(key);
         self.notify();
         // The disk tier may now drop steps it kept for the bucket.
         self.apply_retention(&key.tenant, &key.job).await;

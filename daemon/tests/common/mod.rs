@@ -338,18 +338,42 @@ pub async fn restore(
     Ok((resp, files))
 }
 
-pub async fn wait_disk(c: &mut Clients, job: &str, step: u64) {
+/// WaitDurable for every rank of a step on this daemon.
+pub async fn wait_durable(
+    c: &mut Clients,
+    job: &str,
+    step: u64,
+    tier: pb::Tier,
+    timeout_ms: u64,
+) -> Result<(), tonic::Status> {
     c.checkpoint
         .wait_durable(pb::WaitDurableRequest {
             tenant: String::new(),
             job: job.into(),
             step,
             rank: None,
-            tier: pb::Tier::Disk as i32,
-            timeout_ms: 30_000,
+            tier: tier as i32,
+            timeout_ms,
         })
         .await
+        .map(drop)
+}
+
+pub async fn wait_disk(c: &mut Clients, job: &str, step: u64) {
+    wait_durable(c, job, step, pb::Tier::Disk, 30_000)
+        .await
         .expect("durable on disk");
+}
+
+/// The value of the sample `name{labels}` (or a bare `name`) in a
+/// Prometheus scrape; 0 when absent.
+pub fn metric(scrape: &str, name_and_labels: &str) -> f64 {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn source_bytes(resp: &pb::RestoreShardResponse, tier: pb::Tier) -> u64 {
