@@ -9,7 +9,7 @@
 //! * an uploader reuses a chunk already in the bucket only if it was written
 //!   less than `G / 2` ago ([`reusable`]); an older one is uploaded again,
 //!   which refreshes its age. It then writes the manifest that references the
-//!   chunk within `G / 2` of that check ([`within_upload_deadline`]);
+//!   chunk within `G / 2` of that check ([`upload_deadline`]);
 //! * the collector deletes a chunk only if no manifest references it and it
 //!   was written at least `G` ago ([`collectable`]), and it lists the
 //!   manifests *after* listing the chunks.
@@ -32,12 +32,6 @@ pub fn reusable(age: Duration, grace: Duration) -> bool {
 /// still write the manifest that reuses them; past this it must check again.
 pub fn upload_deadline(grace: Duration) -> Duration {
     grace / 2
-}
-
-/// Whether a manifest whose reused chunks were checked `since_check` ago may
-/// still be written.
-pub fn within_upload_deadline(since_check: Duration, grace: Duration) -> bool {
-    since_check < upload_deadline(grace)
 }
 
 /// Whether the collector may delete a chunk written `age` ago.
@@ -73,7 +67,7 @@ mod tests {
             let checked = written + grace * check_permille / 2000;
             let manifest = checked + grace * write_permille / 2000;
             prop_assert!(reusable(Duration::from_secs(checked - written), g));
-            prop_assert!(within_upload_deadline(Duration::from_secs(manifest - checked), g));
+            prop_assert!(Duration::from_secs(manifest - checked) < upload_deadline(g));
             let gc_chunks = written + gc_after_written;
             let gc_manifests = gc_chunks + gc_gap;
             let referenced = manifest <= gc_manifests;

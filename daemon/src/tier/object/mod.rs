@@ -274,11 +274,6 @@ impl ObjectTier {
         &self.url
     }
 
-    /// The underlying store, for tests and tools that inspect the bucket.
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
-    }
-
     fn tenant_path(&self, tenant: &TenantName) -> Path {
         self.prefix.clone().join(TENANTS).join(tenant.as_str())
     }
