@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use cairn_core::codec::CompressionPolicy;
 use cairn_core::ingest::CommitPolicy;
-use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, RetentionPolicy, TenantName};
+use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, NodeId, RetentionPolicy, TenantName};
 use clap::Parser;
 use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
+use crate::membership::{MembershipConfig, MembershipSettings};
+use crate::peer::tls::TlsFiles;
 use crate::tier::object::ObjectTierSettings;
 
 /// Default client socket.
@@ -62,6 +64,21 @@ pub const UPLOAD_JOURNAL_DIR: &str = "upload-journal";
 pub const DEFAULT_VOLUMES_SUBDIR: &str = "volumes";
 /// Default interval of ingest's safety-net rescan of the volumes.
 pub const DEFAULT_INGEST_RESCAN_SECS: u64 = 10;
+/// Default port of the peer service, on every node.
+pub const DEFAULT_PEER_PORT: u16 = 7070;
+/// Default replicas of each shard on other nodes.
+pub const DEFAULT_PEER_REPLICAS: usize = 1;
+/// Most replicas accepted: each costs a full copy of every checkpoint.
+pub const MAX_PEER_REPLICAS: usize = 8;
+/// Default chunks sent at once to one peer (at most this many chunks per
+/// replica copy are in memory).
+pub const DEFAULT_PEER_CONCURRENCY: usize = 8;
+/// Default stall bound of one peer request.
+pub const DEFAULT_PEER_REQUEST_TIMEOUT_SECS: u64 = 60;
+/// Default steps of each job and rank kept as replicas for other nodes.
+pub const DEFAULT_REPLICA_KEEP_LAST: usize = 2;
+/// Where, under the disk tier, the replicas kept for other nodes live.
+pub const REPLICA_SUBDIR: &str = "replicas";
 
 /// Command-line flags; each also reads an environment variable.
 #[derive(Debug, Parser, Default)]
@@ -113,6 +130,25 @@ pub struct Args {
     /// Chunk size in bytes.
     #[arg(long, env = "CAIRN_CHUNK_SIZE")]
     pub chunk_size: Option<u64>,
+    /// Address of the peer service (enables the peer tier with `[membership]`).
+    #[arg(long, env = "CAIRN_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Replicas of each shard on other nodes.
+    #[arg(long, env = "CAIRN_PEER_REPLICAS")]
+    pub peer_replicas: Option<usize>,
+    /// Peer traffic without TLS: anyone who reaches the port can read and
+    /// write replicas. For tests and trusted networks only.
+    #[arg(long, env = "CAIRN_INSECURE_PEERS")]
+    pub insecure_peers: bool,
+    /// This node's certificate (PEM), naming the node id.
+    #[arg(long, env = "CAIRN_PEER_TLS_CERT")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "CAIRN_PEER_TLS_KEY")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The CA that signs every node's certificate (PEM).
+    #[arg(long, env = "CAIRN_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "CAIRN_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -138,6 +174,58 @@ struct RawConfig {
     object_store: RawObjectStore,
     #[serde(default)]
     ingest: RawIngest,
+    #[serde(default)]
+    peers: RawPeers,
+    membership: Option<MembershipConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeers {
+    listen: Option<SocketAddr>,
+    replicas: Option<usize>,
+    concurrency: Option<usize>,
+    request_timeout_secs: Option<u64>,
+    replica_dir: Option<PathBuf>,
+    replica_capacity_bytes: Option<u64>,
+    replica_keep_last: Option<usize>,
+    insecure: Option<bool>,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+}
+
+/// The peer tier (T2), enabled by a `[membership]` section.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// This node's id in the membership: `node_name`, which must then be a
+    /// DNS name (as Kubernetes node names are).
+    pub node_id: NodeId,
+    /// Where the peer service listens.
+    pub listen: SocketAddr,
+    /// Replicas of each shard.
+    pub replicas: usize,
+    /// Chunks in flight per replica copy.
+    pub concurrency: usize,
+    /// Stall bound of one peer request.
+    pub request_timeout: Duration,
+    /// Where replicas for other nodes are kept.
+    pub replica_dir: PathBuf,
+    /// Most bytes of replicas kept for others (0: as the filesystem allows).
+    pub replica_capacity: u64,
+    /// Steps of each job and rank kept as replicas.
+    pub replica_keep_last: usize,
+    /// Certificate files; `None` runs without TLS (`--insecure-peers`).
+    pub tls: Option<TlsFiles>,
+    /// Where the members come from.
+    pub membership: MembershipSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +365,8 @@ pub struct Config {
     pub object_store: Option<ObjectStoreConfig>,
     /// Ingest of CSI volumes.
     pub ingest: IngestConfig,
+    /// The peer tier, if configured.
+    pub peers: Option<PeerConfig>,
 }
 
 impl Config {
@@ -382,6 +472,7 @@ impl Config {
         let object_store =
             object_store_config(args.object_store_url.clone(), raw.object_store, &disk_dir)?;
         let ingest = ingest_config(raw.ingest, &memory_dir)?;
+        let peers = peer_config(args, raw.peers, raw.membership, &node_name, &disk_dir)?;
         Ok(Self {
             node_name,
             default_tenant,
@@ -411,8 +502,107 @@ impl Config {
             writeback_concurrency,
             object_store,
             ingest,
+            peers,
         })
     }
+}
+
+/// Validates the `[peers]` and `[membership]` sections; `None` without a
+/// membership (a single node).
+fn peer_config(
+    args: &Args,
+    raw: RawPeers,
+    membership: Option<MembershipConfig>,
+    node_name: &str,
+    disk_dir: &Path,
+) -> Result<Option<PeerConfig>> {
+    let Some(membership) = membership else {
+        return Ok(None);
+    };
+    let invalid = |message: String| Err(Error::InvalidArgument(message));
+    let node_id = NodeId::parse("node_name", node_name.to_owned()).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "{e} (the peer tier names this node by node_name; set it to the Kubernetes node name)"
+        ))
+    })?;
+    let membership = membership
+        .validate()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let listen = args
+        .peer_listen
+        .or(raw.listen)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PEER_PORT)));
+    if listen.port() == 0 {
+        return invalid("peers.listen must name a port: other nodes dial it".into());
+    }
+    let replicas = args
+        .peer_replicas
+        .or(raw.replicas)
+        .unwrap_or(DEFAULT_PEER_REPLICAS);
+    if !(1..=MAX_PEER_REPLICAS).contains(&replicas) {
+        return invalid(format!(
+            "peers.replicas must be 1 to {MAX_PEER_REPLICAS}, not {replicas}"
+        ));
+    }
+    let concurrency = raw.concurrency.unwrap_or(DEFAULT_PEER_CONCURRENCY);
+    let timeout = raw
+        .request_timeout_secs
+        .unwrap_or(DEFAULT_PEER_REQUEST_TIMEOUT_SECS);
+    let keep_last = raw.replica_keep_last.unwrap_or(DEFAULT_REPLICA_KEEP_LAST);
+    for (field, value) in [
+        ("concurrency", concurrency as u64),
+        ("request_timeout_secs", timeout),
+        ("replica_keep_last", keep_last as u64),
+    ] {
+        if value == 0 {
+            return invalid(format!("peers.{field} must be above 0"));
+        }
+    }
+    let replica_dir = raw
+        .replica_dir
+        .unwrap_or_else(|| disk_dir.join(REPLICA_SUBDIR));
+    if !replica_dir.is_absolute() {
+        return invalid(format!(
+            "peers.replica_dir {} must be an absolute path",
+            replica_dir.display()
+        ));
+    }
+    let insecure = args.insecure_peers || raw.insecure.unwrap_or(false);
+    let tls = match (
+        args.peer_tls_cert.clone().or(raw.tls.cert),
+        args.peer_tls_key.clone().or(raw.tls.key),
+        args.peer_tls_ca.clone().or(raw.tls.ca),
+    ) {
+        (Some(cert), Some(key), Some(ca)) if !insecure => Some(TlsFiles { cert, key, ca }),
+        (None, None, None) if insecure => None,
+        (None, None, None) => {
+            return invalid(
+                "the peer tier needs peers.tls.cert, peers.tls.key and peers.tls.ca \
+                 (or --insecure-peers to run peer traffic without TLS)"
+                    .into(),
+            );
+        }
+        _ if insecure => {
+            return invalid(
+                "--insecure-peers and peers.tls files exclude each other; choose one".into(),
+            );
+        }
+        _ => {
+            return invalid("peers.tls needs all three of cert, key and ca".into());
+        }
+    };
+    Ok(Some(PeerConfig {
+        node_id,
+        listen,
+        replicas,
+        concurrency,
+        request_timeout: Duration::from_secs(timeout),
+        replica_dir,
+        replica_capacity: raw.replica_capacity_bytes.unwrap_or(0),
+        replica_keep_last: keep_last,
+        tls,
+        membership,
+    }))
 }
 
 /// Validates the `[ingest]` section.
@@ -659,5 +849,76 @@ mod tests {
             let field = bad.split(' ').next().expect("field");
             assert!(err.contains(field), "{bad}: {err}");
         }
+    }
+
+    fn peer_config(extra: &str, args: Args) -> std::result::Result<Config, String> {
+        let text = format!(
+            "node_name = \"node-a\"\n{extra}\n[membership]\nsource = \"static\"\n\
+             [[membership.peers]]\nid = \"node-a\"\naddress = \"10.0.0.1\"\n"
+        );
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        Config::from_parts(&args, raw).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_peer_tier_needs_tls_files_or_an_explicit_insecure_flag() {
+        let err = peer_config("", args()).expect_err("no TLS, no flag");
+        assert!(err.contains("--insecure-peers"), "{err}");
+        let err = peer_config("[peers.tls]\ncert = \"/c\"\nkey = \"/k\"\n", args())
+            .expect_err("two of three files");
+        assert!(err.contains("all three"), "{err}");
+
+        let insecure = Args {
+            insecure_peers: true,
+            ..args()
+        };
+        let c = peer_config("", insecure).expect("insecure on purpose");
+        let p = c.peers.expect("peer tier");
+        assert!(p.tls.is_none());
+        assert_eq!(p.replicas, DEFAULT_PEER_REPLICAS);
+        assert_eq!(p.listen.port(), DEFAULT_PEER_PORT);
+        assert_eq!(p.replica_dir, PathBuf::from("/tmp/y").join(REPLICA_SUBDIR));
+
+        let c = peer_config(
+            "[peers]\nreplicas = 2\n[peers.tls]\ncert = \"/c\"\nkey = \"/k\"\nca = \"/ca\"\n",
+            args(),
+        )
+        .expect("TLS files");
+        let p = c.peers.expect("peer tier");
+        assert_eq!(p.replicas, 2);
+        assert_eq!(p.tls.expect("tls").ca, PathBuf::from("/ca"));
+        assert!(
+            Config::from_parts(&args(), RawConfig::default())
+                .expect("valid")
+                .peers
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn bad_peer_values_name_the_field() {
+        let insecure = || Args {
+            insecure_peers: true,
+            ..args()
+        };
+        for (bad, field) in [
+            ("[peers]\nreplicas = 0", "peers.replicas"),
+            ("[peers]\nreplicas = 99", "peers.replicas"),
+            ("[peers]\nlisten = \"0.0.0.0:0\"", "peers.listen"),
+            ("[peers]\nconcurrency = 0", "peers.concurrency"),
+            ("[peers]\nreplica_dir = \"relative\"", "peers.replica_dir"),
+        ] {
+            let err = peer_config(bad, insecure()).expect_err(bad);
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let err = peer_config(
+            "",
+            Args {
+                node_name: Some("Not_A_Node".into()),
+                ..insecure()
+            },
+        )
+        .expect_err("node name");
+        assert!(err.contains("node_name"), "{err}");
     }
 }

@@ -56,6 +56,25 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// A peer daemon could not be reached or refused a request. Reported as
+    /// UNAVAILABLE (the next candidate or a later try may succeed), except a
+    /// full peer, which stays RESOURCE_EXHAUSTED so placement moves on.
+    #[error("peer {node}: {context}: {}", status.message())]
+    Peer {
+        /// The peer's node id.
+        node: String,
+        /// What the daemon was doing, as a verb phrase.
+        context: String,
+        /// The peer's answer, or the transport's error.
+        status: Box<tonic::Status>,
+    },
+    /// A caller of the peer service did not prove who it is (no or a wrong
+    /// certificate for the node it names).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A caller is known but not allowed (a node outside the membership).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The daemon is shutting down.
     #[error("cairnd is shutting down")]
     ShuttingDown,
@@ -96,7 +115,14 @@ impl Error {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
             Error::Io { .. } => Code::Internal,
-            Error::ObjectStore { .. } | Error::ShuttingDown => Code::Unavailable,
+            Error::Peer { status, .. } if status.code() == Code::ResourceExhausted => {
+                Code::ResourceExhausted
+            }
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ObjectStore { .. } | Error::Peer { .. } | Error::ShuttingDown => {
+                Code::Unavailable
+            }
         }
     }
 }

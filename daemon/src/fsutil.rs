@@ -36,6 +36,16 @@ pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<
     Ok(())
 }
 
+/// Flushes everything written to the filesystem holding `dir` (data and
+/// renames): one call that makes a batch of unsynced writes durable, instead
+/// of an fsync per file.
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
+    let handle = File::open(dir).io_context(|| format!("opening {}", dir.display()))?;
+    rustix::fs::syncfs(&handle)
+        .map_err(std::io::Error::from)
+        .io_context(|| format!("syncing the filesystem of {}", dir.display()))
+}
+
 /// Fsyncs a directory so that renames and creations inside it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

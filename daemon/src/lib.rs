@@ -15,6 +15,7 @@ pub mod hashing;
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod server;
 pub mod service;
 pub mod tier;

@@ -1,7 +1,8 @@
 //! Prometheus metrics: every name in one place, documented in `docs/metrics.md`.
 //!
 //! Names start with `cairn_` and end in their unit. Labels stay low
-//! cardinality: tier, RPC method and status code, never job or step.
+//! cardinality: tier, RPC method and status code, peer node (a node talks
+//! to the few peers placement gives it), never job or step.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -59,6 +60,22 @@ pub const INGESTED_SHARDS: &str = "cairn_ingested_shards_total";
 /// once; `error`: I/O or space, retried at the next rescan).
 pub const INGEST_FAILURES: &str = "cairn_ingest_failures_total";
 
+/// Chunk bytes sent to a peer (replication, or serving its restore), by peer.
+pub const PEER_SENT_BYTES: &str = "cairn_peer_sent_bytes_total";
+/// Chunk bytes received from a peer (its replicas, or our restore), by peer.
+pub const PEER_RECEIVED_BYTES: &str = "cairn_peer_received_bytes_total";
+/// Time from a shard's commit until the wanted number of peers hold it.
+pub const REPLICATION_LAG_SECONDS: &str = "cairn_replication_lag_seconds";
+/// Local shards with fewer confirmed peer replicas than wanted.
+pub const UNDER_REPLICATED_SHARDS: &str = "cairn_under_replicated_shards";
+/// Local shards queued or being replicated.
+pub const REPLICATION_PENDING: &str = "cairn_replication_pending_shards";
+/// Replica copies to one peer that failed, by reason (`full`, `unreachable`,
+/// `refused`, `error`).
+pub const REPLICATION_FAILURES: &str = "cairn_replication_failures_total";
+/// Members in the current membership view, this node included.
+pub const PEER_MEMBERS: &str = "cairn_peer_members";
+
 /// The daemon's metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
@@ -110,6 +127,20 @@ pub struct Metrics {
     pub ingested_shards: IntCounter,
     /// See [`INGEST_FAILURES`].
     pub ingest_failures: IntCounterVec,
+    /// See [`PEER_SENT_BYTES`].
+    pub peer_sent_bytes: IntCounterVec,
+    /// See [`PEER_RECEIVED_BYTES`].
+    pub peer_received_bytes: IntCounterVec,
+    /// See [`REPLICATION_LAG_SECONDS`].
+    pub replication_lag_seconds: Histogram,
+    /// See [`UNDER_REPLICATED_SHARDS`].
+    pub under_replicated_shards: IntGauge,
+    /// See [`REPLICATION_PENDING`].
+    pub replication_pending: IntGauge,
+    /// See [`REPLICATION_FAILURES`].
+    pub replication_failures: IntCounterVec,
+    /// See [`PEER_MEMBERS`].
+    pub peer_members: IntGauge,
 }
 
 /// Latency buckets from 1 ms to about 10 minutes.
@@ -226,6 +257,27 @@ impl Metrics {
                 "Step directories that could not be ingested.",
                 &["reason"],
             ),
+            peer_sent_bytes: counter(PEER_SENT_BYTES, "Chunk bytes sent to a peer.", &["peer"]),
+            peer_received_bytes: counter(
+                PEER_RECEIVED_BYTES,
+                "Chunk bytes received from a peer.",
+                &["peer"],
+            ),
+            replication_lag_seconds: histogram(
+                REPLICATION_LAG_SECONDS,
+                "Commit to held by the wanted number of peers.",
+            ),
+            under_replicated_shards: gauge(
+                UNDER_REPLICATED_SHARDS,
+                "Local shards with fewer peer replicas than wanted.",
+            ),
+            replication_pending: gauge(REPLICATION_PENDING, "Shards waiting for replication."),
+            replication_failures: counter(
+                REPLICATION_FAILURES,
+                "Replica copies to a peer that failed.",
+                &["reason"],
+            ),
+            peer_members: gauge(PEER_MEMBERS, "Members of the peer tier."),
             registry,
         }
     }

@@ -8,6 +8,7 @@ use axum::routing::get;
 use cairn_proto::v1::FILE_DESCRIPTOR_SET;
 use cairn_proto::v1::admin_server::AdminServer;
 use cairn_proto::v1::checkpoint_server::CheckpointServer;
+use cairn_proto::v1::peer_server::PeerServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,8 @@ use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::peer::service::PeerService;
+use crate::peer::{self, PeerTier};
 use crate::service::admin::AdminService;
 use crate::service::checkpoint::CheckpointService;
 
@@ -44,6 +47,22 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
         None => None,
     };
     let node = Node::start(config.clone(), Arc::clone(&metrics), cancel.child_token())?;
+    let peer_listener = match (&config.peers, &node.peers) {
+        (Some(settings), Some(peers)) => {
+            if peers.insecure() {
+                tracing::warn!(
+                    listen = %settings.listen,
+                    "peer traffic runs WITHOUT TLS (--insecure-peers): anyone who reaches this port can read and write replicas"
+                );
+            }
+            Some(
+                tokio::net::TcpListener::bind(settings.listen)
+                    .await
+                    .io_context(|| format!("binding the peer address {}", settings.listen))?,
+            )
+        }
+        _ => None,
+    };
     let unix = bind_socket(&config.socket, config.socket_group.as_deref())?;
     let tcp = match config.tcp_addr {
         Some(addr) => Some(
@@ -61,6 +80,7 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
         memory = %config.memory_dir.display(),
         memory_capacity = config.memory_capacity,
         disk = %config.disk_dir.display(),
+        peers = ?peer_listener.as_ref().and_then(|l| l.local_addr().ok()),
         "cairnd ready"
     );
 
@@ -96,6 +116,14 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
         tasks.spawn(serve(
             Arc::clone(&node),
             TcpListenerStream::new(listener),
+            cancel.clone(),
+        ));
+    }
+    if let (Some(listener), Some(peers)) = (peer_listener, &node.peers) {
+        tasks.spawn(serve_peers(
+            Arc::clone(peers),
+            listener,
+            Arc::clone(&metrics),
             cancel.clone(),
         ));
     }
@@ -151,6 +179,47 @@ where
         .await
         .map_err(|e| Error::Io {
             context: "serving gRPC".into(),
+            source: std::io::Error::other(e),
+        })
+}
+
+/// Serves `cairn.v1.Peer` to other daemons, over mutual TLS unless the
+/// tier runs insecure.
+async fn serve_peers(
+    peers: Arc<PeerTier>,
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let mut builder = Server::builder()
+        .initial_stream_window_size(peer::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(peer::CONNECTION_WINDOW_BYTES)
+        .tcp_nodelay(true);
+    if let Some(tls) = peers.tls() {
+        builder = builder.tls_config(tls.server()).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "peers.tls: the certificate or key is not usable: {e}"
+            ))
+        })?;
+    }
+    let service = PeerService::new(
+        Arc::clone(&peers.store),
+        peers.membership(),
+        !peers.insecure(),
+        metrics,
+    );
+    builder
+        .add_service(
+            PeerServer::new(service)
+                .max_decoding_message_size(peer::MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(peer::MAX_PEER_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            cancel.cancelled().await
+        })
+        .await
+        .map_err(|e| Error::Io {
+            context: "serving the peer service".into(),
             source: std::io::Error::other(e),
         })
 }

@@ -5,7 +5,8 @@
 
 #![allow(missing_docs, clippy::all)]
 
-/// `cairn.v1`: the client (`Checkpoint`) and operator (`Admin`) services.
+/// `cairn.v1`: the client (`Checkpoint`), operator (`Admin`) and
+/// daemon-to-daemon (`Peer`) services.
 pub mod v1 {
     tonic::include_proto!("cairn.v1");
 

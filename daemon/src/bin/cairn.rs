@@ -38,6 +38,7 @@ struct Cli {
 enum TierArg {
     Memory,
     Disk,
+    Peers,
     ObjectStore,
 }
 
@@ -46,6 +47,7 @@ impl TierArg {
         match self {
             TierArg::Memory => pb::Tier::Memory,
             TierArg::Disk => pb::Tier::Disk,
+            TierArg::Peers => pb::Tier::Peers,
             TierArg::ObjectStore => pb::Tier::ObjectStore,
         }
     }
@@ -420,11 +422,22 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             .iter()
             .map(|t| json!({"tier": tier_name(t.tier), "path": t.path, "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes, "shards": t.shards}))
             .collect();
+        let peers = s.peers.as_ref().map(|p| {
+            let members: Vec<_> = p
+                .members
+                .iter()
+                .map(|m| json!({"node_id": m.node_id, "address": m.address, "zone": m.zone, "rack": m.rack}))
+                .collect();
+            json!({"node_id": p.node_id, "replicas": p.replicas, "membership_source": p.membership_source,
+                   "members": members, "pending_replications": p.pending_replications,
+                   "under_replicated_shards": p.under_replicated_shards, "replica_shards": p.replica_shards,
+                   "replica_bytes": p.replica_bytes, "insecure": p.insecure})
+        });
         println!(
             "{}",
             json!({"node": s.node, "version": s.version, "default_tenant": s.default_tenant, "metrics_addr": s.metrics_addr,
                    "open_sessions": s.open_sessions, "pending_writebacks": s.pending_writebacks,
-                   "pending_uploads": s.pending_uploads, "tiers": tiers})
+                   "pending_uploads": s.pending_uploads, "tiers": tiers, "peers": peers})
         );
         return Ok(());
     }
@@ -454,6 +467,33 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             t.shards,
             t.path
         );
+    }
+    if let Some(p) = &s.peers {
+        println!(
+            "peer tier: node id {}, {} replica(s) per shard, membership from {}{}",
+            p.node_id,
+            p.replicas,
+            p.membership_source,
+            if p.insecure {
+                ", WITHOUT TLS"
+            } else {
+                ", mutual TLS"
+            }
+        );
+        println!(
+            "  replicating {} shard(s), {} short of replicas; holding {} replica(s) ({}) for other nodes",
+            p.pending_replications,
+            p.under_replicated_shards,
+            p.replica_shards,
+            human_bytes(p.replica_bytes)
+        );
+        for m in &p.members {
+            let domain = match (m.zone.as_str(), m.rack.as_str()) {
+                ("", "") => String::new(),
+                (zone, rack) => format!(" zone={zone} rack={rack}"),
+            };
+            println!("  member {} at {}{}", m.node_id, m.address, domain);
+        }
     }
     Ok(())
 }
@@ -485,7 +525,9 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                                     .iter()
                                     .map(|t| (tier_name(t.tier).to_owned(), json!(state_name(t.state))))
                                     .collect();
-                                json!({"rank": r.rank, "bytes": r.total_bytes, "world_size": r.world_size, "tiers": tiers})
+                                json!({"rank": r.rank, "bytes": r.total_bytes, "world_size": r.world_size, "tiers": tiers,
+                                       "peer_holders": r.peer_holders, "peer_replicas_wanted": r.peer_replicas_wanted,
+                                       "peer_problem": r.peer_problem})
                             })
                             .collect();
                         json!({"step": s.step, "restorable": s.restorable,
@@ -503,8 +545,8 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
         return Ok(());
     }
     println!(
-        "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8} {:>12}  restorable",
-        "job", "step", "rank", "size", "memory", "disk", "object-store"
+        "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8} {:>10} {:>12}  restorable",
+        "job", "step", "rank", "size", "memory", "disk", "peers", "object-store"
     );
     for j in &resp.jobs {
         for s in &j.steps {
@@ -516,14 +558,20 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                         .map(|t| state_name(t.state))
                         .unwrap_or("-")
                 };
+                let peers = if r.peer_replicas_wanted == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{}/{}", r.peer_holders.len(), r.peer_replicas_wanted)
+                };
                 println!(
-                    "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8} {:>12}  {}",
+                    "{:<24} {:>10} {:>6} {:>12} {:>8} {:>8} {:>10} {:>12}  {}",
                     j.job,
                     s.step,
                     r.rank,
                     human_bytes(r.total_bytes),
                     state(pb::Tier::Memory),
                     state(pb::Tier::Disk),
+                    peers,
                     state(pb::Tier::ObjectStore),
                     match (s.restorable, s.object_store_complete) {
                         (true, true) => "yes (complete in object store)",
@@ -531,6 +579,22 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                         (false, _) => "no",
                     }
                 );
+                if !r.peer_holders.is_empty() || !r.peer_problem.is_empty() {
+                    println!(
+                        "{:<24} peers holding it: {}{}",
+                        "",
+                        if r.peer_holders.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            r.peer_holders.join(", ")
+                        },
+                        if r.peer_problem.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {}", r.peer_problem)
+                        }
+                    );
+                }
             }
         }
     }

@@ -11,7 +11,7 @@
 //! Each source only gathers facts; the rules that turn them into a
 //! [`MembershipView`] (who counts, how nodes are named, validation) are pure
 //! functions in `cairn_core::membership`, tested there. A source publishes
-//! each new view on a [`watch`] channel; a consumer (the peer tier, issue 4)
+//! each new view on a [`watch`] channel; a consumer (the peer tier's replication pipeline)
 //! compares it with the view it last acted on through
 //! [`MembershipView::diff`] and re-replicates what a leaving member held.
 //! Every join, leave and change is logged at `info` here, once, whatever
@@ -30,7 +30,8 @@
 //!   peer leaving at once, which would start re-replicating everything.
 //! - The channel only carries views that differ from the previous one.
 //!
-//! Not yet wired into `cairnd`: the peer tier (issue 4) consumes it.
+//! The peer tier ([`crate::peer::PeerTier`]) starts the configured source
+//! and the replication pipeline reacts to its views.
 
 pub mod dns;
 pub mod kube;
@@ -83,7 +84,6 @@ pub enum MembershipError {
 
 /// The `[membership]` section of the configuration file, as written.
 ///
-/// Not yet read by `cairnd`: another change wires it into `Config`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
 pub enum MembershipConfig {
@@ -265,7 +265,8 @@ pub async fn start(
     }
 }
 
-fn source_name(settings: &MembershipSettings) -> &'static str {
+/// The source's name, for status and logs.
+pub fn source_name(settings: &MembershipSettings) -> &'static str {
     match settings {
         MembershipSettings::Static(_) => "static",
         MembershipSettings::Dns(_) => "dns",

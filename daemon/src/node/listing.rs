@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cairn_core::{JobName, Manifest, Rank, ShardKey, Step, TenantName, latest_complete_step};
 
-use super::{CopyState, Node, ShardView, StepView, lock};
+use super::{CopyState, Node, ReplicationView, ShardView, StepView, lock};
 use crate::error::{Error, Result};
 use crate::tier::{ChunkLocation, ShardSource, TierKind};
 use crate::transfer;
@@ -55,8 +55,8 @@ impl Node {
         for source in self.sources().into_iter().rev() {
             let listed = match source.list(tenant, job).await {
                 Ok(listed) => listed,
-                Err(e) if source.kind() == TierKind::ObjectStore => {
-                    tracing::warn!(error = %e, "cannot list the object store; showing local tiers only");
+                Err(e) if matches!(source.kind(), TierKind::ObjectStore | TierKind::Peers) => {
+                    tracing::warn!(tier = %source.kind(), error = %e, "cannot list a remote tier; showing the others only");
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -94,6 +94,29 @@ impl Node {
             } else {
                 self.upload_state(key).unwrap_or(CopyState::Absent)
             };
+            let peers = self.peers.as_ref().map(|peers| {
+                self.replication_state(key).unwrap_or_else(|| {
+                    let holders = if in_tier(TierKind::Peers, key) {
+                        peers.known_holders(key)
+                    } else {
+                        Vec::new()
+                    };
+                    ReplicationView {
+                        state: if holders.len() >= peers.replicas() {
+                            CopyState::Durable
+                        } else if holders.is_empty() {
+                            CopyState::Absent
+                        } else {
+                            CopyState::Failed(format!(
+                                "{} of {} replicas found",
+                                holders.len(),
+                                peers.replicas()
+                            ))
+                        },
+                        holders,
+                    }
+                })
+            });
             jobs.entry(key.job.clone())
                 .or_default()
                 .entry(key.step)
@@ -105,6 +128,7 @@ impl Node {
                     in_memory: in_tier(TierKind::Memory, key),
                     disk,
                     object_store,
+                    peers,
                 });
         }
         Ok(jobs

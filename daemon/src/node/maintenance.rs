@@ -110,6 +110,23 @@ impl Node {
                         }
                         pending += 1;
                     }
+                    TierKind::Peers => {
+                        if self.peers.is_none() {
+                            return Err(Error::FailedPrecondition(
+                                "no peer tier is configured on this node (no [membership])".into(),
+                            ));
+                        }
+                        // Replication retries until R peers hold the shard,
+                        // so a failure is reported at the deadline.
+                        match self.replication_state(key).map(|v| v.state) {
+                            Some(CopyState::Durable) => {}
+                            Some(CopyState::Failed(e)) => {
+                                last_error = Some(e);
+                                pending += 1;
+                            }
+                            _ => pending += 1,
+                        }
+                    }
                     TierKind::ObjectStore => {
                         let Some(object) = &self.object else {
                             return Err(Error::FailedPrecondition(
@@ -256,6 +273,9 @@ impl Node {
                     .and_then(|r| r)
             }
             TierKind::Disk => self.disk.put_chunk(location, bytes).await,
+            TierKind::Peers => Err(Error::FailedPrecondition(
+                "peer replicas are not rewritten from here; re-replication replaces them".into(),
+            )),
             TierKind::ObjectStore => match &self.object {
                 Some(object) => object.put_chunk(location, bytes).await,
                 None => Ok(()),

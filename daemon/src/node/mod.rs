@@ -18,11 +18,13 @@
 mod ingest;
 mod listing;
 mod maintenance;
+mod replicate;
 mod restore;
 mod save;
 mod upload;
 mod writeback;
 
+pub use replicate::ReplicationView;
 pub(crate) use restore::open_for_write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, UPLOAD_JOURNAL_DIR};
 use crate::error::Result;
 use crate::metrics::Metrics;
+use crate::peer::PeerTier;
 use crate::tier::disk::DiskTier;
 use crate::tier::memory::MemoryTier;
 use crate::tier::object::ObjectTier;
@@ -120,6 +123,8 @@ pub struct ShardView {
     pub disk: CopyState,
     /// Its object-store state (`Absent` when no object store is configured).
     pub object_store: CopyState,
+    /// Its peer-tier state (`None` without a peer tier).
+    pub peers: Option<ReplicationView>,
 }
 
 /// One step as listed.
@@ -205,6 +210,8 @@ pub struct Node {
     pub memory: Arc<MemoryTier>,
     /// T1.
     pub disk: Arc<DiskTier>,
+    /// T2, when configured.
+    pub peers: Option<Arc<PeerTier>>,
     /// T3, when configured.
     pub object: Option<Arc<ObjectTier>>,
     /// Metrics.
@@ -218,6 +225,8 @@ pub struct Node {
     changes: watch::Sender<u64>,
     writeback_tx: mpsc::UnboundedSender<ShardKey>,
     upload_tx: mpsc::UnboundedSender<ShardKey>,
+    replication: Mutex<replicate::Replication>,
+    replicate_tx: Option<mpsc::UnboundedSender<ShardKey>>,
     gc_lock: RwLock<()>,
     cancel: CancellationToken,
 }
@@ -262,12 +271,19 @@ impl Node {
             }
             None => (None, None),
         };
+        let peers = match &config.peers {
+            Some(p) => Some(PeerTier::start(p, Arc::clone(&metrics), cancel.clone())?),
+            None => None,
+        };
         let (writeback_tx, writeback_rx) = mpsc::unbounded_channel();
         let (upload_tx, upload_rx) = mpsc::unbounded_channel();
+        let (replicate_tx, replicate_rx) = mpsc::unbounded_channel();
         let node = Arc::new(Self {
             config,
             memory,
             disk,
+            replicate_tx: peers.as_ref().map(|_| replicate_tx),
+            peers,
             object,
             metrics,
             sessions: Mutex::new(HashMap::new()),
@@ -278,6 +294,7 @@ impl Node {
             changes: watch::channel(0).0,
             writeback_tx,
             upload_tx,
+            replication: Mutex::new(replicate::Replication::default()),
             gc_lock: RwLock::new(()),
             cancel,
         });
@@ -291,6 +308,10 @@ impl Node {
         if node.object.is_some() {
             tokio::spawn(Arc::clone(&node).upload_loop(upload_rx));
             tokio::spawn(Arc::clone(&node).bucket_gc_loop());
+        }
+        if node.peers.is_some() {
+            tokio::spawn(Arc::clone(&node).replication_loop(replicate_rx));
+            tokio::spawn(Arc::clone(&node).membership_loop());
         }
         tokio::spawn(Arc::clone(&node).reap_sessions());
         tokio::spawn(ingest::run(Arc::clone(&node)));
@@ -319,6 +340,9 @@ impl Node {
     /// Every tier this node reads from, fastest first.
     fn sources(&self) -> Vec<&dyn ShardSource> {
         let mut sources: Vec<&dyn ShardSource> = vec![&*self.memory, &*self.disk];
+        if let Some(peers) = &self.peers {
+            sources.push(&**peers);
+        }
         if let Some(object) = &self.object {
             sources.push(&**object);
         }

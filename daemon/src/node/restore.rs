@@ -126,6 +126,9 @@ impl Node {
         if !self.disk.contains(key) {
             self.queue_writeback(key.clone());
         }
+        // And it is this node's shard now: its replicas follow this node's
+        // placement (a check costs one request per holder when they have it).
+        self.queue_replication(key.clone());
         let mut bytes_by_tier = BTreeMap::new();
         merge(&mut bytes_by_tier, &report);
         self.update_usage_metrics();

@@ -250,6 +250,7 @@ impl Node {
             "shard committed"
         );
         self.queue_writeback(manifest.shard.clone());
+        self.queue_replication(manifest.shard.clone());
         if self.uploads_after(UploadAfter::Commit) {
             self.queue_upload(manifest.shard.clone());
         }

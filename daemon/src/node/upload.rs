@@ -313,7 +313,7 @@ impl Node {
         }
     }
 
-    async fn local_manifest(&self, key: &ShardKey) -> Option<Arc<Manifest>> {
+    pub(super) async fn local_manifest(&self, key: &ShardKey) -> Option<Arc<Manifest>> {
         for source in [&*self.memory as &dyn ShardSource, &*self.disk] {
             if let Ok(Some(m)) = source.manifest(key).await {
                 return Some(m);

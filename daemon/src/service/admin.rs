@@ -66,6 +66,31 @@ impl Admin for AdminService {
                 .metrics_addr
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            peers: self.node.peers.as_ref().map(|peers| {
+                let (pending, short) = self.node.replication_counts();
+                let (replica_shards, replica_bytes) = peers.store.usage();
+                pb::PeerTierStatus {
+                    node_id: peers.node_id().to_string(),
+                    replicas: peers.replicas() as u32,
+                    membership_source: peers.membership_source().into(),
+                    members: peers
+                        .view()
+                        .peers()
+                        .iter()
+                        .map(|p| pb::PeerMember {
+                            node_id: p.id().to_string(),
+                            address: p.socket_addr(peers.port()).to_string(),
+                            zone: p.member.zone.clone().unwrap_or_default(),
+                            rack: p.member.rack.clone().unwrap_or_default(),
+                        })
+                        .collect(),
+                    pending_replications: pending,
+                    under_replicated_shards: short,
+                    replica_shards,
+                    replica_bytes,
+                    insecure: peers.insecure(),
+                }
+            }),
         }))
     }
 

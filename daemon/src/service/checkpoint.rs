@@ -241,12 +241,13 @@ impl Checkpoint for CheckpointService {
                 Some(convert::job("job", &req.job)?)
             };
             let jobs = self.node.list_steps(&tenant, job.as_ref()).await?;
+            let wanted = self.node.peers.as_ref().map_or(0, |p| p.replicas() as u32);
             Ok(pb::ListStepsResponse {
                 jobs: jobs
                     .into_iter()
                     .map(|(job, steps)| pb::JobSteps {
                         job: job.to_string(),
-                        steps: steps.into_iter().map(step_to_pb).collect(),
+                        steps: steps.into_iter().map(|s| step_to_pb(s, wanted)).collect(),
                     })
                     .collect(),
             })
@@ -435,7 +436,7 @@ async fn receive_files(
     Ok(())
 }
 
-fn step_to_pb(view: crate::node::StepView) -> pb::StepStatus {
+fn step_to_pb(view: crate::node::StepView, wanted_replicas: u32) -> pb::StepStatus {
     pb::StepStatus {
         step: view.step.0,
         restorable: view.restorable,
@@ -447,6 +448,16 @@ fn step_to_pb(view: crate::node::StepView) -> pb::StepStatus {
                 rank: s.rank.0,
                 total_bytes: s.total_bytes,
                 world_size: s.world_size,
+                peer_holders: s
+                    .peers
+                    .iter()
+                    .flat_map(|p| p.holders.iter().map(|h| h.to_string()))
+                    .collect(),
+                peer_replicas_wanted: wanted_replicas,
+                peer_problem: match s.peers.as_ref().map(|p| &p.state) {
+                    Some(CopyState::Failed(e)) => e.clone(),
+                    _ => String::new(),
+                },
                 tiers: vec![
                     pb::TierState {
                         tier: pb::Tier::Memory as i32,
@@ -459,6 +470,12 @@ fn step_to_pb(view: crate::node::StepView) -> pb::StepStatus {
                     pb::TierState {
                         tier: pb::Tier::Disk as i32,
                         state: copy_state_to_pb(&s.disk) as i32,
+                    },
+                    pb::TierState {
+                        tier: pb::Tier::Peers as i32,
+                        state: copy_state_to_pb(
+                            s.peers.as_ref().map_or(&CopyState::Absent, |p| &p.state),
+                        ) as i32,
                     },
                     pb::TierState {
                         tier: pb::Tier::ObjectStore as i32,

@@ -99,15 +99,15 @@ pub fn begin_shard(node: &Node, req: &pb::BeginShardRequest) -> Result<BeginShar
     })
 }
 
-/// The tier named in `field`; peers and object store are not on this node yet.
+/// The tier named in `field`.
 pub fn tier(field: &str, value: i32) -> Result<TierKind> {
     match pb::Tier::try_from(value) {
         Ok(pb::Tier::Memory) => Ok(TierKind::Memory),
         Ok(pb::Tier::Disk) => Ok(TierKind::Disk),
+        Ok(pb::Tier::Peers) => Ok(TierKind::Peers),
         Ok(pb::Tier::ObjectStore) => Ok(TierKind::ObjectStore),
-        Ok(other) => Err(Error::InvalidArgument(format!(
-            "{field}: tier {} is not available on this node (memory, disk and object store are)",
-            other.as_str_name()
+        Ok(pb::Tier::Unspecified) => Err(Error::InvalidArgument(format!(
+            "{field}: name a tier (memory, disk, peers or object store)"
         ))),
         Err(_) => Err(Error::InvalidArgument(format!(
             "{field}: unknown tier {value}"
@@ -120,6 +120,7 @@ pub fn tier_to_pb(tier: TierKind) -> pb::Tier {
     match tier {
         TierKind::Memory => pb::Tier::Memory,
         TierKind::Disk => pb::Tier::Disk,
+        TierKind::Peers => pb::Tier::Peers,
         TierKind::ObjectStore => pb::Tier::ObjectStore,
     }
 }

@@ -190,7 +190,8 @@ impl DiskTier {
             .join(format!("{}.{MANIFEST_EXT}", key.rank.0))
     }
 
-    fn tmp_path(&self) -> PathBuf {
+    /// A fresh temporary file name on the tier's filesystem.
+    pub fn tmp_path(&self) -> PathBuf {
         self.root.join(TMP).join(uuid::Uuid::new_v4().to_string())
     }
 
@@ -221,9 +222,55 @@ impl DiskTier {
         Ok(true)
     }
 
+    /// Stores a chunk the caller has verified, by id alone (the peer tier
+    /// receives chunks without the manifest they belong to). Without `sync`
+    /// the chunk is not durable until the caller syncs the filesystem
+    /// ([`fsutil::sync_filesystem`]), which it must do before storing a
+    /// manifest that names it.
+    pub async fn store_chunk(
+        &self,
+        tenant: &TenantName,
+        id: &ChunkId,
+        data: Bytes,
+        sync: bool,
+    ) -> Result<()> {
+        let path = self.chunk_path(tenant, id);
+        let tmp = self.tmp_path();
+        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, sync)).await?
+    }
+
+    /// A stored chunk's bytes, unverified (`None` when absent): what the
+    /// peer tier serves, leaving verification to the reader, who must do it
+    /// anyway.
+    pub async fn chunk_bytes(&self, tenant: &TenantName, id: &ChunkId) -> Result<Option<Bytes>> {
+        let path = self.chunk_path(tenant, id);
+        tokio::task::spawn_blocking(move || match fs::read(&path) {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).io_context(|| format!("reading {}", path.display())),
+        })
+        .await?
+    }
+
     /// Removes chunks that no manifest of their tenant references (or only
     /// counts them, on a dry run). Blocking: run it off the async threads.
     pub fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
+        self.sweep(dry_run, None).map(|(report, _)| report)
+    }
+
+    /// Removes unreferenced chunks written at least `min_age` ago, leaving
+    /// younger ones (those of a copy still in flight, whose manifest has
+    /// not arrived); returns what it removed and the bytes it left.
+    /// Blocking.
+    pub fn collect_old_garbage(&self, min_age: std::time::Duration) -> Result<(GcReport, u64)> {
+        self.sweep(false, Some(min_age))
+    }
+
+    fn sweep(
+        &self,
+        dry_run: bool,
+        min_age: Option<std::time::Duration>,
+    ) -> Result<(GcReport, u64)> {
         let referenced: HashSet<(String, String)> = self
             .lock_index()
             .chunk_refs
@@ -231,8 +278,9 @@ impl DiskTier {
             .map(|(tenant, id)| (tenant.as_str().to_owned(), id.to_hex()))
             .collect();
         let mut report = GcReport::default();
+        let mut young = 0;
         let Ok(tenants) = fs::read_dir(self.root.join(TENANTS)) else {
-            return Ok(report);
+            return Ok((report, young));
         };
         for tenant_dir in tenants.flatten() {
             let tenant = tenant_dir.file_name().to_string_lossy().into_owned();
@@ -244,14 +292,24 @@ impl DiskTier {
                 if referenced.contains(&(tenant.clone(), name)) {
                     continue;
                 }
+                let Ok(meta) = fs::metadata(&path) else {
+                    continue;
+                };
+                let age = meta.modified().ok().and_then(|t| t.elapsed().ok());
+                if let Some(min_age) = min_age
+                    && age.is_none_or(|age| age < min_age)
+                {
+                    young += meta.len();
+                    continue;
+                }
                 report.chunks += 1;
-                report.bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                report.bytes += meta.len();
                 if !dry_run {
                     fsutil::remove_all(&path)?;
                 }
             }
         }
-        Ok(report)
+        Ok((report, young))
     }
 }
 
@@ -324,9 +382,8 @@ impl ChunkSink for DiskTier {
     }
 
     async fn put_chunk(&self, location: &ChunkLocation, data: Bytes) -> Result<()> {
-        let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
-        let tmp = self.tmp_path();
-        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, true)).await?
+        self.store_chunk(&location.shard().tenant, &location.chunk.id, data, true)
+            .await
     }
 
     async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {

@@ -29,6 +29,8 @@ pub enum TierKind {
     Memory,
     /// T1: local disk.
     Disk,
+    /// T2: replicas on peer nodes.
+    Peers,
     /// T3: an object store (S3, GCS, Azure Blob or a local directory).
     ObjectStore,
 }
@@ -39,6 +41,7 @@ impl TierKind {
         match self {
             TierKind::Memory => "memory",
             TierKind::Disk => "disk",
+            TierKind::Peers => "peers",
             TierKind::ObjectStore => "object-store",
         }
     }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
 
+pub mod netns;
+pub mod pki;
+
 pub const CAIRND: &str = env!("CARGO_BIN_EXE_cairnd");
 pub const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
 
@@ -28,6 +31,9 @@ pub struct Daemon {
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The network namespace cairnd runs in (`ip netns exec`); `None` for
+    /// the host's. The Unix socket is reachable from the host either way.
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -38,6 +44,16 @@ impl Daemon {
     }
 
     pub async fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_in(None, extra_args, env).await
+    }
+
+    /// Starts a daemon inside the network namespace `netns` (see
+    /// [`netns::Network::namespace`]), or in the host's when `None`.
+    pub async fn start_in(
+        netns: Option<&str>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let memory_dir = PathBuf::from(format!("/dev/shm/cairn-test-{}", uuid::Uuid::new_v4()));
         let mut daemon = Daemon {
@@ -51,6 +67,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            netns: netns.map(str::to_string),
             child: None,
         };
         daemon.spawn();
@@ -64,7 +81,10 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(CAIRND);
+        let mut cmd = match &self.netns {
+            Some(ns) => netns::command_in_namespace(ns, CAIRND),
+            None => Command::new(CAIRND),
+        };
         if !self.extra_args.iter().any(|a| a == "--chunk-size") {
             cmd.arg("--chunk-size").arg(TEST_CHUNK.to_string());
         }

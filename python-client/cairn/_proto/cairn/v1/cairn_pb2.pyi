@@ -242,16 +242,22 @@ class TierState(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[ShardState, str]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("rank", "total_bytes", "world_size", "tiers")
+    __slots__ = ("rank", "total_bytes", "world_size", "tiers", "peer_holders", "peer_replicas_wanted", "peer_problem")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    PEER_HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    PEER_REPLICAS_WANTED_FIELD_NUMBER: _ClassVar[int]
+    PEER_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     rank: int
     total_bytes: int
     world_size: int
     tiers: _containers.RepeatedCompositeFieldContainer[TierState]
-    def __init__(self, rank: _Optional[int] = ..., total_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierState, _Mapping]]] = ...) -> None: ...
+    peer_holders: _containers.RepeatedScalarFieldContainer[str]
+    peer_replicas_wanted: int
+    peer_problem: str
+    def __init__(self, rank: _Optional[int] = ..., total_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierState, _Mapping]]] = ..., peer_holders: _Optional[_Iterable[str]] = ..., peer_replicas_wanted: _Optional[int] = ..., peer_problem: _Optional[str] = ...) -> None: ...
 
 class StepStatus(_message.Message):
     __slots__ = ("step", "restorable", "shards", "object_store_complete")
@@ -390,7 +396,7 @@ class TierUsage(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., path: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads")
+    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads", "peers")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +405,7 @@ class StatusResponse(_message.Message):
     DEFAULT_TENANT_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDR_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
@@ -407,7 +414,126 @@ class StatusResponse(_message.Message):
     default_tenant: str
     metrics_addr: str
     pending_uploads: int
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ...) -> None: ...
+    peers: PeerTierStatus
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ..., peers: _Optional[_Union[PeerTierStatus, _Mapping]] = ...) -> None: ...
+
+class PeerTierStatus(_message.Message):
+    __slots__ = ("node_id", "replicas", "membership_source", "members", "pending_replications", "under_replicated_shards", "replica_shards", "replica_bytes", "insecure")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REPLICATIONS_FIELD_NUMBER: _ClassVar[int]
+    UNDER_REPLICATED_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INSECURE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    replicas: int
+    membership_source: str
+    members: _containers.RepeatedCompositeFieldContainer[PeerMember]
+    pending_replications: int
+    under_replicated_shards: int
+    replica_shards: int
+    replica_bytes: int
+    insecure: bool
+    def __init__(self, node_id: _Optional[str] = ..., replicas: _Optional[int] = ..., membership_source: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PeerMember, _Mapping]]] = ..., pending_replications: _Optional[int] = ..., under_replicated_shards: _Optional[int] = ..., replica_shards: _Optional[int] = ..., replica_bytes: _Optional[int] = ..., insecure: _Optional[bool] = ...) -> None: ...
+
+class PeerMember(_message.Message):
+    __slots__ = ("node_id", "address", "zone", "rack")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    RACK_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    zone: str
+    rack: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., rack: _Optional[str] = ...) -> None: ...
+
+class PeerMissingChunksRequest(_message.Message):
+    __slots__ = ("tenant", "ids")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tenant: _Optional[str] = ..., ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PeerMissingChunksResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PeerPutChunkRequest(_message.Message):
+    __slots__ = ("tenant", "id", "data")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    id: bytes
+    data: bytes
+    def __init__(self, tenant: _Optional[str] = ..., id: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PeerPutChunkResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerPutManifestRequest(_message.Message):
+    __slots__ = ("manifest", "owner", "owner_zone", "owner_rack")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ZONE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_RACK_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    owner: str
+    owner_zone: str
+    owner_rack: str
+    def __init__(self, manifest: _Optional[bytes] = ..., owner: _Optional[str] = ..., owner_zone: _Optional[str] = ..., owner_rack: _Optional[str] = ...) -> None: ...
+
+class PeerPutManifestResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerGetReplicaRequest(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardRef
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ...) -> None: ...
+
+class PeerGetReplicaResponse(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    def __init__(self, manifest: _Optional[bytes] = ...) -> None: ...
+
+class PeerListReplicasRequest(_message.Message):
+    __slots__ = ("tenant", "job")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+
+class PeerListReplicasResponse(_message.Message):
+    __slots__ = ("manifests",)
+    MANIFESTS_FIELD_NUMBER: _ClassVar[int]
+    manifests: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, manifests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PeerGetChunkRequest(_message.Message):
+    __slots__ = ("tenant", "id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    id: bytes
+    def __init__(self, tenant: _Optional[str] = ..., id: _Optional[bytes] = ...) -> None: ...
+
+class PeerGetChunkResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("tenant", "job", "step", "rank", "tier", "repair")

@@ -663,3 +663,314 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PeerStub:
+    """Peer is what daemons on other nodes use to keep replicas (T2) here and
+    read them back. It listens on its own TCP port, with mutual TLS: a caller
+    names itself in the `x-cairn-node` header and its certificate must name the
+    same node. Chunks travel one per message, each re-hashed by the receiver;
+    a manifest is accepted only once every chunk it names is stored.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.MissingChunks = channel.unary_unary(
+                '/cairn.v1.Peer/MissingChunks',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerMissingChunksRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerMissingChunksResponse.FromString,
+                _registered_method=True)
+        self.PutChunk = channel.unary_unary(
+                '/cairn.v1.Peer/PutChunk',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPutChunkRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPutChunkResponse.FromString,
+                _registered_method=True)
+        self.PutManifest = channel.unary_unary(
+                '/cairn.v1.Peer/PutManifest',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPutManifestRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPutManifestResponse.FromString,
+                _registered_method=True)
+        self.GetReplica = channel.unary_unary(
+                '/cairn.v1.Peer/GetReplica',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetReplicaRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetReplicaResponse.FromString,
+                _registered_method=True)
+        self.ListReplicas = channel.unary_unary(
+                '/cairn.v1.Peer/ListReplicas',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerListReplicasRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerListReplicasResponse.FromString,
+                _registered_method=True)
+        self.GetChunk = channel.unary_unary(
+                '/cairn.v1.Peer/GetChunk',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.FromString,
+                _registered_method=True)
+
+
+class PeerServicer:
+    """Peer is what daemons on other nodes use to keep replicas (T2) here and
+    read them back. It listens on its own TCP port, with mutual TLS: a caller
+    names itself in the `x-cairn-node` header and its certificate must name the
+    same node. Chunks travel one per message, each re-hashed by the receiver;
+    a manifest is accepted only once every chunk it names is stored.
+    """
+
+    def MissingChunks(self, request, context):
+        """Of the listed chunks, those this node does not hold for the tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutChunk(self, request, context):
+        """Stores one chunk after checking its BLAKE3 against its id.
+        RESOURCE_EXHAUSTED when the replica store is full.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutManifest(self, request, context):
+        """Stores a replica's manifest; FAILED_PRECONDITION if a chunk it names is
+        not stored (the sender sends the missing chunks and tries again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReplica(self, request, context):
+        """A replica's manifest; NOT_FOUND when this node holds none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReplicas(self, request, context):
+        """The manifests of every replica held for a tenant (one job, or all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetChunk(self, request, context):
+        """One chunk's bytes, as stored (the caller verifies them); NOT_FOUND when
+        the chunk is not held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'MissingChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.MissingChunks,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerMissingChunksRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerMissingChunksResponse.SerializeToString,
+            ),
+            'PutChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutChunk,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPutChunkRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPutChunkResponse.SerializeToString,
+            ),
+            'PutManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutManifest,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPutManifestRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPutManifestResponse.SerializeToString,
+            ),
+            'GetReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplica,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetReplicaRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetReplicaResponse.SerializeToString,
+            ),
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerListReplicasRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerListReplicasResponse.SerializeToString,
+            ),
+            'GetChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChunk,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cairn.v1.Peer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cairn.v1.Peer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Peer:
+    """Peer is what daemons on other nodes use to keep replicas (T2) here and
+    read them back. It listens on its own TCP port, with mutual TLS: a caller
+    names itself in the `x-cairn-node` header and its certificate must name the
+    same node. Chunks travel one per message, each re-hashed by the receiver;
+    a manifest is accepted only once every chunk it names is stored.
+    """
+
+    @staticmethod
+    def MissingChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/MissingChunks',
+            cairn_dot_v1_dot_cairn__pb2.PeerMissingChunksRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerMissingChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/PutChunk',
+            cairn_dot_v1_dot_cairn__pb2.PeerPutChunkRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerPutChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/PutManifest',
+            cairn_dot_v1_dot_cairn__pb2.PeerPutManifestRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerPutManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/GetReplica',
+            cairn_dot_v1_dot_cairn__pb2.PeerGetReplicaRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerGetReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/ListReplicas',
+            cairn_dot_v1_dot_cairn__pb2.PeerListReplicasRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerListReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/GetChunk',
+            cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,788 @@
+//! `peer-bench`: the peer tier (T2) between two real `cairnd` on loopback,
+//! against a raw TCP copy of the same bytes between two sockets on the same
+//! loopback, measured in the same run:
+//!
+//! | figure | Cairn | baseline |
+//! |---|---|---|
+//! | replication | commit on node-a → `WaitDurable(Peers)` (node-b holds every chunk and the manifest) | raw TCP copy, memory to memory; and into a file on node-b's disk + one fsync |
+//! | restore from a peer | `RestoreShard` on node-a after its tiers were wiped (every chunk fetched from node-b, verified, into tmpfs) | raw TCP copy, memory to memory |
+//!
+//! Both run with mutual TLS (a CA and one certificate per node made here)
+//! and again between `--insecure-peers` daemons, so the table shows what TLS
+//! costs. Every repetition saves a fresh job with new random tensors (checked:
+//! node-b's replica store grows by the whole shard), and the restored files
+//! are compared with what was saved. Each figure also reports the CPU seconds
+//! the processes involved used. `--concurrency`, `--restore-concurrency`,
+//! `--replica-tmpfs` and `--disk-tmpfs` change the daemons' settings to see
+//! where the time goes.
+//!
+//! Usage: `peer-bench [--quick] [--size-mib N] [--repeat N] [--out FILE]`,
+//! through `./scripts/bench` (which builds cairnd next to it).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use cairn_bench::{
+    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, stage, tempdir,
+    wait_durable,
+};
+use cairn_daemon::client::Clients;
+use cairn_proto::v1 as pb;
+use clap::{Parser, ValueEnum};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser)]
+#[command(about = "Peer tier (T2) between two cairnd against a raw TCP copy")]
+struct Args {
+    /// Small sizes, one repetition: a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Shard size in MiB (default 1024, or 64 with --quick).
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// Repetitions per figure; the median is reported.
+    #[arg(long)]
+    repeat: Option<usize>,
+    /// Also append the tables to this file (say,
+    /// benches/results/peer-bench-DATE.txt).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Which peer transports to measure.
+    #[arg(long, value_enum, default_value_t = Only::Both)]
+    only: Only,
+    /// `peers.concurrency` of both daemons: chunks in flight per replica
+    /// copy (the daemon's default, 8, when not given).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// `disk.writeback_concurrency` of both daemons, which also bounds the
+    /// chunks a restore fetches at once (the daemon's default when not
+    /// given).
+    #[arg(long)]
+    restore_concurrency: Option<usize>,
+    /// Keep node-b's replica store (and the file baseline) on /dev/shm
+    /// instead of the disk: shows what node-b's disk and fsyncs cost.
+    #[arg(long)]
+    replica_tmpfs: bool,
+    /// Keep both nodes' disk tiers and replica stores (and the file
+    /// baseline) on /dev/shm: no disk at all, only CPU and loopback.
+    #[arg(long)]
+    disk_tmpfs: bool,
+}
+
+/// The peer transports measured.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    /// Mutual TLS, then `--insecure-peers`.
+    Both,
+    /// Mutual TLS only.
+    Tls,
+    /// `--insecure-peers` only.
+    Insecure,
+}
+
+/// Size of one write of the raw TCP baseline.
+const WRITE_SIZE: usize = 1 << 20;
+
+/// The two nodes' ids (also their certificates' DNS names).
+const NODES: [&str; 2] = ["node-a", "node-b"];
+
+/// A throwaway CA and one certificate per node, as PEM files in `dir`.
+fn make_pki(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Cairn peer-bench CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    for node in NODES {
+        let mut params = CertificateParams::new(vec![node.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, node);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Each node dials the other and accepts its calls.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca)?;
+        std::fs::write(dir.join(format!("{node}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{node}.key")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+/// User plus system CPU seconds a process has used, all threads together
+/// (`/proc/PID/stat`; "self" for this process).
+fn cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("the command name in /proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("utime and stime in /proc/PID/stat")?
+            .parse::<f64>()?)
+    };
+    // utime and stime are fields 14 and 15; the slice starts at field 3.
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if unknown.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds of the processes a timing covers, read before and after.
+struct CpuMeter {
+    pids: Vec<String>,
+    start: Vec<f64>,
+}
+
+impl CpuMeter {
+    fn start(pids: Vec<String>) -> Result<Self> {
+        let start = pids.iter().map(|p| cpu_seconds(p)).collect::<Result<_>>()?;
+        Ok(Self { pids, start })
+    }
+
+    /// CPU seconds each process used since [`start`](Self::start).
+    fn stop(self) -> Result<Vec<f64>> {
+        self.pids
+            .iter()
+            .zip(self.start)
+            .map(|(p, s)| Ok(cpu_seconds(p)? - s))
+            .collect()
+    }
+}
+
+/// A free loopback port (free when this returns; the daemon binds it).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One node of a [`Cluster`]: what it takes to start (and restart) it.
+struct Node {
+    work: PathBuf,
+    memory_dir: PathBuf,
+    /// `--config FILE`, plus `--insecure-peers` without TLS.
+    args: Vec<String>,
+    daemon: Option<Daemon>,
+}
+
+impl Node {
+    fn start(&mut self) -> Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.daemon = Some(Daemon::start(&self.work, &self.memory_dir, &args)?);
+        Ok(())
+    }
+
+    /// The daemon's process id, found by its command line (the lib's
+    /// [`Daemon`] keeps its child private).
+    fn pid(&self) -> Result<u32> {
+        let config = self.args.get(1).context("the --config argument")?;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.first().is_some_and(|a| a.ends_with(b"cairnd"))
+                && args.contains(&config.as_bytes())
+            {
+                return Ok(pid);
+            }
+        }
+        bail!("no cairnd process with --config {config}")
+    }
+
+    async fn connect(&self) -> Result<Clients> {
+        self.daemon
+            .as_ref()
+            .context("the node is not running")?
+            .connect()
+            .await
+    }
+
+    /// SIGKILL, then its memory and disk tiers wiped and the daemon started
+    /// again with the same configuration: a replacement node.
+    fn wipe_and_restart(&mut self) -> Result<()> {
+        // Dropping the daemon kills it and removes its memory tier.
+        let disk_dir = self.daemon.take().map(|d| d.disk_dir.clone());
+        if let Some(disk_dir) = disk_dir {
+            std::fs::remove_dir_all(&disk_dir)
+                .with_context(|| format!("wiping {}", disk_dir.display()))?;
+        }
+        let _ = std::fs::remove_dir_all(&self.memory_dir);
+        self.start()
+    }
+}
+
+/// node-a and node-b, each replicating to the other (replicas = 1).
+struct Cluster {
+    a: Node,
+    b: Node,
+    /// Where node-b keeps replicas; the file baseline writes next to it.
+    replica_dir: PathBuf,
+    /// Everything of this cluster under /tmp and /dev/shm.
+    dirs: Vec<PathBuf>,
+}
+
+impl Cluster {
+    fn start(work: &Path, shm: &Path, tls: Option<&Path>, args: &Args) -> Result<Self> {
+        let label = if tls.is_some() { "tls" } else { "insecure" };
+        let work = work.join(label);
+        let shm = shm.join(label);
+        std::fs::create_dir_all(&work)?;
+        let ports = [free_port()?, free_port()?];
+        if ports[0] == ports[1] {
+            bail!("got the same free port twice");
+        }
+        let mut nodes = Vec::new();
+        let mut replica_dirs = Vec::new();
+        for (i, name) in NODES.iter().enumerate() {
+            // The node's socket and disk tier (`<work>/disk`).
+            let node_work = if args.disk_tmpfs {
+                shm.join(name)
+            } else {
+                work.join(name)
+            };
+            std::fs::create_dir_all(&node_work)?;
+            let replica_dir = if args.replica_tmpfs && !args.disk_tmpfs {
+                shm.join(format!("{name}-replicas"))
+            } else {
+                node_work.join("disk").join("replicas")
+            };
+            let mut toml = format!(
+                "node_name = \"{name}\"\n\
+                 [peers]\nlisten = \"127.0.0.1:{}\"\nreplicas = 1\nreplica_dir = {:?}\n",
+                ports[i], replica_dir
+            );
+            if let Some(c) = args.concurrency {
+                toml.push_str(&format!("concurrency = {c}\n"));
+            }
+            if let Some(pki) = tls {
+                toml.push_str(&format!(
+                    "[peers.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+                    pki.join(format!("{name}.pem")),
+                    pki.join(format!("{name}.key")),
+                    pki.join("ca.pem"),
+                ));
+            }
+            if let Some(c) = args.restore_concurrency {
+                toml.push_str(&format!("[disk]\nwriteback_concurrency = {c}\n"));
+            }
+            toml.push_str("[membership]\nsource = \"static\"\n");
+            for (j, peer) in NODES.iter().enumerate() {
+                toml.push_str(&format!(
+                    "[[membership.peers]]\nid = \"{peer}\"\naddress = \"127.0.0.1:{}\"\n",
+                    ports[j]
+                ));
+            }
+            let config = work.join(format!("{name}.toml"));
+            std::fs::write(&config, toml)
+                .with_context(|| format!("writing {}", config.display()))?;
+            let mut node_args = vec![
+                "--config".to_owned(),
+                config.to_str().context("utf-8 config path")?.to_owned(),
+            ];
+            if tls.is_none() {
+                node_args.push("--insecure-peers".to_owned());
+            }
+            let mut node = Node {
+                work: node_work,
+                memory_dir: shm.join(format!("{name}-t0")),
+                args: node_args,
+                daemon: None,
+            };
+            node.start()?;
+            nodes.push(node);
+            replica_dirs.push(replica_dir);
+        }
+        let b = nodes.pop().context("node-b")?;
+        let a = nodes.pop().context("node-a")?;
+        Ok(Self {
+            a,
+            b,
+            replica_dir: replica_dirs.pop().context("node-b's replica dir")?,
+            dirs: vec![work, shm],
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.a.daemon = None;
+        self.b.daemon = None;
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Copies `tensors` over a fresh loopback TCP connection in this process:
+/// the sender writes them from memory in [`WRITE_SIZE`] writes, the receiver
+/// reads into one reused buffer and, with `sink`, writes what it reads into
+/// that file and fsyncs it once at the end. Returns the seconds from connect
+/// until the receiver is done.
+async fn tcp_copy(tensors: &[Vec<u8>], sink: Option<&Path>) -> Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let total: u64 = tensors.iter().map(|t| t.len() as u64).sum();
+    let mut file = sink.map(std::fs::File::create).transpose()?;
+    let start = Instant::now();
+    let receiver = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await?;
+        let mut buf = vec![0u8; WRITE_SIZE];
+        let mut received = 0u64;
+        loop {
+            // Fill the buffer, so the file sees whole 1 MiB writes.
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = stream.read(&mut buf[filled..]).await?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            received += filled as u64;
+            if let Some(f) = file.as_mut() {
+                tokio::task::block_in_place(|| f.write_all(&buf[..filled]))?;
+            }
+            if filled < buf.len() {
+                break;
+            }
+        }
+        if let Some(f) = file {
+            tokio::task::block_in_place(|| f.sync_all())?;
+        }
+        Ok::<u64, anyhow::Error>(received)
+    });
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    for tensor in tensors {
+        for piece in tensor.chunks(WRITE_SIZE) {
+            stream.write_all(piece).await?;
+        }
+    }
+    stream.shutdown().await?;
+    let received = receiver.await.context("the receiver task")??;
+    let secs = start.elapsed().as_secs_f64();
+    if received != total {
+        bail!("the raw TCP copy received {received} of {total} bytes");
+    }
+    if let Some(path) = sink {
+        std::fs::remove_file(path)?;
+    }
+    Ok(secs)
+}
+
+/// The peers ListSteps names as holding `job`'s step.
+async fn peer_holders(c: &mut Clients, job: &str, step: u64) -> Result<Vec<String>> {
+    let jobs = c
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: job.into(),
+        })
+        .await?
+        .into_inner()
+        .jobs;
+    jobs.into_iter()
+        .flat_map(|j| j.steps)
+        .find(|s| s.step == step)
+        .and_then(|s| s.shards.into_iter().next())
+        .map(|s| s.peer_holders)
+        .with_context(|| format!("step {step} of {job} is not listed"))
+}
+
+/// The unique chunk bytes a node holds as replicas for others.
+async fn replica_bytes(c: &mut Clients) -> Result<u64> {
+    Ok(c.admin
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner()
+        .peers
+        .context("node-b has no peer tier")?
+        .replica_bytes)
+}
+
+/// BLAKE3 of each tensor, by the file name the shard gives it.
+fn hashes(tensors: &[Vec<u8>]) -> HashMap<String, blake3::Hash> {
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(n, t)| (format!("tensor-{n}"), blake3::hash(t)))
+        .collect()
+}
+
+/// Timings of one scenario: seconds, and the CPU seconds of the processes
+/// involved (this process for the baselines; node-a, node-b for Cairn).
+#[derive(Default)]
+struct Samples(Vec<f64>, Vec<Vec<f64>>);
+
+impl Samples {
+    fn push(&mut self, secs: f64, cpu: Vec<f64>) {
+        self.0.push(secs);
+        self.1.push(cpu);
+    }
+
+    fn median(&self) -> f64 {
+        median(self.0.clone())
+    }
+
+    /// Median CPU seconds of each process, joined with " + ".
+    fn cpu(&self) -> String {
+        let processes = self.1.first().map_or(0, Vec::len);
+        (0..processes)
+            .map(|i| format!("{:.2}", median(self.1.iter().map(|c| c[i]).collect())))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    fn list(&self) -> String {
+        self.0
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Every timing of a run.
+#[derive(Default)]
+struct Timings {
+    tcp_memory: Samples,
+    tcp_file: Samples,
+    replicate_tls: Samples,
+    replicate_insecure: Samples,
+    restore_tls: Samples,
+    restore_insecure: Samples,
+}
+
+/// node-a's and node-b's process ids, as [`CpuMeter`] takes them.
+fn daemon_pids(cluster: &Cluster) -> Result<Vec<String>> {
+    Ok(vec![
+        cluster.a.pid()?.to_string(),
+        cluster.b.pid()?.to_string(),
+    ])
+}
+
+/// Saves, replicates and restores `repeat` fresh jobs through `cluster`,
+/// each after the two raw TCP copies of the same bytes.
+async fn run_cluster(
+    cluster: &mut Cluster,
+    tls: bool,
+    total: u64,
+    repeat: usize,
+    timings: &mut Timings,
+) -> Result<()> {
+    let label = if tls { "tls" } else { "insecure" };
+    let (replicate, restored) = if tls {
+        (&mut timings.replicate_tls, &mut timings.restore_tls)
+    } else {
+        (
+            &mut timings.replicate_insecure,
+            &mut timings.restore_insecure,
+        )
+    };
+    let baseline_file = cluster
+        .replica_dir
+        .parent()
+        .context("the replica dir has a parent")?
+        .join("raw-tcp-baseline");
+    for run in 0..repeat {
+        // make_tensors seeds tensor t with seed + t: seeds TENSORS apart
+        // share no tensor, so no chunk deduplicates against an earlier run.
+        let seed = (if tls { 1 } else { 1 + repeat as u64 } + run as u64) * TENSORS as u64 * 10;
+        let tensors = make_tensors(total, seed);
+        let expected = hashes(&tensors);
+
+        let cpu = CpuMeter::start(vec!["self".into()])?;
+        let secs = tcp_copy(&tensors, None).await?;
+        timings.tcp_memory.push(secs, cpu.stop()?);
+        let cpu = CpuMeter::start(vec!["self".into()])?;
+        let secs = tcp_copy(&tensors, Some(&baseline_file)).await?;
+        timings.tcp_file.push(secs, cpu.stop()?);
+
+        let job = format!("peer-{label}-{run}");
+        let mut b = cluster.b.connect().await?;
+        let held_before = replica_bytes(&mut b).await?;
+        let mut c = cluster.a.connect().await?;
+        let session_id = stage(&mut c, &job, 1, &tensors).await?;
+        drop(tensors);
+        c.checkpoint
+            .commit_shard(pb::CommitShardRequest { session_id })
+            .await?;
+        let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
+        let t = Instant::now();
+        wait_durable(&mut c, &job, 1, pb::Tier::Peers).await?;
+        replicate.push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        let holders = peer_holders(&mut c, &job, 1).await?;
+        if holders != ["node-b"] {
+            bail!("{job}: peer holders {holders:?}, expected node-b");
+        }
+        // Every byte crossed: node-b holds `total` more unique bytes.
+        let held = replica_bytes(&mut b).await? - held_before;
+        if held != total {
+            bail!("{job}: node-b's replica store grew by {held} bytes, not {total}");
+        }
+        // Let node-a's write-back to its disk finish before the restore and
+        // the next run.
+        wait_durable(&mut c, &job, 1, pb::Tier::Disk).await?;
+        drop(c);
+
+        cluster.a.wipe_and_restart()?;
+        let mut c = cluster.a.connect().await?;
+        let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
+        let t = Instant::now();
+        let response = restore(&mut c, &job, 1).await?;
+        restored.push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        let from_peers: u64 = response
+            .sources
+            .iter()
+            .filter(|s| s.tier == pb::Tier::Peers as i32)
+            .map(|s| s.bytes)
+            .sum();
+        let all: u64 = response.sources.iter().map(|s| s.bytes).sum();
+        if from_peers != total || all != total {
+            bail!(
+                "{job}: the restore took {from_peers} of {total} bytes from peers ({all} in all)"
+            );
+        }
+        if response.files.len() != TENSORS {
+            bail!("{job}: restored {} files", response.files.len());
+        }
+        for file in &response.files {
+            let got = blake3::hash(
+                &std::fs::read(&file.path).with_context(|| format!("reading {}", file.path))?,
+            );
+            if expected.get(&file.name) != Some(&got) {
+                bail!("{job}: {} differs after the restore from node-b", file.name);
+            }
+        }
+        // The restored shard is node-a's again: it goes back to its disk
+        // and node-b is asked whether it still holds it. Let both finish.
+        wait_durable(&mut c, &job, 1, pb::Tier::Disk).await?;
+        wait_durable(&mut c, &job, 1, pb::Tier::Peers).await?;
+    }
+    Ok(())
+}
+
+/// `rows` as [`print_table`] prints them, for the results file.
+fn ratio_table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "\n| figure | cairn GB/s | baseline GB/s | baseline | ratio | goal |\n|---|---:|---:|---|---:|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {} | {:.2} | {} |\n",
+            r.figure, r.cairn, r.baseline, r.baseline_name, r.ratio, r.goal
+        ));
+    }
+    out
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let size_mib = args.size_mib.unwrap_or(if args.quick { 64 } else { 1024 });
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
+    if repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let total = size_mib << 20;
+    let work = tempdir("/tmp", "cairn-peer-bench")?;
+    let shm = tempdir("/dev/shm", "cairn-peer-bench")?;
+    let pki = work.join("pki");
+    make_pki(&pki)?;
+    let header = format!(
+        "peer-bench: {size_mib} MiB in {TENSORS} tensors, node-a -> node-b on loopback, replicas 1, \
+         peers.concurrency {}, restore concurrency {}, node-b's replicas on {}, median of {repeat} runs, {} cores",
+        args.concurrency
+            .map_or("8 (default)".to_owned(), |c| c.to_string()),
+        args.restore_concurrency
+            .map_or("default".to_owned(), |c| c.to_string()),
+        if args.disk_tmpfs {
+            "tmpfs (both disk tiers too)"
+        } else if args.replica_tmpfs {
+            "tmpfs"
+        } else {
+            "disk"
+        },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("{header}");
+
+    let mut timings = Timings::default();
+    if args.only != Only::Insecure {
+        let mut cluster = Cluster::start(&work, &shm, Some(&pki), &args)?;
+        run_cluster(&mut cluster, true, total, repeat, &mut timings).await?;
+    }
+    if args.only != Only::Tls {
+        let mut cluster = Cluster::start(&work, &shm, None, &args)?;
+        run_cluster(&mut cluster, false, total, repeat, &mut timings).await?;
+    }
+
+    let tcp = timings.tcp_memory.median();
+    let tcp_file = timings.tcp_file.median();
+    let mut detail = String::from(
+        "\n| scenario | bytes | seconds (median) | GB/s | ratio vs raw TCP | CPU s | runs (s) |\n|---|---:|---:|---:|---:|---|---|\n",
+    );
+    let mut line = |name: &str, samples: &Samples| {
+        if samples.0.is_empty() {
+            return;
+        }
+        let secs = samples.median();
+        detail.push_str(&format!(
+            "| {name} | {total} | {secs:.3} | {:.2} | {:.2} | {} | {} |\n",
+            gbps(total, secs),
+            tcp / secs,
+            samples.cpu(),
+            samples.list()
+        ));
+    };
+    line("raw TCP copy, memory to memory", &timings.tcp_memory);
+    line("raw TCP copy into a file + one fsync", &timings.tcp_file);
+    line(
+        "replication, mutual TLS (commit to durable on node-b)",
+        &timings.replicate_tls,
+    );
+    line("replication, --insecure-peers", &timings.replicate_insecure);
+    line(
+        "restore from node-b, mutual TLS (verified, into tmpfs)",
+        &timings.restore_tls,
+    );
+    line(
+        "restore from node-b, --insecure-peers",
+        &timings.restore_insecure,
+    );
+    detail.push_str(
+        "\nCPU s: user + system seconds (median run) of the bench process (both ends) for the raw \
+         copies, of node-a + node-b for Cairn (node-a's include its write-back to its own disk \
+         tier, which runs alongside replication).\n",
+    );
+    print!("{detail}");
+
+    let mut rows = Vec::new();
+    let vs = |figure, samples: &Samples, base: f64, baseline_name, goal| {
+        let secs = samples.median();
+        Row {
+            figure,
+            cairn: gbps(total, secs),
+            baseline: gbps(total, base),
+            baseline_name,
+            ratio: base / secs,
+            goal,
+        }
+    };
+    for (samples, figure, figure_file) in [
+        (
+            &timings.replicate_tls,
+            "replication, mutual TLS",
+            "replication, mutual TLS (vs file)",
+        ),
+        (
+            &timings.replicate_insecure,
+            "replication, --insecure-peers",
+            "replication, --insecure-peers (vs file)",
+        ),
+    ] {
+        if samples.0.is_empty() {
+            continue;
+        }
+        rows.push(vs(
+            figure,
+            samples,
+            tcp,
+            "raw TCP copy, memory to memory",
+            "throughput ratio >= 0.7",
+        ));
+        rows.push(vs(
+            figure_file,
+            samples,
+            tcp_file,
+            "raw TCP copy into a file + fsync",
+            "throughput ratio >= 0.7",
+        ));
+    }
+    for (samples, figure) in [
+        (&timings.restore_tls, "restore from a peer, mutual TLS"),
+        (
+            &timings.restore_insecure,
+            "restore from a peer, --insecure-peers",
+        ),
+    ] {
+        if !samples.0.is_empty() {
+            rows.push(vs(
+                figure,
+                samples,
+                tcp,
+                "raw TCP copy, memory to memory",
+                "throughput ratio >= 0.7",
+            ));
+        }
+    }
+    if !timings.replicate_tls.0.is_empty() && !timings.replicate_insecure.0.is_empty() {
+        rows.push(vs(
+            "TLS cost: replication with mutual TLS",
+            &timings.replicate_tls,
+            timings.replicate_insecure.median(),
+            "replication, --insecure-peers",
+            "throughput ratio (report)",
+        ));
+    }
+    print_table(&rows);
+
+    if let Some(out) = &args.out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .with_context(|| format!("opening {}", out.display()))?;
+        let command: Vec<String> = std::env::args().collect();
+        write!(
+            f,
+            "\n# {}\n{header}\n{detail}{}",
+            command.join(" "),
+            ratio_table(&rows)
+        )?;
+        println!("\nappended to {}", out.display());
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = std::fs::remove_dir_all(&shm);
+    Ok(())
+}

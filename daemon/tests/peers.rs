@@ -1,0 +1,710 @@
+//! The peer tier (T2) between real `cairnd` processes, each in its own
+//! network namespace (veth pairs on a bridge; see `common::netns`), talking
+//! mutual TLS with certificates from a test CA.
+//!
+//! Where namespaces cannot be created the harness falls back to distinct
+//! 127.0.x.y addresses and says so; the partition test is then skipped with
+//! a printed reason.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cairn_core::{JobName, Member, Membership, NodeId, PlacementKey, Rank, TenantName};
+use cairn_proto::v1 as pb;
+use common::netns::Network;
+use common::pki::TestPki;
+use common::{Daemon, bytes, restore, save, shard, source_bytes, wait_durable};
+
+const PEER_PORT: u16 = 7071;
+
+/// How each node's certificate is made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cert {
+    /// Signed by the cluster's CA, naming the node.
+    Good,
+    /// Signed by the cluster's CA, naming another node.
+    WrongName,
+    /// Naming the node, signed by another CA.
+    ForeignCa,
+}
+
+/// N daemons, one per namespace, all in one static membership.
+struct Cluster {
+    /// First, so the daemons are gone before their namespaces (fields drop
+    /// in declaration order).
+    nodes: Vec<Daemon>,
+    net: Network,
+    pki: TestPki,
+    foreign: TestPki,
+    configs: tempfile::TempDir,
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+/// What one node of a cluster differs in.
+#[derive(Clone, Default)]
+struct NodeOptions {
+    cert: Option<Cert>,
+    env: Vec<(&'static str, &'static str)>,
+    /// More keys for the `[peers]` section.
+    peers_toml: &'static str,
+}
+
+impl Cluster {
+    async fn start(n: usize, replicas: usize) -> Cluster {
+        Self::start_with(n, replicas, &HashMap::new()).await
+    }
+
+    /// Starts `n` nodes, some of them with `options`.
+    async fn start_with(
+        n: usize,
+        replicas: usize,
+        options: &HashMap<usize, NodeOptions>,
+    ) -> Cluster {
+        let net = Network::create(n);
+        let mut cluster = Cluster {
+            net,
+            pki: TestPki::new(),
+            foreign: TestPki::new(),
+            configs: tempfile::tempdir().expect("temp dir"),
+            nodes: Vec::new(),
+        };
+        for i in 0..n {
+            let options = options.get(&i).cloned().unwrap_or_default();
+            let config = cluster.write_config(i, replicas, &options);
+            let args = [
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--node-name",
+                &node_name(i),
+            ];
+            let daemon = Daemon::start_in(cluster.net.namespace(i), &args, &options.env).await;
+            cluster.nodes.push(daemon);
+        }
+        cluster
+    }
+
+    fn write_config(&self, i: usize, replicas: usize, options: &NodeOptions) -> PathBuf {
+        let name = node_name(i);
+        let issued = match options.cert.unwrap_or(Cert::Good) {
+            Cert::Good => self.pki.issue(&name),
+            Cert::WrongName => self
+                .pki
+                .issue_with_names(&format!("{name}-wrong"), &["node-99"]),
+            Cert::ForeignCa => self.foreign.issue(&name),
+        };
+        let mut toml = format!(
+            "[peers]\nlisten = \"{}:{PEER_PORT}\"\nreplicas = {replicas}\nrequest_timeout_secs = 10\n{}\n\
+             [peers.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\
+             [membership]\nsource = \"static\"\n",
+            self.net.addr(i),
+            options.peers_toml,
+            issued.cert,
+            issued.key,
+            self.pki.ca_path(),
+        );
+        for j in 0..self.net.nodes() {
+            toml.push_str(&format!(
+                "[[membership.peers]]\nid = \"{}\"\naddress = \"{}:{PEER_PORT}\"\n",
+                node_name(j),
+                self.net.addr(j)
+            ));
+        }
+        let path = self.configs.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).expect("write config");
+        path
+    }
+
+    /// The nodes placement gives the replicas of rank `rank` of `job`
+    /// saved on node `owner`, in order (the same pure function the daemons
+    /// use).
+    fn placement(&self, owner: usize, job: &str, rank: u32, replicas: usize) -> Vec<usize> {
+        let members: Vec<Member> = (0..self.nodes.len())
+            .map(|i| Member::new(NodeId::parse("id", node_name(i)).expect("node id")))
+            .collect();
+        let membership = Membership::new(members.clone()).expect("membership");
+        let key = PlacementKey {
+            tenant: TenantName::parse("tenant", "default".into()).expect("tenant"),
+            job: JobName::parse("job", job.into()).expect("job"),
+            rank: Rank(rank),
+        };
+        membership
+            .place(&key, &members[owner], replicas)
+            .iter()
+            .map(|id| {
+                id.as_str()
+                    .strip_prefix("node-")
+                    .and_then(|i| i.parse().ok())
+                    .expect("node-N")
+            })
+            .collect()
+    }
+}
+
+/// Files of a shard of `chunks` test chunks (two files, neither aligned).
+fn shard_files(seed: u64, chunks: usize) -> Vec<(String, Vec<u8>)> {
+    let total = chunks * common::TEST_CHUNK as usize;
+    let first = total / 3 + 1234;
+    vec![
+        ("model.bin".into(), bytes(seed, first)),
+        ("optim.bin".into(), bytes(seed + 1, total - first)),
+    ]
+}
+
+async fn save_files(node: &Daemon, job: &str, step: u64, files: &[(String, Vec<u8>)]) {
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    let mut c = node.clients().await;
+    save(&mut c, shard(job, step, 0), &refs)
+        .await
+        .expect("save");
+}
+
+async fn shard_status(node: &Daemon, job: &str, step: u64) -> pb::ShardStatus {
+    let mut c = node.clients().await;
+    let jobs = c
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: job.into(),
+        })
+        .await
+        .expect("list steps")
+        .into_inner()
+        .jobs;
+    jobs.into_iter()
+        .flat_map(|j| j.steps)
+        .find(|s| s.step == step)
+        .and_then(|s| s.shards.into_iter().next())
+        .unwrap_or_else(|| panic!("step {step} of {job} is not listed"))
+}
+
+fn peer_state(shard: &pb::ShardStatus) -> pb::ShardState {
+    shard
+        .tiers
+        .iter()
+        .find(|t| t.tier == pb::Tier::Peers as i32)
+        .map(|t| pb::ShardState::try_from(t.state).expect("state"))
+        .expect("a peers tier state")
+}
+
+async fn replica_shards(node: &Daemon) -> u64 {
+    let mut c = node.clients().await;
+    c.admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .peers
+        .expect("peer tier status")
+        .replica_shards
+}
+
+/// Kills a node's daemon and wipes its memory and disk tiers, as a
+/// replacement node would start.
+async fn wipe_and_restart(node: &mut Daemon) {
+    node.kill();
+    for dir in [&node.memory_dir, &node.disk_dir] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    node.restart().await;
+}
+
+async fn assert_restores_from_peers(
+    node: &Daemon,
+    job: &str,
+    step: u64,
+    files: &[(String, Vec<u8>)],
+) {
+    let mut c = node.clients().await;
+    let (response, restored) = restore(&mut c, job, Some(step), 0)
+        .await
+        .expect("restore from peers");
+    for (name, expected) in files {
+        assert!(
+            restored.get(name) == Some(expected),
+            "{name} differs after restoring from peers"
+        );
+    }
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    assert_eq!(source_bytes(&response, pb::Tier::Peers), total);
+}
+
+/// Prometheus text of a daemon inside its namespace.
+fn metrics_in_namespace(net: &Network, i: usize, node: &Daemon) -> String {
+    let log = node.log_text();
+    let addr = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("cairnd ready"))
+        .and_then(|l| l.split("metrics=Some(").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .expect("metrics address in the log")
+        .to_owned();
+    let output = net
+        .command(i, common::netns::python())
+        .args([
+            "-c",
+            "import sys, urllib.request; print(urllib.request.urlopen('http://' + sys.argv[1] + '/metrics').read().decode())",
+            &addr,
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicates_to_one_peer_and_restores_a_wiped_node() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let files = shard_files(1, 40);
+    save_files(&cluster.nodes[0], "r1", 10, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "r1", 10, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on one peer");
+    let expected = cluster.placement(0, "r1", 0, 1);
+    let shard = shard_status(&cluster.nodes[0], "r1", 10).await;
+    assert_eq!(peer_state(&shard), pb::ShardState::Durable);
+    assert_eq!(shard.peer_holders, vec![node_name(expected[0])]);
+    assert_eq!(shard.peer_replicas_wanted, 1);
+    assert_eq!(replica_shards(&cluster.nodes[expected[0]]).await, 1);
+    // The operator sees the same through the CLI.
+    let out = cluster.nodes[0].cli(&["--json", "list", "--job", "r1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json list");
+    let listed_shard = &listed["jobs"][0]["steps"][0]["shards"][0];
+    assert_eq!(listed_shard["peer_holders"][0], node_name(expected[0]));
+    assert_eq!(listed_shard["tiers"]["peers"], "durable");
+    let out = cluster.nodes[0].cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "peer tier: node id node-0, 1 replica(s) per shard, membership from static, mutual TLS"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "member node-2 at {}:{PEER_PORT}",
+            cluster.net.addr(2)
+        )),
+        "{text}"
+    );
+    let other = 3 - expected[0];
+    assert_eq!(
+        replica_shards(&cluster.nodes[other]).await,
+        0,
+        "only the placed peer holds it; log of node 0:\n{}",
+        cluster.nodes[0].log_text()
+    );
+
+    wipe_and_restart(&mut cluster.nodes[0]).await;
+    assert_restores_from_peers(&cluster.nodes[0], "r1", 10, &files).await;
+    // The restored shard is local again: memory now, disk after write-back.
+    let mut c = cluster.nodes[0].clients().await;
+    common::wait_disk(&mut c, "r1", 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicates_to_two_peers_and_restores_from_both() {
+    let mut cluster = Cluster::start(3, 2).await;
+    let files = shard_files(2, 64);
+    save_files(&cluster.nodes[0], "r2", 5, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "r2", 5, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on two peers");
+    let shard = shard_status(&cluster.nodes[0], "r2", 5).await;
+    let mut holders = shard.peer_holders.clone();
+    holders.sort();
+    assert_eq!(holders, vec![node_name(1), node_name(2)]);
+    for holder in 1..3 {
+        assert_eq!(replica_shards(&cluster.nodes[holder]).await, 1);
+    }
+    // A second step with most chunks unchanged sends only what changed.
+    let mut next = files.clone();
+    next[1].1[..1000].fill(7);
+    save_files(&cluster.nodes[0], "r2", 6, &next).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "r2", 6, pb::Tier::Peers, 30_000)
+        .await
+        .expect("second step durable on two peers");
+    if cluster.net.isolated() {
+        let scrape = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+        for holder in 1..3 {
+            let sent = common::metric(
+                &scrape,
+                &format!(
+                    "cairn_peer_sent_bytes_total{{peer=\"{}\"}}",
+                    node_name(holder)
+                ),
+            ) as usize;
+            let one_step: usize = files.iter().map(|(_, b)| b.len()).sum();
+            assert!(
+                sent < one_step + 2 * common::TEST_CHUNK as usize,
+                "the second step resent unchanged chunks to {holder}: {sent} bytes"
+            );
+        }
+    }
+
+    wipe_and_restart(&mut cluster.nodes[0]).await;
+    assert_restores_from_peers(&cluster.nodes[0], "r2", 6, &next).await;
+    if cluster.net.isolated() {
+        let scrape = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+        for holder in 1..3 {
+            let received = common::metric(
+                &scrape,
+                &format!(
+                    "cairn_peer_received_bytes_total{{peer=\"{}\"}}",
+                    node_name(holder)
+                ),
+            );
+            assert!(
+                received > 0.0,
+                "the restore read nothing from {}",
+                node_name(holder)
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_killed_mid_shard_gets_the_rest_when_it_returns() {
+    // Node 1 kills itself (SIGKILL) on the 301st chunk it receives of a
+    // 1,000-chunk shard; with R = 2 in a 3-node cluster the step cannot be
+    // durable until it is back.
+    let options = HashMap::from([(
+        1,
+        NodeOptions {
+            env: vec![("FAILPOINTS", "peer.receive_chunk=300*off->return")],
+            ..NodeOptions::default()
+        },
+    )]);
+    let mut cluster = Cluster::start_with(3, 2, &options).await;
+    let files = shard_files(3, 1000);
+    save_files(&cluster.nodes[0], "kill", 1, &files).await;
+    assert!(
+        cluster.nodes[1].wait_exit(Duration::from_secs(60)),
+        "node 1 did not die at its failpoint"
+    );
+    let mut c = cluster.nodes[0].clients().await;
+    let early = wait_durable(&mut c, "kill", 1, pb::Tier::Peers, 2_000).await;
+    assert_eq!(
+        early
+            .expect_err("one of two replicas must not count as durable")
+            .code(),
+        tonic::Code::DeadlineExceeded
+    );
+    let shard = shard_status(&cluster.nodes[0], "kill", 1).await;
+    assert_ne!(peer_state(&shard), pb::ShardState::Durable);
+    assert!(!shard.peer_problem.is_empty(), "the status says why");
+
+    cluster.nodes[1].restart().await;
+    wait_durable(&mut c, "kill", 1, pb::Tier::Peers, 90_000)
+        .await
+        .expect("durable on two peers once node 1 is back");
+    // Node 1's copy is whole: with node 2 gone, a wiped node 0 restores
+    // every byte from node 1 alone.
+    cluster.nodes[2].kill();
+    wipe_and_restart(&mut cluster.nodes[0]).await;
+    assert_restores_from_peers(&cluster.nodes[0], "kill", 1, &files).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_does_not_corrupt_or_count_as_durable() {
+    let mut cluster = Cluster::start(3, 2).await;
+    if !cluster.net.isolated() {
+        eprintln!("SKIPPED: partitions need network namespaces, which are unavailable here");
+        return;
+    }
+    cluster.net.partition(0);
+    let files = shard_files(4, 50);
+    save_files(&cluster.nodes[0], "part", 3, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    let cut_off = wait_durable(&mut c, "part", 3, pb::Tier::Peers, 5_000).await;
+    assert_eq!(
+        cut_off.expect_err("nothing reached a peer").code(),
+        tonic::Code::DeadlineExceeded
+    );
+    let shard = shard_status(&cluster.nodes[0], "part", 3).await;
+    assert!(shard.peer_holders.is_empty(), "{:?}", shard.peer_holders);
+    assert_ne!(peer_state(&shard), pb::ShardState::Durable);
+    for holder in 1..3 {
+        assert_eq!(replica_shards(&cluster.nodes[holder]).await, 0);
+    }
+
+    cluster.net.heal(0);
+    let started = Instant::now();
+    wait_durable(&mut c, "part", 3, pb::Tier::Peers, 90_000)
+        .await
+        .expect("durable once the partition heals");
+    eprintln!("durable {:?} after healing", started.elapsed());
+    wipe_and_restart(&mut cluster.nodes[0]).await;
+    assert_restores_from_peers(&cluster.nodes[0], "part", 3, &files).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_with_wrong_certificates_are_refused() {
+    // Node 1's certificate names another node; node 2's comes from another
+    // CA. Node 0 must not count either as a holder.
+    let cert = |cert| NodeOptions {
+        cert: Some(cert),
+        ..NodeOptions::default()
+    };
+    let options = HashMap::from([(1, cert(Cert::WrongName)), (2, cert(Cert::ForeignCa))]);
+    let cluster = Cluster::start_with(3, 1, &options).await;
+    let files = shard_files(5, 8);
+    save_files(&cluster.nodes[0], "certs", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    let refused = wait_durable(&mut c, "certs", 1, pb::Tier::Peers, 5_000).await;
+    assert_eq!(
+        refused.expect_err("no peer proved who it is").code(),
+        tonic::Code::DeadlineExceeded
+    );
+    for holder in 1..3 {
+        assert_eq!(replica_shards(&cluster.nodes[holder]).await, 0);
+    }
+    // Node 1, calling node 0 with a certificate for another name, is
+    // refused by node 0's service with a message naming the mismatch.
+    save_files(&cluster.nodes[1], "certs-from-1", 1, &files).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = cluster.nodes[0].log_text();
+        if log.contains("does not prove it is node node-1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never refused node 1; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(replica_shards(&cluster.nodes[0]).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_peer_sends_the_replica_to_the_next_candidate() {
+    // The peer placement prefers for this rank can take 1 MiB of replicas;
+    // the shard is 4 MiB.
+    let probe = Cluster::start(3, 1).await;
+    let preferred = probe.placement(0, "full", 0, 1)[0];
+    drop(probe);
+    let options = HashMap::from([(
+        preferred,
+        NodeOptions {
+            peers_toml: "replica_capacity_bytes = 1048576",
+            ..NodeOptions::default()
+        },
+    )]);
+    let cluster = Cluster::start_with(3, 1, &options).await;
+    let files = shard_files(6, 64);
+    save_files(&cluster.nodes[0], "full", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "full", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on the next candidate");
+    let next = 3 - preferred;
+    let shard = shard_status(&cluster.nodes[0], "full", 1).await;
+    assert_eq!(shard.peer_holders, vec![node_name(next)]);
+    assert_eq!(replica_shards(&cluster.nodes[preferred]).await, 0);
+    assert!(
+        cluster.nodes[0].log_text().contains("reason=\"full\""),
+        "the sender logs why it skipped the full peer"
+    );
+}
+
+/// A cluster whose membership comes from DNS: every node resolves one name
+/// through the real resolver, which reads the namespace's own `/etc/hosts`
+/// (`ip netns exec` binds `/etc/netns/<ns>/hosts` over it). Editing that
+/// file in place is a node joining or leaving.
+struct DnsCluster {
+    nodes: Vec<Daemon>,
+    net: Network,
+    configs: tempfile::TempDir,
+    hosts: Vec<PathBuf>,
+}
+
+const PEERS_NAME: &str = "peers.cairn.test";
+
+impl DnsCluster {
+    async fn start(n: usize, replicas: usize) -> Option<DnsCluster> {
+        let net = Network::create(n);
+        if !net.isolated() {
+            return None;
+        }
+        let mut cluster = DnsCluster {
+            nodes: Vec::new(),
+            configs: tempfile::tempdir().expect("temp dir"),
+            hosts: (0..n)
+                .map(|i| {
+                    let dir =
+                        PathBuf::from("/etc/netns").join(net.namespace(i).expect("namespace"));
+                    std::fs::create_dir_all(&dir).expect("create /etc/netns/<ns>");
+                    dir.join("hosts")
+                })
+                .collect(),
+            net,
+        };
+        cluster.set_members(&(0..n).collect::<Vec<_>>());
+        for i in 0..n {
+            let name = cluster.net.addr(i).to_string();
+            let config = cluster.configs.path().join(format!("{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[peers]\nlisten = \"{name}:{PEER_PORT}\"\nreplicas = {replicas}\nrequest_timeout_secs = 10\n\
+                     [membership]\nsource = \"dns\"\nname = \"{PEERS_NAME}\"\ninterval_secs = 1\n"
+                ),
+            )
+            .expect("write config");
+            let args = [
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--node-name",
+                &name,
+                "--insecure-peers",
+            ];
+            let daemon = Daemon::start_in(cluster.net.namespace(i), &args, &[]).await;
+            cluster.nodes.push(daemon);
+        }
+        Some(cluster)
+    }
+
+    /// What the name resolves to, on every node (written in place, so the
+    /// bind mounts see it).
+    fn set_members(&self, members: &[usize]) {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for &i in members {
+            text.push_str(&format!("{} {PEERS_NAME}\n", self.net.addr(i)));
+        }
+        for path in &self.hosts {
+            std::fs::write(path, &text).expect("write hosts");
+        }
+    }
+
+    fn id(&self, i: usize) -> String {
+        self.net.addr(i).to_string()
+    }
+
+    fn index_of(&self, id: &str) -> usize {
+        (0..self.nodes.len())
+            .find(|&i| self.id(i) == id)
+            .unwrap_or_else(|| panic!("{id} is no node"))
+    }
+}
+
+impl Drop for DnsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        for path in &self.hosts {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_leaving_are_replaced_and_a_new_node_restores() {
+    let Some(mut cluster) = DnsCluster::start(4, 2).await else {
+        eprintln!(
+            "SKIPPED: DNS membership per node needs network namespaces, which are unavailable here"
+        );
+        return;
+    };
+    let files = shard_files(7, 48);
+    save_files(&cluster.nodes[0], "leave", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "leave", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on two peers");
+    let first = shard_status(&cluster.nodes[0], "leave", 1)
+        .await
+        .peer_holders;
+    assert_eq!(first.len(), 2);
+    let lost_holder = cluster.index_of(&first[0]);
+    let kept_holder = cluster.index_of(&first[1]);
+    let spare = (1..4)
+        .find(|i| *i != lost_holder && *i != kept_holder)
+        .expect("a fourth node");
+
+    // A holder dies: the owner notices it left and replicates to the spare.
+    cluster.nodes[lost_holder].kill();
+    cluster.set_members(&[0, kept_holder, spare]);
+    let spare_id = cluster.id(spare);
+    wait_for(
+        "the owner replaced the lost holder",
+        Duration::from_secs(60),
+        async || {
+            let holders = shard_status(&cluster.nodes[0], "leave", 1)
+                .await
+                .peer_holders;
+            holders.len() == 2 && holders.contains(&spare_id)
+        },
+    )
+    .await;
+    assert_eq!(replica_shards(&cluster.nodes[spare]).await, 1);
+
+    // The owner dies, the lost holder comes back as a new, empty node, and
+    // the spare dies: the remaining holder re-replicates the orphaned
+    // replica to where placement now puts it, so the step keeps two copies.
+    cluster.nodes[0].kill();
+    cluster.set_members(&[kept_holder, spare, lost_holder]);
+    wipe_and_restart(&mut cluster.nodes[lost_holder]).await;
+    cluster.nodes[spare].kill();
+    cluster.set_members(&[kept_holder, lost_holder]);
+    wait_for(
+        "the orphaned replica has two holders again",
+        Duration::from_secs(60),
+        async || replica_shards(&cluster.nodes[lost_holder]).await >= 1,
+    )
+    .await;
+
+    // A replacement for the owner, with empty tiers, restores every byte
+    // from the peers.
+    cluster.set_members(&[0, kept_holder, lost_holder]);
+    wipe_and_restart(&mut cluster.nodes[0]).await;
+    let mut c = cluster.nodes[0].clients().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (response, restored) = loop {
+        match restore(&mut c, "leave", Some(1), 0).await {
+            Ok(done) => break done,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("restore not possible yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("restore from peers failed: {e}"),
+        }
+    };
+    for (name, expected) in &files {
+        assert!(restored.get(name) == Some(expected), "{name} differs");
+    }
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    assert_eq!(source_bytes(&response, pb::Tier::Peers), total);
+}
