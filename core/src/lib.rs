@@ -2,8 +2,8 @@
 //!
 //! Everything here is deterministic logic with no I/O and no async runtime:
 //! chunk ids and fixed-size chunking, the stored-chunk codec, the manifest format, validation of every
-//! name that arrives from outside, step ordering, retention decisions and
-//! replica placement.
+//! name that arrives from outside, step ordering, retention decisions,
+//! replica placement and restore planning.
 //! Keeping it pure keeps it fast to compile and lets property tests cover it
 //! exhaustively; the daemon wraps it with tiers, RPCs and background work.
 
@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod membership;
 pub mod names;
 pub mod placement;
+pub mod restore_plan;
 pub mod retention;
 
 pub use chunk::{ChunkId, ChunkSize, DEFAULT_CHUNK_SIZE, chunk_ranges};

@@ -3,9 +3,9 @@
 //! [`copy_shard`] copies a committed shard from a source tier into a
 //! content-addressed sink (memory → disk today; → peers and → object store
 //! with the same code): only the chunks the sink lacks, each verified on the
-//! way, the manifest last. [`fill_chunks`] writes chunks into files in the
-//! memory tier (restore and repair), taking each chunk from the fastest
-//! source that has a verified copy and falling back tier by tier.
+//! way, the manifest last. [`fill_planned`] writes chunks into files in the
+//! memory tier (restore and repair), each from the source the restore
+//! planner chose, falling back along the plan's order.
 //!
 //! Both run a bounded number of chunks at once, so memory stays at
 //! `concurrency × chunk size` whatever the shard's size.
@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cairn_core::restore_plan::{self, ChunkNeed, SourceProfile};
 use cairn_core::{ChunkId, Manifest};
 use futures::{StreamExt, TryStreamExt, stream};
+use tokio::sync::Semaphore;
 
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint::crash_point;
@@ -101,47 +103,136 @@ pub async fn copy_shard(
 pub struct FillReport {
     /// Bytes written, by the tier they came from.
     pub bytes_by_tier: BTreeMap<TierKind, u64>,
+    /// Bytes written, by source (a tier, or one peer), for the log.
+    pub bytes_by_source: BTreeMap<String, u64>,
     /// Chunks that failed verification, by tier, as (file, offset, id).
     pub corrupt: Vec<(TierKind, String, u64, ChunkId)>,
 }
 
+/// One place a planned fill may read chunks from.
+pub struct PlannedSource<'a> {
+    /// The tier (or one peer) to read from.
+    pub source: &'a dyn ShardSource,
+    /// Its name in logs and reports: `disk`, `peer node-2`, `object-store`.
+    pub label: String,
+    /// What the planner assumes of it.
+    pub profile: SourceProfile,
+}
+
+/// Longest a single chunk read may take, beyond what the source's profile
+/// predicts, before the chunk moves on to its next source.
+const STALL_SLACK: Duration = Duration::from_secs(5);
+
 /// Writes each of `wanted` into `files[location.file_index]` at its offset,
-/// reading it from the first of `sources` that has a verified copy. A chunk
-/// that is corrupt in a tier listed in `repair` is rewritten there with the
-/// good bytes. Fails with `DataLoss` naming the chunk when no source has it.
-pub async fn fill_chunks(
+/// reading it from the source the restore planner ([`restore_plan::plan`])
+/// chose among those `holders[i]` lists for chunk `i`, and on a missing or
+/// corrupt copy, an error or a stall, from the next source in the plan's
+/// order. At most `concurrency` chunks are in flight (and at most each
+/// source's `parallelism` from one source), so memory stays at
+/// `concurrency × chunk size`. `observe` learns how long each successful
+/// read took, so that the next plan is based on what sources delivered.
+/// Fails with `DataLoss` naming the chunk when no source has a good copy.
+pub async fn fill_planned(
     wanted: Vec<ChunkLocation>,
-    sources: &[&dyn ShardSource],
-    repair: &[&dyn ChunkSink],
+    holders: Vec<Vec<usize>>,
+    sources: &[PlannedSource<'_>],
     files: &[Arc<File>],
     concurrency: usize,
     metrics: &Metrics,
+    observe: &(dyn Fn(&str, u64, Duration) + Send + Sync),
 ) -> Result<FillReport> {
-    stream::iter(wanted)
-        .map(|location| async move {
-            let (tier, bytes, corrupt) = read_first_verified(&location, sources, metrics).await?;
-            for sink in repair.iter().filter(|s| corrupt.contains(&s.kind())) {
-                sink.put_chunk(&location, bytes.clone()).await?;
-                metrics.chunks_repaired.with_label_values(&[sink.kind().as_str()]).inc();
-                tracing::info!(tier = %sink.kind(), chunk = %location.chunk.id, "repaired corrupt chunk");
-            }
-            let file = Arc::clone(&files[location.file_index]);
-            let offset = location.offset;
-            let len = bytes.len() as u64;
-            tokio::task::spawn_blocking(move || {
-                file.write_all_at(&bytes, offset)
-                    .io_context(|| format!("writing restored chunk at offset {offset}"))
-            })
-            .await??;
-            let corrupt: Vec<_> = corrupt
-                .into_iter()
-                .map(|t| (t, location.file_name().to_owned(), location.offset, location.chunk.id))
-                .collect();
-            Ok::<_, Error>((tier, len, corrupt))
+    let profiles: Vec<SourceProfile> = sources.iter().map(|s| s.profile.clone()).collect();
+    let needs: Vec<ChunkNeed> = wanted
+        .iter()
+        .zip(holders)
+        .map(|(location, holders)| ChunkNeed {
+            len: location.chunk.len,
+            holders,
         })
-        .buffer_unordered(concurrency)
-        .try_fold(FillReport::default(), |mut report, (tier, len, corrupt)| async move {
+        .collect();
+    let plan = restore_plan::plan(&profiles, &needs);
+    tracing::debug!(
+        sources = ?sources.iter().map(|s| s.label.as_str()).zip(plan.bytes.iter()).collect::<Vec<_>>(),
+        estimated_ms = plan.estimated_us / 1000,
+        "restore plan"
+    );
+    let permits: Vec<Semaphore> = profiles
+        .iter()
+        .map(|p| Semaphore::new(p.parallelism.max(1) as usize))
+        .collect();
+    let permits = &permits;
+    stream::iter(wanted.into_iter().zip(plan.order))
+        .map(|(location, order)| async move {
+            let mut tried = Vec::new();
+            let mut corrupt = Vec::new();
+            for index in order {
+                let planned = &sources[index];
+                let tier = planned.source.kind();
+                let _permit = permits[index].acquire().await.map_err(|_| Error::ShuttingDown)?;
+                let expected = Duration::from_micros(restore_plan::estimate_us(
+                    &planned.profile,
+                    location.chunk.len,
+                    1,
+                ));
+                let started = Instant::now();
+                let read = tokio::time::timeout(
+                    expected * 4 + STALL_SLACK,
+                    planned.source.read_chunk(&location),
+                )
+                .await;
+                match read {
+                    Ok(Ok(ChunkRead::Verified(bytes))) => {
+                        observe(&planned.label, bytes.len() as u64, started.elapsed());
+                        let file = Arc::clone(&files[location.file_index]);
+                        let (offset, len) = (location.offset, bytes.len() as u64);
+                        tokio::task::spawn_blocking(move || {
+                            file.write_all_at(&bytes, offset)
+                                .io_context(|| format!("writing restored chunk at offset {offset}"))
+                        })
+                        .await??;
+                        if !tried.is_empty() {
+                            tracing::warn!(chunk = %location.chunk.id, file = location.file_name(), source = %planned.label, skipped = ?tried, "chunk read from a later source after the planned ones failed");
+                        }
+                        let corrupt: Vec<_> = corrupt
+                            .into_iter()
+                            .map(|t| (t, location.file_name().to_owned(), location.offset, location.chunk.id))
+                            .collect();
+                        return Ok::<_, Error>((tier, planned.label.clone(), len, corrupt));
+                    }
+                    Ok(Ok(ChunkRead::Missing)) => tried.push(format!("{}: missing", planned.label)),
+                    Ok(Ok(ChunkRead::Corrupt)) => {
+                        metrics.chunk_verify_failures.with_label_values(&[tier.as_str()]).inc();
+                        tracing::warn!(source = %planned.label, chunk = %location.chunk.id, file = location.file_name(), offset = location.offset, "chunk failed verification, trying its next source");
+                        corrupt.push(tier);
+                        tried.push(format!("{}: corrupt", planned.label));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(source = %planned.label, chunk = %location.chunk.id, error = %e, "reading chunk failed, trying its next source");
+                        tried.push(format!("{}: {e}", planned.label));
+                    }
+                    Err(_) => {
+                        tracing::warn!(source = %planned.label, chunk = %location.chunk.id, "chunk read stalled, trying its next source");
+                        tried.push(format!("{}: stalled", planned.label));
+                    }
+                }
+            }
+            Err(Error::DataLoss(format!(
+                "chunk {} of file {} (offset {}) of shard {} has no good copy in any tier ({})",
+                location.chunk.id,
+                location.file_name(),
+                location.offset,
+                location.shard(),
+                if tried.is_empty() {
+                    "no tier holds it".to_owned()
+                } else {
+                    tried.join(", ")
+                }
+            )))
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_fold(FillReport::default(), |mut report, (tier, label, len, corrupt)| async move {
             *report.bytes_by_tier.entry(tier).or_default() += len;
+            *report.bytes_by_source.entry(label).or_default() += len;
             report.corrupt.extend(corrupt);
             Ok(report)
         })

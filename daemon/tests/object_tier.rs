@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cairn_core::restore_plan::{SourceClass, SourceProfile};
 use cairn_core::{
     ChunkId, ChunkRef, ChunkSize, FileEntry, FileName, JobName, MANIFEST_VERSION, Manifest, Rank,
     ShardKey, Step, TenantName,
@@ -21,7 +22,7 @@ use cairn_daemon::metrics::Metrics;
 use cairn_daemon::tier::disk::DiskTier;
 use cairn_daemon::tier::object::{ObjectTier, ObjectTierSettings};
 use cairn_daemon::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
-use cairn_daemon::transfer::{CopyReport, copy_shard, fill_chunks};
+use cairn_daemon::transfer::{CopyReport, PlannedSource, copy_shard, fill_planned};
 
 const CHUNK: u64 = 64 * 1024;
 const NO_OPTIONS: [(&str, &str); 0] = [];
@@ -208,14 +209,26 @@ async fn copies_incrementally_and_fills_back_identical() {
     let out = File::create(&out_path).expect("create restore file");
     out.set_len(step2.len() as u64).expect("size restore file");
     let files = [Arc::new(out)];
-    let sources: [&dyn ShardSource; 1] = [&reopened];
-    let fill = fill_chunks(
-        ChunkLocation::all(&stored),
+    let sources = [PlannedSource {
+        source: &reopened,
+        label: "object-store".into(),
+        profile: SourceProfile {
+            class: SourceClass::Bucket,
+            bytes_per_sec: 100_000_000,
+            latency_us: 10_000,
+            parallelism: 4,
+        },
+    }];
+    let wanted = ChunkLocation::all(&stored);
+    let holders = vec![vec![0]; wanted.len()];
+    let fill = fill_planned(
+        wanted,
+        holders,
         &sources,
-        &[],
         &files,
         4,
         &Metrics::new(),
+        &|_, _, _| (),
     )
     .await
     .expect("fill from bucket");

@@ -708,3 +708,130 @@ async fn members_leaving_are_replaced_and_a_new_node_restores() {
     let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
     assert_eq!(source_bytes(&response, pb::Tier::Peers), total);
 }
+
+/// The replica chunk files a node holds for the default tenant.
+fn replica_chunk_files(node: &Daemon) -> Vec<PathBuf> {
+    common::files_under(&node.disk_dir.join("replicas/tenants/default/chunks"))
+}
+
+fn chunk_file(node: &Daemon, id: &[u8]) -> PathBuf {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    node.disk_dir
+        .join("replicas/tenants/default/chunks")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+async fn manifest_chunks(node: &Daemon, job: &str, step: u64) -> Vec<Vec<u8>> {
+    let mut c = node.clients().await;
+    let manifest = c
+        .checkpoint
+        .get_manifest(pb::GetManifestRequest {
+            shard: Some(common::selector(job, Some(step), 0)),
+        })
+        .await
+        .expect("manifest")
+        .into_inner()
+        .manifest
+        .expect("manifest");
+    let mut ids: Vec<Vec<u8>> = manifest
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(|c| c.id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_combines_disk_and_two_damaged_peers_into_the_exact_bytes() {
+    let mut cluster = Cluster::start(3, 2).await;
+    // Step 1 stays on node 0's disk; step 2 shares its first file with it.
+    let step1 = shard_files(8, 40);
+    let mut step2 = step1.clone();
+    step2[1].1 = bytes(80, step1[1].1.len());
+    save_files(&cluster.nodes[0], "spread", 1, &step1).await;
+    save_files(&cluster.nodes[0], "spread", 2, &step2).await;
+    let mut c = cluster.nodes[0].clients().await;
+    for step in [1, 2] {
+        wait_durable(&mut c, "spread", step, pb::Tier::Peers, 30_000)
+            .await
+            .expect("durable on both peers");
+        common::wait_disk(&mut c, "spread", step).await;
+    }
+    let ids = manifest_chunks(&cluster.nodes[0], "spread", 2).await;
+    // Node 0 keeps only step 1: its disk has step 2's shared chunks, not the rest.
+    c.checkpoint
+        .delete_step(pb::DeleteStepRequest {
+            tenant: String::new(),
+            job: "spread".into(),
+            step: 2,
+        })
+        .await
+        .expect("delete step 2 locally");
+    // Node 1 loses half of step 2's chunks and node 2's copies of the other
+    // half are corrupted: no single source has it all.
+    let (first_half, second_half) = ids.split_at(ids.len() / 2);
+    for id in first_half {
+        std::fs::remove_file(chunk_file(&cluster.nodes[1], id)).expect("remove from node 1");
+    }
+    for id in second_half {
+        let path = chunk_file(&cluster.nodes[2], id);
+        let mut stored = std::fs::read(&path).expect("a chunk node 2 holds");
+        stored[100] ^= 0xff;
+        std::fs::write(&path, stored).expect("corrupt it");
+    }
+    assert!(!replica_chunk_files(&cluster.nodes[1]).is_empty());
+
+    let mut c = cluster.nodes[0].clients().await;
+    let (response, restored) = restore(&mut c, "spread", Some(2), 0)
+        .await
+        .expect("restore from disk and peers");
+    for (name, expected) in &step2 {
+        assert!(restored.get(name) == Some(expected), "{name} differs");
+    }
+    let total: u64 = step2.iter().map(|(_, b)| b.len() as u64).sum();
+    let from_disk = source_bytes(&response, pb::Tier::Disk);
+    let from_peers = source_bytes(&response, pb::Tier::Peers);
+    assert!(from_disk > 0, "the shared chunks come from the local disk");
+    assert!(from_peers > 0, "the rest from the peers");
+    assert_eq!(from_disk + from_peers, total);
+    let log = cluster.nodes[0].log_text();
+    assert!(
+        log.contains("peer node-2"),
+        "the restore names its sources:\n{log}"
+    );
+    assert!(
+        log.contains("chunk failed verification, trying its next source"),
+        "the corrupt copy was caught and reported"
+    );
+    // Both peers served part of it.
+    assert!(log.contains("chunks restored by source"), "{log}");
+    let _ = &mut cluster;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_killed_mid_restore_leaves_the_rest_to_the_other() {
+    // Node 1 serves 200 chunks of a 1,000-chunk restore, then dies.
+    let options = HashMap::from([(
+        1,
+        NodeOptions {
+            env: vec![("FAILPOINTS", "peer.serve_chunk=200*off->return")],
+            ..NodeOptions::default()
+        },
+    )]);
+    let mut cluster = Cluster::start_with(3, 2, &options).await;
+    let files = shard_files(9, 1000);
+    save_files(&cluster.nodes[0], "midway", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "midway", 1, pb::Tier::Peers, 60_000)
+        .await
+        .expect("durable on both peers");
+    wipe_and_restart(&mut cluster.nodes[0]).await;
+    assert_restores_from_peers(&cluster.nodes[0], "midway", 1, &files).await;
+    assert!(
+        cluster.nodes[1].wait_exit(Duration::from_secs(5)),
+        "node 1 should have died serving the restore"
+    );
+}

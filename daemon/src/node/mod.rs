@@ -227,6 +227,8 @@ pub struct Node {
     upload_tx: mpsc::UnboundedSender<ShardKey>,
     replication: Mutex<replicate::Replication>,
     replicate_tx: Option<mpsc::UnboundedSender<ShardKey>>,
+    /// What each restore source delivered lately, for the restore planner.
+    source_rates: Mutex<HashMap<String, f64>>,
     gc_lock: RwLock<()>,
     cancel: CancellationToken,
 }
@@ -295,6 +297,7 @@ impl Node {
             writeback_tx,
             upload_tx,
             replication: Mutex::new(replicate::Replication::default()),
+            source_rates: Mutex::new(HashMap::new()),
             gc_lock: RwLock::new(()),
             cancel,
         });

@@ -1,17 +1,25 @@
 //! The restore path: make a shard readable in the memory tier.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use cairn_core::{FileName, Manifest, ShardKey};
+use cairn_core::restore_plan::{SourceClass, SourceProfile};
+use cairn_core::{ChunkId, FileName, Manifest, ShardKey};
 
-use super::{Node, RestoreOutcome};
+use super::{Node, RestoreOutcome, lock};
 use crate::error::{Error, Result};
 use crate::hashing;
-use crate::tier::{ChunkLocation, ShardSource, TierKind};
-use crate::transfer::{self, FillReport};
+use crate::peer::PeerHolder;
+use crate::tier::{ChunkLocation, ChunkSink, ShardSource, TierKind};
+use crate::transfer::{self, FillReport, PlannedSource};
+
+/// Most chunks a restore has in flight across all its sources (memory use
+/// is this times the chunk size).
+const MAX_RESTORE_CONCURRENCY: usize = 32;
+/// Weight of the newest read in a source's throughput average.
+const RATE_SMOOTHING: f64 = 0.2;
 
 impl Node {
     /// Makes a shard readable in the memory tier and returns its paths.
@@ -156,24 +164,133 @@ impl Node {
         Ok(report)
     }
 
-    /// Writes `wanted` chunks into the memory-tier files at `paths`, each
-    /// from the fastest tier below memory with a verified copy (see
-    /// [`Node::slower_sources`]).
+    /// Writes `wanted` chunks (all of one manifest) into the memory-tier
+    /// files at `paths`: the restore planner spreads them over every source
+    /// below memory that has them (the disk tier for the chunks it stores,
+    /// each peer holding an identical replica, the bucket when it holds the
+    /// shard), each chunk verified, falling back along the plan.
     async fn fill_from_slower_tiers(
         &self,
         wanted: Vec<ChunkLocation>,
         paths: &[PathBuf],
     ) -> Result<FillReport> {
         let files = open_for_write(paths)?;
-        transfer::fill_chunks(
+        let Some(manifest) = wanted.first().map(|l| Arc::clone(&l.manifest)) else {
+            return Ok(FillReport::default());
+        };
+        let key = &manifest.shard;
+        let ids: Vec<ChunkId> = wanted.iter().map(|l| l.chunk.id).collect();
+        let not_on_disk: HashSet<ChunkId> = self
+            .disk
+            .missing_chunks(&key.tenant, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let holders = match &self.peers {
+            Some(peers) => peers.holders_of(&manifest).await,
+            None => Vec::new(),
+        };
+        let holder_sources: Vec<PeerHolder<'_>> = match &self.peers {
+            Some(peers) => holders.into_iter().map(|n| peers.holder(n)).collect(),
+            None => Vec::new(),
+        };
+        let mut sources = vec![PlannedSource {
+            source: &*self.disk as &dyn ShardSource,
+            label: TierKind::Disk.as_str().to_owned(),
+            profile: self.source_profile(TierKind::Disk.as_str(), SourceClass::Local),
+        }];
+        for holder in &holder_sources {
+            let label = format!("peer {}", holder.node());
+            sources.push(PlannedSource {
+                profile: self.source_profile(&label, SourceClass::Peer),
+                source: holder,
+                label,
+            });
+        }
+        if let Some(object) = &self.object {
+            match object.manifest(key).await {
+                Ok(Some(m)) if m.hash() == manifest.hash() => sources.push(PlannedSource {
+                    source: &**object,
+                    label: TierKind::ObjectStore.as_str().to_owned(),
+                    profile: self
+                        .source_profile(TierKind::ObjectStore.as_str(), SourceClass::Bucket),
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the bucket's manifest; restoring without it")
+                }
+            }
+        }
+        let whole: Vec<usize> = (1..sources.len()).collect();
+        let holders: Vec<Vec<usize>> = wanted
+            .iter()
+            .map(|l| {
+                let on_disk = (!not_on_disk.contains(&l.chunk.id)).then_some(0);
+                on_disk.into_iter().chain(whole.iter().copied()).collect()
+            })
+            .collect();
+        let concurrency = sources
+            .iter()
+            .map(|s| s.profile.parallelism as usize)
+            .sum::<usize>()
+            .clamp(self.config.writeback_concurrency, MAX_RESTORE_CONCURRENCY);
+        let report = transfer::fill_planned(
             wanted,
-            &self.slower_sources(),
-            &[],
+            holders,
+            &sources,
             &files,
-            self.config.writeback_concurrency,
+            concurrency,
             &self.metrics,
+            &|label, bytes, elapsed| self.observe_source(label, bytes, elapsed),
         )
-        .await
+        .await?;
+        tracing::info!(sources = ?report.bytes_by_source, "chunks restored by source");
+        Ok(report)
+    }
+
+    /// What the planner assumes of a source: its recent throughput when
+    /// one was measured, else its class's default.
+    fn source_profile(&self, label: &str, class: SourceClass) -> SourceProfile {
+        let (default_rate, latency_us, parallelism) = match class {
+            SourceClass::Local => (2_000_000_000, 100, self.config.writeback_concurrency),
+            SourceClass::Peer => (
+                1_000_000_000,
+                1_000,
+                self.config.peers.as_ref().map_or(8, |p| p.concurrency),
+            ),
+            SourceClass::Bucket => (
+                100_000_000,
+                30_000,
+                self.config
+                    .object_store
+                    .as_ref()
+                    .map_or(16, |o| o.concurrency),
+            ),
+        };
+        let measured = lock(&self.source_rates).get(label).copied();
+        SourceProfile {
+            class,
+            bytes_per_sec: measured.map_or(default_rate, |r| r as u64).max(1),
+            latency_us,
+            parallelism: parallelism.clamp(1, u32::MAX as usize) as u32,
+        }
+    }
+
+    /// Folds one read into the source's throughput: a moving average of the
+    /// per-request rate times the source's parallelism (requests overlap).
+    fn observe_source(&self, label: &str, bytes: u64, elapsed: Duration) {
+        let class = if label.starts_with("peer ") {
+            SourceClass::Peer
+        } else if label == TierKind::ObjectStore.as_str() {
+            SourceClass::Bucket
+        } else {
+            SourceClass::Local
+        };
+        let parallelism = f64::from(self.source_profile(label, class).parallelism);
+        let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-6) * parallelism;
+        let mut rates = lock(&self.source_rates);
+        let entry = rates.entry(label.to_owned()).or_insert(rate);
+        *entry += RATE_SMOOTHING * (rate - *entry);
     }
 }
 

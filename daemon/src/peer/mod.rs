@@ -91,8 +91,9 @@ pub struct PeerTier {
     membership: watch::Receiver<Arc<MembershipView>>,
     source: &'static str,
     clients: Mutex<HashMap<NodeId, Arc<PeerClient>>>,
-    /// Holders of shards found by searches, for the chunk reads that follow.
-    holders: Mutex<HashMap<ShardKey, Vec<NodeId>>>,
+    /// Holders of shards found by searches, with the hash of the manifest
+    /// they hold, for the chunk reads that follow.
+    holders: Mutex<HashMap<ShardKey, (ChunkId, Vec<NodeId>)>>,
     /// The replicas this node keeps for others.
     pub store: Arc<ReplicaStore>,
     metrics: Arc<Metrics>,
@@ -385,13 +386,37 @@ impl PeerTier {
         }
         let (manifest, mut holders) = by_hash.into_values().max_by_key(|(_, h)| h.len())?;
         holders.sort();
-        lock(&self.holders).insert(key.clone(), holders);
+        lock(&self.holders).insert(key.clone(), (manifest.hash(), holders));
         Some(Arc::new(manifest))
     }
 
     /// The holders of a shard found by the last search or listing.
     pub fn known_holders(&self, key: &ShardKey) -> Vec<NodeId> {
-        lock(&self.holders).get(key).cloned().unwrap_or_default()
+        lock(&self.holders)
+            .get(key)
+            .map(|(_, holders)| holders.clone())
+            .unwrap_or_default()
+    }
+
+    /// The nodes holding a replica identical to `manifest` (searched for if
+    /// no search found them yet), for a restore that reads from each.
+    pub async fn holders_of(&self, manifest: &Manifest) -> Vec<NodeId> {
+        let key = &manifest.shard;
+        if !lock(&self.holders).contains_key(key)
+            && let Err(e) = self.manifest(key).await
+        {
+            tracing::warn!(shard = %key, error = %e, "searching the peers failed");
+        }
+        match lock(&self.holders).get(key) {
+            Some((hash, holders)) if *hash == manifest.hash() => holders.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// One holder as a source of its own, so that a restore can plan which
+    /// chunks to read from which holder.
+    pub fn holder(&self, node: NodeId) -> PeerHolder<'_> {
+        PeerHolder { tier: self, node }
     }
 
     /// Reads one chunk from one holder and verifies it.
@@ -544,5 +569,55 @@ impl ShardSource for PeerTier {
             (false, Some(e)) => Err(e),
             (false, None) => Ok(ChunkRead::Missing),
         }
+    }
+}
+
+/// One node holding a replica, as a source: reads every chunk from that node
+/// only (verified), so the restore planner can spread chunks over holders.
+pub struct PeerHolder<'a> {
+    tier: &'a PeerTier,
+    node: NodeId,
+}
+
+impl PeerHolder<'_> {
+    /// The node.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+}
+
+#[async_trait]
+impl ShardSource for PeerHolder<'_> {
+    fn kind(&self) -> TierKind {
+        TierKind::Peers
+    }
+
+    async fn manifest(&self, key: &ShardKey) -> Result<Option<Arc<Manifest>>> {
+        let view = self.tier.view();
+        let found = self
+            .tier
+            .search(&view, key, std::slice::from_ref(&self.node))
+            .await;
+        Ok(found.into_iter().next().map(|(_, m)| Arc::new(m)))
+    }
+
+    async fn list(
+        &self,
+        _tenant: &TenantName,
+        _job: Option<&JobName>,
+    ) -> Result<Vec<Arc<Manifest>>> {
+        // Listing goes through the whole tier; one holder is only read from.
+        Ok(Vec::new())
+    }
+
+    async fn read_chunk(&self, location: &ChunkLocation) -> Result<ChunkRead> {
+        let read = self
+            .tier
+            .read_from(&self.tier.view(), &self.node, location)
+            .await?;
+        if matches!(read, ChunkRead::Corrupt) {
+            tracing::warn!(peer = %self.node, chunk = %location.chunk.id, shard = %location.shard(), "a peer served a corrupt copy of a chunk");
+        }
+        Ok(read)
     }
 }

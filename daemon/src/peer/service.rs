@@ -206,6 +206,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> RpcResult<pb::PeerGetChunkResponse> {
         const METHOD: &str = "Peer/GetChunk";
         let caller = self.caller(&request, METHOD)?;
+        crash_point("peer.serve_chunk");
         let request = request.into_inner();
         let tenant = self.tenant(METHOD, &request.tenant)?;
         let id = chunk_id(&request.id)?;
