@@ -216,18 +216,7 @@ pub async fn fill_planned(
                     }
                 }
             }
-            Err(Error::DataLoss(format!(
-                "chunk {} of file {} (offset {}) of shard {} has no good copy in any tier ({})",
-                location.chunk.id,
-                location.file_name(),
-                location.offset,
-                location.shard(),
-                if tried.is_empty() {
-                    "no tier holds it".to_owned()
-                } else {
-                    tried.join(", ")
-                }
-            )))
+            Err(no_good_copy(&location, &tried))
         })
         .buffer_unordered(concurrency.max(1))
         .try_fold(FillReport::default(), |mut report, (tier, label, len, corrupt)| async move {
@@ -289,16 +278,21 @@ pub async fn read_first_verified(
             }
         }
     }
-    Err(Error::DataLoss(format!(
+    Err(no_good_copy(location, &tried))
+}
+
+/// The error of a chunk no source had a good copy of, with what each said.
+fn no_good_copy(location: &ChunkLocation, tried: &[String]) -> Error {
+    Error::DataLoss(format!(
         "chunk {} of file {} (offset {}) of shard {} has no good copy in any tier ({})",
         location.chunk.id,
         location.file_name(),
         location.offset,
         location.shard(),
         if tried.is_empty() {
-            "no tier holds the shard".to_owned()
+            "no tier holds it".to_owned()
         } else {
             tried.join(", ")
         }
-    )))
+    ))
 }
