@@ -55,8 +55,13 @@ impl TierArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The daemon's tiers, usage and activity.
-    Status,
+    /// The daemon's tiers, usage and activity; with --job, where every
+    /// shard of each of the job's steps lives and which steps are restorable.
+    Status {
+        /// A job to show step by step.
+        #[arg(long)]
+        job: Option<String>,
+    },
     /// Steps of a job (or every job), with each rank's state per tier.
     List {
         /// Job name; all jobs when absent.
@@ -200,7 +205,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .map_err(|e| fail(3, format!("cannot reach cairnd at {}: {e}", cli.socket)))?;
     let tenant = cli.tenant.clone();
     match cli.command {
-        Command::Status => status(&mut clients, cli.json).await,
+        Command::Status { job: None } => status(&mut clients, cli.json).await,
+        Command::Status { job: Some(job) } => {
+            job_status(&mut clients, &tenant, job, cli.json).await
+        }
         Command::List { job } => {
             list(&mut clients, &tenant, job.unwrap_or_default(), cli.json).await
         }
@@ -408,6 +416,97 @@ fn progress_bar(total: u64, what: &str) -> ProgressBar {
     bar.set_style(style);
     bar.set_message(what.to_owned());
     bar
+}
+
+/// Where each shard of a job lives: per step, whether every rank can be
+/// restored and from where, newest step first.
+async fn job_status(
+    clients: &mut Clients,
+    tenant: &str,
+    job: String,
+    json: bool,
+) -> Result<(), Failure> {
+    let resp = clients
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: tenant.to_owned(),
+            job: job.clone(),
+        })
+        .await?
+        .into_inner();
+    let Some(steps) = resp
+        .jobs
+        .into_iter()
+        .find(|j| j.job == job)
+        .map(|j| j.steps)
+    else {
+        return Err(fail(
+            4,
+            format!("job {job} has no checkpoint this node can see"),
+        ));
+    };
+    let latest = steps.iter().filter(|s| s.restorable).map(|s| s.step).max();
+    let places = |r: &pb::ShardStatus| -> Vec<String> {
+        let mut places: Vec<String> = r
+            .tiers
+            .iter()
+            .filter(|t| {
+                t.state == pb::ShardState::Durable as i32 && t.tier != pb::Tier::Peers as i32
+            })
+            .map(|t| tier_name(t.tier).to_owned())
+            .collect();
+        places.extend(r.peer_holders.iter().map(|h| format!("peer {h}")));
+        places
+    };
+    if json {
+        let steps: Vec<_> = steps
+            .iter()
+            .rev()
+            .map(|s| {
+                let ranks: Vec<_> = s
+                    .shards
+                    .iter()
+                    .map(|r| json!({"rank": r.rank, "bytes": r.total_bytes, "world_size": r.world_size, "in": places(r)}))
+                    .collect();
+                json!({"step": s.step, "restorable": s.restorable,
+                       "object_store_complete": s.object_store_complete, "ranks": ranks})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"job": job, "latest_restorable": latest, "steps": steps})
+        );
+        return Ok(());
+    }
+    match latest {
+        Some(step) => println!("job {job}: latest restorable step {step}"),
+        None => println!("job {job}: no step is restorable (some rank is missing from every step)"),
+    }
+    for s in steps.iter().rev() {
+        println!(
+            "step {} — {}",
+            s.step,
+            if s.restorable {
+                "restorable"
+            } else {
+                "NOT restorable"
+            }
+        );
+        for r in &s.shards {
+            let places = places(r);
+            println!(
+                "  rank {:>4} {:>10}  {}",
+                r.rank,
+                human_bytes(r.total_bytes),
+                if places.is_empty() {
+                    "nowhere durable yet".to_owned()
+                } else {
+                    places.join(", ")
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
