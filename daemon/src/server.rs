@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::peer::service::PeerService;
+use crate::peer::service::{PeerService, PrefetchTarget};
 use crate::peer::{self, PeerTier};
 use crate::service::admin::AdminService;
 use crate::service::checkpoint::CheckpointService;
@@ -122,6 +122,7 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
     if let (Some(listener), Some(peers)) = (peer_listener, &node.peers) {
         tasks.spawn(serve_peers(
             Arc::clone(peers),
+            Arc::clone(&node) as Arc<dyn PrefetchTarget>,
             listener,
             Arc::clone(&metrics),
             cancel.clone(),
@@ -187,6 +188,7 @@ where
 /// tier runs insecure.
 async fn serve_peers(
     peers: Arc<PeerTier>,
+    target: Arc<dyn PrefetchTarget>,
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -204,6 +206,7 @@ async fn serve_peers(
     }
     let service = PeerService::new(
         Arc::clone(&peers.store),
+        target,
         peers.membership(),
         !peers.insecure(),
         metrics,

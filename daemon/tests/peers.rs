@@ -835,3 +835,50 @@ async fn a_peer_killed_mid_restore_leaves_the_rest_to_the_other() {
         "node 1 should have died serving the restore"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
+    let mut cluster = Cluster::start(3, 2).await;
+    let files = shard_files(10, 30);
+    save_files(&cluster.nodes[0], "prefetch", 4, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "prefetch", 4, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on both peers");
+    // Node 2 is replaced: empty tiers, its replica gone with them.
+    wipe_and_restart(&mut cluster.nodes[2]).await;
+
+    // From node 0, the operator fills node 2 before the job restarts there.
+    let out = cluster.nodes[0].cli(&[
+        "--json", "restore", "--job", "prefetch", "--step", "latest", "--node", "node-2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    assert_eq!(done["node"], "node-2");
+    assert_eq!(done["step"], 4);
+    assert_eq!(done["bytes"], total);
+    assert_eq!(done["sources"]["peers"], total, "{done}");
+
+    // The job's pod on node 2 then restores from memory.
+    let mut c = cluster.nodes[2].clients().await;
+    let (response, restored) = restore(&mut c, "prefetch", None, 0)
+        .await
+        .expect("restore on node 2");
+    assert_eq!(source_bytes(&response, pb::Tier::Memory), total);
+    for (name, expected) in &files {
+        assert!(restored.get(name) == Some(expected), "{name} differs");
+    }
+
+    let out = cluster.nodes[0].cli(&["restore", "--job", "prefetch", "--node", "node-9"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node node-9 is not a member"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

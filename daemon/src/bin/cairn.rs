@@ -97,6 +97,11 @@ enum Command {
         /// Do not re-hash a shard the memory tier already holds.
         #[arg(long)]
         no_verify: bool,
+        /// Restore into the memory tier of this node instead (its node id in
+        /// the peer tier), through the peer tier: a replacement node filled
+        /// before its job restarts. Copies no files here.
+        #[arg(long, conflicts_with = "to")]
+        node: Option<String>,
     },
     /// Re-hash a step's shards in one tier.
     Verify {
@@ -237,6 +242,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             rank,
             to,
             no_verify,
+            node,
         } => {
             let step = match step.as_str() {
                 "latest" => None,
@@ -247,17 +253,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     )
                 })?),
             };
-            restore(
-                &mut clients,
-                &tenant,
-                job,
-                step,
-                rank,
-                to,
-                no_verify,
-                cli.json,
-            )
-            .await
+            match node {
+                Some(node) => {
+                    prefetch(&mut clients, &tenant, job, step, rank, node, cli.json).await
+                }
+                None => {
+                    restore(
+                        &mut clients,
+                        &tenant,
+                        job,
+                        step,
+                        rank,
+                        to,
+                        no_verify,
+                        cli.json,
+                    )
+                    .await
+                }
+            }
         }
         Command::Verify {
             job,
@@ -835,6 +848,67 @@ fn copy_into_staged(
             offset += n as u64;
             bar.inc(n as u64);
         }
+    }
+    Ok(())
+}
+
+/// `cairn restore --node`: has another node restore the shard into its
+/// memory tier, and says where the bytes came from.
+async fn prefetch(
+    clients: &mut Clients,
+    tenant: &str,
+    job: String,
+    step: Option<u64>,
+    rank: u32,
+    node: String,
+    json: bool,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let spinner = ProgressBar::new_spinner();
+    if !json {
+        spinner.set_message(format!("restoring {job} rank {rank} on {node}"));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    }
+    let resp = clients
+        .admin
+        .prefetch(pb::PrefetchRequest {
+            node,
+            shard: Some(pb::ShardSelector {
+                tenant: tenant.to_owned(),
+                job: job.clone(),
+                step,
+                rank,
+            }),
+        })
+        .await;
+    spinner.finish_and_clear();
+    let resp = resp?.into_inner();
+    let sources: Vec<(String, u64)> = resp
+        .sources
+        .iter()
+        .map(|s| (tier_name(s.tier).to_owned(), s.bytes))
+        .collect();
+    if json {
+        let sources: serde_json::Map<String, serde_json::Value> =
+            sources.into_iter().map(|(t, b)| (t, json!(b))).collect();
+        println!(
+            "{}",
+            json!({"node": resp.node, "job": job, "step": resp.step, "rank": rank,
+                   "bytes": resp.bytes, "sources": sources,
+                   "seconds": started.elapsed().as_secs_f64()})
+        );
+    } else {
+        let from: Vec<String> = sources
+            .iter()
+            .map(|(t, b)| format!("{} from {t}", human_bytes(*b)))
+            .collect();
+        println!(
+            "{} holds step {} of {job} rank {rank} in its memory tier ({}; {:.1} s)",
+            resp.node,
+            resp.step,
+            from.join(", "),
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The node: sessions, commits, write-back, retention and restore over the
-//! local tiers.
+//! The node: sessions, commits, write-back, replication, uploads, retention
+//! and restore over every tier.
 //!
 //! This is where the save and restore paths of `ARCHITECTURE.md` live. The
 //! gRPC services translate messages into the calls below and nothing else;
@@ -7,7 +7,8 @@
 //! the rules that span tiers:
 //!
 //! * a shard is acknowledged once committed in the memory tier, then written
-//!   back to the disk tier by a background worker;
+//!   back to the disk tier, replicated to peers and uploaded to the bucket by
+//!   background workers, each reporting when it is durable there;
 //! * a step leaves the memory tier (retention or pressure) only once the disk
 //!   tier holds every shard of it;
 //! * chunks are removed from the disk tier only under the write side of
@@ -245,9 +246,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Node {
-    /// Opens the tiers, starts the write-back worker and the session reaper,
-    /// and queues write-back for shards the memory tier holds but the disk
-    /// tier lacks (a previous run's unfinished work).
+    /// Opens the tiers, starts the write-back, replication and upload
+    /// workers and the session reaper, and queues what a previous run left
+    /// unfinished: write-back for shards the memory tier holds but the disk
+    /// tier lacks, uploads from the journal, replication of every local
+    /// shard.
     pub fn start(
         config: Config,
         metrics: Arc<Metrics>,

@@ -222,6 +222,17 @@ impl PeerClient {
         }
     }
 
+    /// Asks the peer to restore a shard into its own memory tier.
+    pub async fn prefetch(&self, shard: pb::ShardSelector) -> Result<pb::PrefetchResponse> {
+        let response = self
+            .rpc
+            .clone()
+            .prefetch(pb::PeerPrefetchRequest { shard: Some(shard) })
+            .await
+            .map_err(|s| self.error("prefetching a shard", s))?;
+        Ok(response.into_inner())
+    }
+
     fn decode(&self, bytes: &[u8]) -> Result<Manifest> {
         Manifest::decode(bytes).map_err(|e| {
             self.error(

@@ -60,6 +60,8 @@ const FALLBACK_CANDIDATES: usize = 3;
 const FAN_OUT: usize = 16;
 /// How long a search or listing waits for one peer.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a prefetch on another node may take: a whole shard's restore.
+const PREFETCH_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Interval between passes that remove replica chunks no manifest names.
 const REPLICA_GC_INTERVAL: Duration = Duration::from_secs(300);
 /// Unnamed replica chunks younger than this are left alone: they may belong
@@ -252,6 +254,31 @@ impl PeerTier {
         )?);
         clients.insert(node.clone(), Arc::clone(&client));
         Ok(Some(client))
+    }
+
+    /// Has member `node` restore a shard into its memory tier (an
+    /// operator's prefetch onto a replacement node). Uses a channel of its
+    /// own: a restore may run far longer than one chunk request may.
+    pub async fn prefetch_on(
+        &self,
+        node: &NodeId,
+        shard: cairn_proto::v1::ShardSelector,
+    ) -> Result<cairn_proto::v1::PrefetchResponse> {
+        let view = self.view();
+        let Some(peer) = view.get(node) else {
+            return Err(Error::NotFound(format!(
+                "node {node} is not a member of this node's membership view"
+            )));
+        };
+        let client = PeerClient::new(
+            &self.me,
+            node.clone(),
+            peer.socket_addr(self.port),
+            self.tls.as_ref(),
+            PREFETCH_TIMEOUT,
+            Arc::clone(&self.metrics),
+        )?;
+        client.prefetch(shard).await
     }
 
     /// Copies `manifest`'s shard, whose owner is `owner`, to the first `R`

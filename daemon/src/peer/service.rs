@@ -20,9 +20,18 @@ use crate::failpoint::crash_point;
 use crate::metrics::Metrics;
 use crate::service::convert;
 
+/// What the peer service asks of its own node: a restore into the memory
+/// tier, for a prefetch another node forwards.
+#[tonic::async_trait]
+pub trait PrefetchTarget: Send + Sync {
+    /// Restores the selected shard into this node's memory tier.
+    async fn prefetch(&self, selector: &pb::ShardSelector) -> Result<pb::PrefetchResponse, Error>;
+}
+
 /// The peer service.
 pub struct PeerService {
     store: Arc<ReplicaStore>,
+    target: Arc<dyn PrefetchTarget>,
     membership: watch::Receiver<Arc<MembershipView>>,
     tls: bool,
     metrics: Arc<Metrics>,
@@ -33,12 +42,14 @@ impl PeerService {
     /// callers present certificates to check.
     pub fn new(
         store: Arc<ReplicaStore>,
+        target: Arc<dyn PrefetchTarget>,
         membership: watch::Receiver<Arc<MembershipView>>,
         tls: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
+            target,
             membership,
             tls,
             metrics,
@@ -221,6 +232,25 @@ impl pb::peer_server::Peer for PeerService {
             Ok(None) => Err(Status::not_found(format!("chunk {id} is not stored here"))),
             Err(e) => Err(self.refuse(METHOD, e)),
         }
+    }
+
+    async fn prefetch(
+        &self,
+        request: Request<pb::PeerPrefetchRequest>,
+    ) -> RpcResult<pb::PrefetchResponse> {
+        const METHOD: &str = "Peer/Prefetch";
+        let caller = self.caller(&request, METHOD)?;
+        let selector = request
+            .into_inner()
+            .shard
+            .ok_or_else(|| Status::invalid_argument("shard: required"))?;
+        tracing::info!(from = %caller, job = %selector.job, rank = selector.rank, "prefetch asked by a peer");
+        let response = self
+            .target
+            .prefetch(&selector)
+            .await
+            .map_err(|e| self.refuse(METHOD, e))?;
+        Ok(Response::new(response))
     }
 }
 

@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cairn_core::{Rank, Step};
+use cairn_core::{NodeId, Rank, ShardKey, Step};
 use cairn_proto::v1 as pb;
 use cairn_proto::v1::admin_server::Admin;
 use futures::Stream;
@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::to_status;
+use crate::error::Error;
 use crate::node::{Node, StepSelection};
+use crate::peer::service::PrefetchTarget;
 
 /// The service; cheap to clone.
 #[derive(Clone)]
@@ -178,5 +180,70 @@ impl Admin for AdminService {
             object_store_skipped_tenants: bucket.skipped_tenants,
             object_store_configured,
         }))
+    }
+
+    #[tracing::instrument(name = "Prefetch", skip_all, fields(node = %request.get_ref().node))]
+    async fn prefetch(
+        &self,
+        request: Request<pb::PrefetchRequest>,
+    ) -> Result<Response<pb::PrefetchResponse>, Status> {
+        let req = request.into_inner();
+        let result = async {
+            let selector = convert::required("shard", &req.shard)?;
+            if req.node.is_empty() || req.node == self.node.config().node_name {
+                return prefetch_here(&self.node, selector).await;
+            }
+            let Some(peers) = &self.node.peers else {
+                return Err(Error::FailedPrecondition(
+                    "this node has no peer tier ([membership]), so it cannot reach node "
+                        .to_owned()
+                        + &req.node,
+                ));
+            };
+            let node = NodeId::parse("node", req.node.clone())?;
+            peers.prefetch_on(&node, selector.clone()).await
+        }
+        .await;
+        result
+            .map(Response::new)
+            .map_err(|e| to_status(&self.node.metrics, "Prefetch", e))
+    }
+}
+
+/// Restores the selected shard (its newest complete step when none is
+/// named) into this node's memory tier: the operator's prefetch, asked here
+/// or forwarded by another node.
+pub async fn prefetch_here(
+    node: &Node,
+    selector: &pb::ShardSelector,
+) -> Result<pb::PrefetchResponse, Error> {
+    let (tenant, job, step, rank) = convert::selector(node, "shard", selector)?;
+    let step = node.resolve_step(&tenant, &job, step, rank).await?;
+    let key = ShardKey {
+        tenant,
+        job,
+        step,
+        rank,
+    };
+    let outcome = node.restore(&key, true).await?;
+    Ok(pb::PrefetchResponse {
+        node: node.config().node_name.clone(),
+        step: step.0,
+        bytes: outcome.manifest.total_bytes(),
+        sources: outcome
+            .bytes_by_tier
+            .iter()
+            .map(|(tier, bytes)| pb::SourceBytes {
+                tier: convert::tier_to_pb(*tier) as i32,
+                bytes: *bytes,
+            })
+            .collect(),
+    })
+}
+
+#[tonic::async_trait]
+impl PrefetchTarget for Node {
+    async fn prefetch(&self, selector: &pb::ShardSelector) -> Result<pb::PrefetchResponse, Error> {
+        prefetch_here(self, selector).await
     }
 }

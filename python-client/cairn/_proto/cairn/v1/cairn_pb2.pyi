@@ -600,3 +600,29 @@ class GcResponse(_message.Message):
     object_store_skipped_tenants: _containers.RepeatedScalarFieldContainer[str]
     object_store_configured: bool
     def __init__(self, chunks_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ..., object_store_chunks_removed: _Optional[int] = ..., object_store_bytes_removed: _Optional[int] = ..., object_store_skipped_tenants: _Optional[_Iterable[str]] = ..., object_store_configured: _Optional[bool] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("node", "shard")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    shard: ShardSelector
+    def __init__(self, node: _Optional[str] = ..., shard: _Optional[_Union[ShardSelector, _Mapping]] = ...) -> None: ...
+
+class PrefetchResponse(_message.Message):
+    __slots__ = ("node", "step", "bytes", "sources")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    step: int
+    bytes: int
+    sources: _containers.RepeatedCompositeFieldContainer[SourceBytes]
+    def __init__(self, node: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceBytes, _Mapping]]] = ...) -> None: ...
+
+class PeerPrefetchRequest(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardSelector
+    def __init__(self, shard: _Optional[_Union[ShardSelector, _Mapping]] = ...) -> None: ...

@@ -525,6 +525,11 @@ class AdminStub:
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.GcRequest.SerializeToString,
                 response_deserializer=cairn_dot_v1_dot_cairn__pb2.GcResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/cairn.v1.Admin/Prefetch',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -553,6 +558,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Restores a shard into the memory tier of this node or, through the peer
+        tier, of another node (`cairn restore --node`), so a job starting there
+        finds it at memory speed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -570,6 +584,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Gc,
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.GcRequest.FromString,
                     response_serializer=cairn_dot_v1_dot_cairn__pb2.GcResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -664,6 +683,33 @@ class Admin:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Admin/Prefetch',
+            cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class PeerStub:
     """Peer is what daemons on other nodes use to keep replicas (T2) here and
@@ -708,6 +754,11 @@ class PeerStub:
                 '/cairn.v1.Peer/GetChunk',
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.SerializeToString,
                 response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.FromString,
+                _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/cairn.v1.Peer/Prefetch',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
                 _registered_method=True)
 
 
@@ -764,6 +815,15 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Restores a shard into this node's memory tier (from wherever it is),
+        asked by an operator through another node: a replacement node filled
+        before its job restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -796,6 +856,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.GetChunk,
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.FromString,
                     response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -965,6 +1030,33 @@ class Peer:
             '/cairn.v1.Peer/GetChunk',
             cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.SerializeToString,
             cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/Prefetch',
+            cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
