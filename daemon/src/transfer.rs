@@ -139,7 +139,7 @@ pub async fn fill_planned(
     files: &[Arc<File>],
     concurrency: usize,
     metrics: &Metrics,
-    observe: &(dyn Fn(&str, u64, Duration) + Send + Sync),
+    observe: &(dyn Fn(&PlannedSource<'_>, u64, Duration) + Send + Sync),
 ) -> Result<FillReport> {
     let profiles: Vec<SourceProfile> = sources.iter().map(|s| s.profile.clone()).collect();
     let needs: Vec<ChunkNeed> = wanted
@@ -182,7 +182,7 @@ pub async fn fill_planned(
                 .await;
                 match read {
                     Ok(Ok(ChunkRead::Verified(bytes))) => {
-                        observe(&planned.label, bytes.len() as u64, started.elapsed());
+                        observe(planned, bytes.len() as u64, started.elapsed());
                         let file = Arc::clone(&files[location.file_index]);
                         let (offset, len) = (location.offset, bytes.len() as u64);
                         tokio::task::spawn_blocking(move || {

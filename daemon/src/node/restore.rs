@@ -168,7 +168,9 @@ impl Node {
     /// files at `paths`: the restore planner spreads them over every source
     /// below memory that has them (the disk tier for the chunks it stores,
     /// each peer holding an identical replica, the bucket when it holds the
-    /// shard), each chunk verified, falling back along the plan.
+    /// shard), each chunk verified, falling back along the plan. When the
+    /// disk tier has every chunk (the usual refill after memory retention),
+    /// peers and the bucket are not asked unless a disk chunk turns out bad.
     async fn fill_from_slower_tiers(
         &self,
         wanted: Vec<ChunkLocation>,
@@ -186,6 +188,27 @@ impl Node {
             .await?
             .into_iter()
             .collect();
+        let disk = PlannedSource {
+            source: &*self.disk as &dyn ShardSource,
+            label: TierKind::Disk.as_str().to_owned(),
+            profile: self.source_profile(TierKind::Disk.as_str(), SourceClass::Local),
+        };
+        if not_on_disk.is_empty() {
+            match self
+                .fill_from(
+                    wanted.clone(),
+                    &not_on_disk,
+                    std::slice::from_ref(&disk),
+                    &files,
+                )
+                .await
+            {
+                Err(Error::DataLoss(e)) => {
+                    tracing::warn!(error = %e, "the disk tier lacks a good copy; asking peers and the bucket");
+                }
+                done => return done,
+            }
+        }
         let holders = match &self.peers {
             Some(peers) => peers.holders_of(&manifest).await,
             None => Vec::new(),
@@ -194,11 +217,7 @@ impl Node {
             Some(peers) => holders.into_iter().map(|n| peers.holder(n)).collect(),
             None => Vec::new(),
         };
-        let mut sources = vec![PlannedSource {
-            source: &*self.disk as &dyn ShardSource,
-            label: TierKind::Disk.as_str().to_owned(),
-            profile: self.source_profile(TierKind::Disk.as_str(), SourceClass::Local),
-        }];
+        let mut sources = vec![disk];
         for holder in &holder_sources {
             let label = format!("peer {}", holder.node());
             sources.push(PlannedSource {
@@ -221,12 +240,23 @@ impl Node {
                 }
             }
         }
-        let whole: Vec<usize> = (1..sources.len()).collect();
+        self.fill_from(wanted, &not_on_disk, &sources, &files).await
+    }
+
+    /// One planned fill: `sources[0]` is the disk tier, which holds every
+    /// chunk but those in `not_on_disk`; the other sources hold them all.
+    async fn fill_from(
+        &self,
+        wanted: Vec<ChunkLocation>,
+        not_on_disk: &HashSet<ChunkId>,
+        sources: &[PlannedSource<'_>],
+        files: &[Arc<std::fs::File>],
+    ) -> Result<FillReport> {
         let holders: Vec<Vec<usize>> = wanted
             .iter()
             .map(|l| {
                 let on_disk = (!not_on_disk.contains(&l.chunk.id)).then_some(0);
-                on_disk.into_iter().chain(whole.iter().copied()).collect()
+                on_disk.into_iter().chain(1..sources.len()).collect()
             })
             .collect();
         let concurrency = sources
@@ -237,11 +267,11 @@ impl Node {
         let report = transfer::fill_planned(
             wanted,
             holders,
-            &sources,
-            &files,
+            sources,
+            files,
             concurrency,
             &self.metrics,
-            &|label, bytes, elapsed| self.observe_source(label, bytes, elapsed),
+            &|source, bytes, elapsed| self.observe_source(source, bytes, elapsed),
         )
         .await?;
         tracing::info!(sources = ?report.bytes_by_source, "chunks restored by source");
@@ -278,18 +308,11 @@ impl Node {
 
     /// Folds one read into the source's throughput: a moving average of the
     /// per-request rate times the source's parallelism (requests overlap).
-    fn observe_source(&self, label: &str, bytes: u64, elapsed: Duration) {
-        let class = if label.starts_with("peer ") {
-            SourceClass::Peer
-        } else if label == TierKind::ObjectStore.as_str() {
-            SourceClass::Bucket
-        } else {
-            SourceClass::Local
-        };
-        let parallelism = f64::from(self.source_profile(label, class).parallelism);
+    fn observe_source(&self, source: &PlannedSource<'_>, bytes: u64, elapsed: Duration) {
+        let parallelism = f64::from(source.profile.parallelism);
         let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-6) * parallelism;
         let mut rates = lock(&self.source_rates);
-        let entry = rates.entry(label.to_owned()).or_insert(rate);
+        let entry = rates.entry(source.label.clone()).or_insert(rate);
         *entry += RATE_SMOOTHING * (rate - *entry);
     }
 }
