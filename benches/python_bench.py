@@ -21,6 +21,7 @@ with each Cairn time next to its baseline and the speedup (baseline / Cairn).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -252,7 +253,17 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|")
     for case, baseline, t_base, t_cairn in rows:
         print(f"| {case} | {baseline} | {t_base:.3f} | {t_cairn:.3f} | {gb / t_cairn:.2f} | {t_base / t_cairn:.2f}x |")
-
+    record = os.environ.get("CAIRN_BENCH_RECORD")
+    if record:
+        # JSON lines for benches/report.py (./scripts/bench --report).
+        with open(record, "a") as f:
+            for case, baseline, t_base, t_cairn in rows:
+                f.write(json.dumps({
+                    "bench": "python-bench", "figure": case, "bytes": nbytes,
+                    "cairn_gbps": gb / t_cairn, "baseline_gbps": gb / t_base,
+                    "cairn_seconds": t_cairn, "baseline_seconds": t_base,
+                    "baseline": baseline, "ratio": t_base / t_cairn, "goal": "speed-up (report)",
+                }) + "\n")
 
     return 0
 

@@ -230,8 +230,41 @@ pub struct Row {
     pub goal: &'static str,
 }
 
+/// Prints `rows` (each measured on `bytes` bytes) as a markdown table and,
+/// when `CAIRN_BENCH_RECORD` names a file, appends them to it as JSON lines
+/// for `benches/report.py` (`./scripts/bench --report`).
+pub fn report(bench: &str, bytes: u64, rows: &[Row]) -> Result<()> {
+    print_table(rows);
+    let Some(path) = std::env::var_os("CAIRN_BENCH_RECORD") else {
+        return Ok(());
+    };
+    let mut lines = String::new();
+    for r in rows {
+        let seconds = |gbps: f64| bytes as f64 / 1e9 / gbps;
+        let line = serde_json::json!({
+            "bench": bench,
+            "figure": r.figure,
+            "bytes": bytes,
+            "cairn_gbps": r.cairn,
+            "baseline_gbps": r.baseline,
+            "cairn_seconds": seconds(r.cairn),
+            "baseline_seconds": seconds(r.baseline),
+            "baseline": r.baseline_name,
+            "ratio": r.ratio,
+            "goal": r.goal,
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, lines.as_bytes()))
+        .with_context(|| format!("appending to {}", PathBuf::from(&path).display()))
+}
+
 /// Prints rows as a markdown table.
-pub fn print_table(rows: &[Row]) {
+fn print_table(rows: &[Row]) {
     println!();
     println!("| figure | cairn GB/s | baseline GB/s | baseline | ratio | goal |");
     println!("|---|---:|---:|---|---:|---|");

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, stage, tempdir,
+    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, stage, tempdir,
 };
 use cairn_proto::v1 as pb;
 use clap::Parser;
@@ -225,7 +225,7 @@ async fn main() -> Result<()> {
         goal: "time ratio (report)",
     });
 
-    print_table(&rows);
+    report("cairn-bench", total, &rows)?;
     println!();
     println!(
         "commit latency {:.0} ms for {} MiB; save stall {:.0} ms vs plain write {:.0} ms",

@@ -2,8 +2,9 @@
 //!
 //! Built on the `fail` crate: `FAILPOINTS="commit.after_hash=return"` in
 //! cairnd's environment makes the process kill itself with SIGKILL when it
-//! reaches that point, exactly as `kill -9` would. With no `FAILPOINTS` set a
-//! crash point costs one lookup in an empty registry.
+//! reaches that point, exactly as `kill -9` would; `sleep(MS)` instead
+//! delays it there (blocking the thread, as a slow disk would). With no
+//! `FAILPOINTS` set a crash point costs one lookup in an empty registry.
 //!
 //! The names are listed in `docs/semantics.md` together with what a crash at
 //! each point leaves behind.

@@ -13,6 +13,13 @@ use prometheus::{
 pub const SAVED_BYTES: &str = "cairn_saved_bytes_total";
 /// Bytes handed back by restores, by the tier they came from.
 pub const RESTORED_BYTES: &str = "cairn_restored_bytes_total";
+/// Bytes restores wrote into the memory tier as they arrive, by source
+/// (`disk`, `peer:<node>`, `object-store`): a restore's progress per source.
+pub const RESTORE_SOURCE_BYTES: &str = "cairn_restore_source_bytes_total";
+/// Restores filling the memory tier right now.
+pub const RESTORES_ACTIVE: &str = "cairn_restores_active";
+/// Bytes the restores in flight still have to fetch.
+pub const RESTORE_REMAINING_BYTES: &str = "cairn_restore_remaining_bytes";
 /// Time from CommitShard's arrival to its answer.
 pub const COMMIT_SECONDS: &str = "cairn_commit_duration_seconds";
 /// Time to serve RestoreShard, refills and verification included.
@@ -127,6 +134,12 @@ pub struct Metrics {
     pub ingested_shards: IntCounter,
     /// See [`INGEST_FAILURES`].
     pub ingest_failures: IntCounterVec,
+    /// See [`RESTORE_SOURCE_BYTES`].
+    pub restore_source_bytes: IntCounterVec,
+    /// See [`RESTORES_ACTIVE`].
+    pub restores_active: IntGauge,
+    /// See [`RESTORE_REMAINING_BYTES`].
+    pub restore_remaining_bytes: IntGauge,
     /// See [`PEER_SENT_BYTES`].
     pub peer_sent_bytes: IntCounterVec,
     /// See [`PEER_RECEIVED_BYTES`].
@@ -182,6 +195,16 @@ impl Metrics {
         Self {
             saved_bytes: counter(SAVED_BYTES, "Bytes committed into a tier.", &["tier"]),
             restored_bytes: counter(RESTORED_BYTES, "Bytes restored, by source tier.", &["tier"]),
+            restore_source_bytes: counter(
+                RESTORE_SOURCE_BYTES,
+                "Bytes restores fetched, by source.",
+                &["source"],
+            ),
+            restores_active: gauge(RESTORES_ACTIVE, "Restores in flight."),
+            restore_remaining_bytes: gauge(
+                RESTORE_REMAINING_BYTES,
+                "Bytes the restores in flight still fetch.",
+            ),
             commit_seconds: histogram(COMMIT_SECONDS, "CommitShard latency."),
             restore_seconds: histogram(RESTORE_SECONDS, "RestoreShard latency."),
             writeback_seconds: histogram(WRITEBACK_SECONDS, "Time to write a shard to disk."),

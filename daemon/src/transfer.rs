@@ -113,7 +113,7 @@ pub struct FillReport {
 pub struct PlannedSource<'a> {
     /// The tier (or one peer) to read from.
     pub source: &'a dyn ShardSource,
-    /// Its name in logs and reports: `disk`, `peer node-2`, `object-store`.
+    /// Its name in logs and reports: `disk`, `peer:node-2`, `object-store`.
     pub label: String,
     /// What the planner assumes of it.
     pub profile: SourceProfile,
@@ -129,8 +129,9 @@ const STALL_SLACK: Duration = Duration::from_secs(5);
 /// corrupt copy, an error or a stall, from the next source in the plan's
 /// order. At most `concurrency` chunks are in flight (and at most each
 /// source's `parallelism` from one source), so memory stays at
-/// `concurrency × chunk size`. `observe` learns how long each successful
-/// read took, so that the next plan is based on what sources delivered.
+/// `concurrency × chunk size`. `observe` learns of each chunk once it is
+/// written, with how long its read took: progress, and the measurements
+/// the next plan is based on.
 /// Fails with `DataLoss` naming the chunk when no source has a good copy.
 pub async fn fill_planned(
     wanted: Vec<ChunkLocation>,
@@ -182,7 +183,7 @@ pub async fn fill_planned(
                 .await;
                 match read {
                     Ok(Ok(ChunkRead::Verified(bytes))) => {
-                        observe(planned, bytes.len() as u64, started.elapsed());
+                        let read_time = started.elapsed();
                         let file = Arc::clone(&files[location.file_index]);
                         let (offset, len) = (location.offset, bytes.len() as u64);
                         tokio::task::spawn_blocking(move || {
@@ -190,6 +191,7 @@ pub async fn fill_planned(
                                 .io_context(|| format!("writing restored chunk at offset {offset}"))
                         })
                         .await??;
+                        observe(planned, len, read_time);
                         if !tried.is_empty() {
                             tracing::warn!(chunk = %location.chunk.id, file = location.file_name(), source = %planned.label, skipped = ?tried, "chunk read from a later source after the planned ones failed");
                         }

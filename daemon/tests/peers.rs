@@ -799,7 +799,7 @@ async fn a_restore_combines_disk_and_two_damaged_peers_into_the_exact_bytes() {
     assert_eq!(from_disk + from_peers, total);
     let log = cluster.nodes[0].log_text();
     assert!(
-        log.contains("peer node-2"),
+        log.contains("peer:node-2"),
         "the restore names its sources:\n{log}"
     );
     assert!(
@@ -838,7 +838,14 @@ async fn a_peer_killed_mid_restore_leaves_the_rest_to_the_other() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
-    let mut cluster = Cluster::start(3, 2).await;
+    // The holders serve each chunk 100 ms late, so the prefetch runs long
+    // enough to be watched.
+    let slow = NodeOptions {
+        env: vec![("FAILPOINTS", "peer.serve_chunk=sleep(100)")],
+        ..NodeOptions::default()
+    };
+    let options = HashMap::from([(0, slow.clone()), (1, slow)]);
+    let mut cluster = Cluster::start_with(3, 2, &options).await;
     let files = shard_files(10, 30);
     save_files(&cluster.nodes[0], "prefetch", 4, &files).await;
     let mut c = cluster.nodes[0].clients().await;
@@ -848,21 +855,80 @@ async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
     // Node 2 is replaced: empty tiers, its replica gone with them.
     wipe_and_restart(&mut cluster.nodes[2]).await;
 
-    // From node 0, the operator fills node 2 before the job restarts there.
-    let out = cluster.nodes[0].cli(&[
-        "--json", "restore", "--job", "prefetch", "--step", "latest", "--node", "node-2",
-    ]);
+    // From node 0, the operator fills node 2 before the job restarts there,
+    // while node 2's status shows how far the restore is.
+    let socket = cluster.nodes[0].socket.clone();
+    let cli = std::thread::spawn(move || {
+        std::process::Command::new(common::CAIRN)
+            .arg("--socket")
+            .arg(&socket)
+            .args([
+                "--json", "restore", "--job", "prefetch", "--step", "latest", "--node", "node-2",
+            ])
+            .output()
+            .expect("run cairn")
+    });
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let mut target = cluster.nodes[2].clients().await;
+    let mut seen_midway = None;
+    while !cli.is_finished() {
+        let status = target
+            .admin
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        if let Some(running) = status.restores.first() {
+            assert_eq!(
+                running.shard.as_ref().map(|s| s.job.as_str()),
+                Some("prefetch")
+            );
+            assert_eq!(running.total_bytes, total);
+            if running.done_bytes > 0 && running.done_bytes < total {
+                seen_midway = Some(running.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cli.join().expect("cli thread");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let midway = seen_midway.expect("node 2's status showed the restore part-way");
+    assert!(
+        midway
+            .sources
+            .iter()
+            .all(|s| s.source.starts_with("peer:node-")),
+        "{midway:?}"
+    );
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
     assert_eq!(done["node"], "node-2");
     assert_eq!(done["step"], 4);
     assert_eq!(done["bytes"], total);
     assert_eq!(done["sources"]["peers"], total, "{done}");
+    let status = target
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(status.restores.is_empty(), "{:?}", status.restores);
+    // The metrics say which peers the bytes came from, and that none are left.
+    let metrics = metrics_in_namespace(&cluster.net, 2, &cluster.nodes[2]);
+    let from_peers: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("cairn_restore_source_bytes_total{source=\"peer:node-"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(from_peers, total, "{metrics}");
+    assert!(
+        metrics.contains("cairn_restore_remaining_bytes 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cairn_restores_active 0"), "{metrics}");
 
     // The job's pod on node 2 then restores from memory.
     let mut c = cluster.nodes[2].clients().await;

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, save, tempdir,
-    wait_durable,
+    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, tempdir, wait_durable,
 };
 use cairn_core::codec::{self, CompressionPolicy};
 use cairn_proto::v1 as pb;
@@ -339,7 +338,7 @@ async fn main() -> Result<()> {
             goal: "throughput ratio (report)",
         },
     ];
-    print_table(&rows);
+    report("object-bench", total, &rows)?;
     codec_report();
     drop(s3);
     let _ = std::fs::remove_dir_all(&work);

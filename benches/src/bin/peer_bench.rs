@@ -26,8 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, print_table, restore, stage, tempdir,
-    wait_durable,
+    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, stage, tempdir, wait_durable,
 };
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
@@ -765,7 +764,7 @@ async fn main() -> Result<()> {
             "throughput ratio (report)",
         ));
     }
-    print_table(&rows);
+    report("peer-bench", total, &rows)?;
 
     if let Some(out) = &args.out {
         let mut f = std::fs::OpenOptions::new()

@@ -14,9 +14,11 @@ use std::time::Instant;
 
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
+use cairn_proto::v1::admin_client::AdminClient;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Operate a Cairn node daemon")]
@@ -419,10 +421,62 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Waits for `call` (a RestoreShard) and meanwhile shows the daemon's
+/// progress on it (from `Status`) as a bar, once it is fetching bytes.
+async fn with_restore_progress<T>(
+    call: impl std::future::Future<Output = T>,
+    admin: &mut AdminClient<Channel>,
+    selector: &pb::ShardSelector,
+    json: bool,
+) -> T {
+    let mut call = std::pin::pin!(call);
+    let mut ticks = tokio::time::interval(std::time::Duration::from_millis(250));
+    let mut bar: Option<ProgressBar> = None;
+    let is_ours = |p: &&pb::RestoreProgress| {
+        p.shard.as_ref().is_some_and(|s| {
+            s.job == selector.job
+                && s.rank == selector.rank
+                && selector.step.is_none_or(|step| s.step == step)
+                && (selector.tenant.is_empty() || s.tenant == selector.tenant)
+        })
+    };
+    loop {
+        tokio::select! {
+            out = &mut call => {
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+                return out;
+            }
+            _ = ticks.tick(), if !json => {
+                let Ok(status) = admin.status(pb::StatusRequest {}).await else { continue };
+                if let Some(progress) = status.get_ref().restores.iter().find(is_ours) {
+                    let bar = bar.get_or_insert_with(|| progress_bar(0, "restore"));
+                    show_restore_progress(bar, progress);
+                }
+            }
+        }
+    }
+}
+
+/// Moves `bar` to a running restore's position, naming its sources.
+fn show_restore_progress(bar: &ProgressBar, progress: &pb::RestoreProgress) {
+    bar.set_length(progress.total_bytes);
+    bar.set_position(progress.done_bytes);
+    let from: Vec<String> = progress
+        .sources
+        .iter()
+        .map(|s| format!("{} {}", s.source, human_bytes(s.bytes)))
+        .collect();
+    if !from.is_empty() {
+        bar.set_prefix(from.join(", "));
+    }
+}
+
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {prefix}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
@@ -545,11 +599,24 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
                    "under_replicated_shards": p.under_replicated_shards, "replica_shards": p.replica_shards,
                    "replica_bytes": p.replica_bytes, "insecure": p.insecure})
         });
+        let restores: Vec<_> = s
+            .restores
+            .iter()
+            .map(|r| {
+                let shard = r.shard.clone().unwrap_or_default();
+                let sources: serde_json::Map<String, serde_json::Value> =
+                    r.sources.iter().map(|s| (s.source.clone(), json!(s.bytes))).collect();
+                json!({"tenant": shard.tenant, "job": shard.job, "step": shard.step, "rank": shard.rank,
+                       "total_bytes": r.total_bytes, "done_bytes": r.done_bytes, "sources": sources,
+                       "elapsed_seconds": r.elapsed_seconds})
+            })
+            .collect();
         println!(
             "{}",
             json!({"node": s.node, "version": s.version, "default_tenant": s.default_tenant, "metrics_addr": s.metrics_addr,
                    "open_sessions": s.open_sessions, "pending_writebacks": s.pending_writebacks,
-                   "pending_uploads": s.pending_uploads, "tiers": tiers, "peers": peers})
+                   "pending_uploads": s.pending_uploads, "tiers": tiers, "peers": peers,
+                   "restores": restores})
         );
         return Ok(());
     }
@@ -578,6 +645,25 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             capacity,
             t.shards,
             t.path
+        );
+    }
+    for r in &s.restores {
+        let shard = r.shard.clone().unwrap_or_default();
+        let from: Vec<String> = r
+            .sources
+            .iter()
+            .map(|s| format!("{} from {}", human_bytes(s.bytes), s.source))
+            .collect();
+        println!(
+            "restoring {} step {} rank {}: {} of {} ({:.0} s){}{}",
+            shard.job,
+            shard.step,
+            shard.rank,
+            human_bytes(r.done_bytes),
+            human_bytes(r.total_bytes),
+            r.elapsed_seconds,
+            if from.is_empty() { "" } else { "; " },
+            from.join(", ")
         );
     }
     if let Some(p) = &s.peers {
@@ -864,12 +950,11 @@ async fn prefetch(
     json: bool,
 ) -> Result<(), Failure> {
     let started = Instant::now();
-    let spinner = ProgressBar::new_spinner();
-    if !json {
-        spinner.set_message(format!("restoring {job} rank {rank} on {node}"));
-        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let bar = progress_bar(0, &format!("restoring on {node}"));
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let resp = clients
+    let mut events = clients
         .admin
         .prefetch(pb::PrefetchRequest {
             node,
@@ -880,9 +965,18 @@ async fn prefetch(
                 rank,
             }),
         })
-        .await;
-    spinner.finish_and_clear();
-    let resp = resp?.into_inner();
+        .await?
+        .into_inner();
+    let mut done = None;
+    while let Some(event) = events.message().await? {
+        match event.event {
+            Some(pb::prefetch_progress::Event::Progress(p)) => show_restore_progress(&bar, &p),
+            Some(pb::prefetch_progress::Event::Done(d)) => done = Some(d),
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let resp = done.ok_or_else(|| fail(1, "the daemon ended the prefetch without a result"))?;
     let sources: Vec<(String, u64)> = resp
         .sources
         .iter()
@@ -931,12 +1025,12 @@ async fn restore(
         step,
         rank,
     };
-    let resp = clients
-        .checkpoint
-        .restore_shard(pb::RestoreShardRequest {
-            shard: Some(selector.clone()),
-            skip_verify: no_verify,
-        })
+    let mut checkpoint = clients.checkpoint.clone();
+    let call = checkpoint.restore_shard(pb::RestoreShardRequest {
+        shard: Some(selector.clone()),
+        skip_verify: no_verify,
+    });
+    let resp = with_restore_progress(call, &mut clients.admin, &selector, json)
         .await?
         .into_inner();
     let manifest = resp.manifest.clone().unwrap_or_default();

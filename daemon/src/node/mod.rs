@@ -19,6 +19,7 @@
 mod ingest;
 mod listing;
 mod maintenance;
+pub mod progress;
 mod replicate;
 mod restore;
 mod save;
@@ -230,6 +231,8 @@ pub struct Node {
     replicate_tx: Option<mpsc::UnboundedSender<ShardKey>>,
     /// What each restore source delivered lately, for the restore planner.
     source_rates: Mutex<HashMap<String, f64>>,
+    /// Restores filling the memory tier now, with their progress.
+    pub restores: progress::ActiveRestores,
     gc_lock: RwLock<()>,
     cancel: CancellationToken,
 }
@@ -301,6 +304,7 @@ impl Node {
             upload_tx,
             replication: Mutex::new(replicate::Replication::default()),
             source_rates: Mutex::new(HashMap::new()),
+            restores: progress::ActiveRestores::default(),
             gc_lock: RwLock::new(()),
             cancel,
         });

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cairn_core::restore_plan::{SourceClass, SourceProfile};
 use cairn_core::{ChunkId, FileName, Manifest, ShardKey};
 
+use super::progress::RestoreGuard;
 use super::{Node, RestoreOutcome, lock};
 use crate::error::{Error, Result};
 use crate::hashing;
@@ -20,6 +21,8 @@ use crate::transfer::{self, FillReport, PlannedSource};
 const MAX_RESTORE_CONCURRENCY: usize = 32;
 /// Weight of the newest read in a source's throughput average.
 const RATE_SMOOTHING: f64 = 0.2;
+/// How often a running restore logs its progress.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Makes a shard readable in the memory tier and returns its paths.
@@ -219,7 +222,7 @@ impl Node {
         };
         let mut sources = vec![disk];
         for holder in &holder_sources {
-            let label = format!("peer {}", holder.node());
+            let label = format!("peer:{}", holder.node());
             sources.push(PlannedSource {
                 profile: self.source_profile(&label, SourceClass::Peer),
                 source: holder,
@@ -264,16 +267,25 @@ impl Node {
             .map(|s| s.profile.parallelism as usize)
             .sum::<usize>()
             .clamp(self.config.writeback_concurrency, MAX_RESTORE_CONCURRENCY);
-        let report = transfer::fill_planned(
+        let Some(key) = wanted.first().map(|l| l.manifest.shard.clone()) else {
+            return Ok(FillReport::default());
+        };
+        let total = wanted.iter().map(|l| l.chunk.len).sum();
+        let progress = self.restores.start(key, total, &self.metrics);
+        let observe = |source: &PlannedSource<'_>, bytes, elapsed| {
+            progress.add(&source.label, bytes);
+            self.observe_source(source, bytes, elapsed);
+        };
+        let fill = transfer::fill_planned(
             wanted,
             holders,
             sources,
             files,
             concurrency,
             &self.metrics,
-            &|source, bytes, elapsed| self.observe_source(source, bytes, elapsed),
-        )
-        .await?;
+            &observe,
+        );
+        let report = log_progress(fill, &progress).await?;
         tracing::info!(sources = ?report.bytes_by_source, "chunks restored by source");
         Ok(report)
     }
@@ -330,6 +342,31 @@ pub(crate) fn open_for_write(paths: &[PathBuf]) -> Result<Vec<Arc<std::fs::File>
                 .io_context(|| format!("opening {}", p.display()))
         })
         .collect()
+}
+
+/// Runs a fill, logging its progress every [`PROGRESS_LOG_INTERVAL`] so a
+/// long restore shows in the log while it runs, not only when it ends.
+async fn log_progress<T>(fill: impl Future<Output = T>, progress: &RestoreGuard<'_>) -> T {
+    let mut fill = std::pin::pin!(fill);
+    let mut ticks = tokio::time::interval_at(
+        tokio::time::Instant::now() + PROGRESS_LOG_INTERVAL,
+        PROGRESS_LOG_INTERVAL,
+    );
+    loop {
+        tokio::select! {
+            out = &mut fill => return out,
+            _ = ticks.tick() => {
+                let now = progress.snapshot();
+                tracing::info!(
+                    done_bytes = now.done_bytes,
+                    total_bytes = now.total_bytes,
+                    sources = ?now.by_source,
+                    mb_per_s = now.done_bytes as f64 / now.elapsed.as_secs_f64().max(1e-3) / 1e6,
+                    "restore progress"
+                );
+            }
+        }
+    }
 }
 
 fn merge(into: &mut BTreeMap<TierKind, u64>, report: &FillReport) {

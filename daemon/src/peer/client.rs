@@ -10,11 +10,13 @@ use bytes::Bytes;
 use cairn_core::{ChunkId, JobName, Manifest, Member, NodeId, ShardKey, TenantName};
 use cairn_proto::v1 as pb;
 use cairn_proto::v1::peer_client::PeerClient as RpcClient;
+use futures::StreamExt;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use super::service::PrefetchEvents;
 use super::tls::{NODE_HEADER, PeerTls};
 use super::{CONNECTION_WINDOW_BYTES, MAX_PEER_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
 use crate::error::{Error, Result};
@@ -222,15 +224,26 @@ impl PeerClient {
         }
     }
 
-    /// Asks the peer to restore a shard into its own memory tier.
-    pub async fn prefetch(&self, shard: pb::ShardSelector) -> Result<pb::PrefetchResponse> {
+    /// Asks the peer to restore a shard into its own memory tier: its
+    /// progress messages, then the result. A failure of the restore keeps
+    /// the peer's status code (NOT_FOUND stays NOT_FOUND), its message
+    /// prefixed with the peer's name.
+    pub async fn prefetch(
+        &self,
+        shard: pb::ShardSelector,
+    ) -> Result<PrefetchEvents<tonic::Status>> {
         let response = self
             .rpc
             .clone()
             .prefetch(pb::PeerPrefetchRequest { shard: Some(shard) })
             .await
             .map_err(|s| self.error("prefetching a shard", s))?;
-        Ok(response.into_inner())
+        let node = self.node.clone();
+        Ok(Box::pin(response.into_inner().map(move |event| {
+            event.map_err(|status| {
+                tonic::Status::new(status.code(), format!("node {node}: {}", status.message()))
+            })
+        })))
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<Manifest> {

@@ -263,7 +263,7 @@ impl PeerTier {
         &self,
         node: &NodeId,
         shard: cairn_proto::v1::ShardSelector,
-    ) -> Result<cairn_proto::v1::PrefetchResponse> {
+    ) -> Result<service::PrefetchEvents<tonic::Status>> {
         let view = self.view();
         let Some(peer) = view.get(node) else {
             return Err(Error::NotFound(format!(

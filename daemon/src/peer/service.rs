@@ -5,10 +5,12 @@
 //! must come from a member of the current membership view; the replicas are
 //! any tenant's, since daemons act for all the node's jobs.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use cairn_core::{Manifest, Member, MembershipView, NodeId, Rank, ShardKey, Step, TenantName};
 use cairn_proto::v1 as pb;
+use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -20,12 +22,15 @@ use crate::failpoint::crash_point;
 use crate::metrics::Metrics;
 use crate::service::convert;
 
+/// A prefetch's progress messages, then its result.
+pub type PrefetchEvents<E> = Pin<Box<dyn Stream<Item = Result<pb::PrefetchProgress, E>> + Send>>;
+
 /// What the peer service asks of its own node: a restore into the memory
 /// tier, for a prefetch another node forwards.
-#[tonic::async_trait]
 pub trait PrefetchTarget: Send + Sync {
-    /// Restores the selected shard into this node's memory tier.
-    async fn prefetch(&self, selector: &pb::ShardSelector) -> Result<pb::PrefetchResponse, Error>;
+    /// Restores the selected shard into this node's memory tier, streaming
+    /// its progress and then its result.
+    fn prefetch(self: Arc<Self>, selector: pb::ShardSelector) -> PrefetchEvents<Error>;
 }
 
 /// The peer service.
@@ -234,10 +239,12 @@ impl pb::peer_server::Peer for PeerService {
         }
     }
 
+    type PrefetchStream = PrefetchEvents<Status>;
+
     async fn prefetch(
         &self,
         request: Request<pb::PeerPrefetchRequest>,
-    ) -> RpcResult<pb::PrefetchResponse> {
+    ) -> RpcResult<Self::PrefetchStream> {
         const METHOD: &str = "Peer/Prefetch";
         let caller = self.caller(&request, METHOD)?;
         let selector = request
@@ -245,12 +252,11 @@ impl pb::peer_server::Peer for PeerService {
             .shard
             .ok_or_else(|| Status::invalid_argument("shard: required"))?;
         tracing::info!(from = %caller, job = %selector.job, rank = selector.rank, "prefetch asked by a peer");
-        let response = self
-            .target
-            .prefetch(&selector)
-            .await
-            .map_err(|e| self.refuse(METHOD, e))?;
-        Ok(Response::new(response))
+        let metrics = Arc::clone(&self.metrics);
+        let events = Arc::clone(&self.target)
+            .prefetch(selector)
+            .map(move |event| event.map_err(|e| crate::service::to_status(&metrics, METHOD, e)));
+        Ok(Response::new(Box::pin(events)))
     }
 }
 

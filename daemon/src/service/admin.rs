@@ -3,11 +3,12 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use cairn_core::{NodeId, Rank, ShardKey, Step};
 use cairn_proto::v1 as pb;
 use cairn_proto::v1::admin_server::Admin;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -15,7 +16,7 @@ use super::convert;
 use super::to_status;
 use crate::error::Error;
 use crate::node::{Node, StepSelection};
-use crate::peer::service::PrefetchTarget;
+use crate::peer::service::{PrefetchEvents, PrefetchTarget};
 
 /// The service; cheap to clone.
 #[derive(Clone)]
@@ -68,6 +69,13 @@ impl Admin for AdminService {
                 .metrics_addr
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            restores: self
+                .node
+                .restores
+                .snapshots()
+                .iter()
+                .map(convert::restore_progress)
+                .collect(),
             peers: self.node.peers.as_ref().map(|peers| {
                 let (pending, short) = self.node.replication_counts();
                 let (replica_shards, replica_bytes) = peers.store.usage();
@@ -182,40 +190,68 @@ impl Admin for AdminService {
         }))
     }
 
+    type PrefetchStream = PrefetchEvents<Status>;
+
     #[tracing::instrument(name = "Prefetch", skip_all, fields(node = %request.get_ref().node))]
     async fn prefetch(
         &self,
         request: Request<pb::PrefetchRequest>,
-    ) -> Result<Response<pb::PrefetchResponse>, Status> {
+    ) -> Result<Response<Self::PrefetchStream>, Status> {
         let req = request.into_inner();
-        let result = async {
-            let selector = convert::required("shard", &req.shard)?;
-            if req.node.is_empty() || req.node == self.node.config().node_name {
-                return prefetch_here(&self.node, selector).await;
-            }
-            let Some(peers) = &self.node.peers else {
-                return Err(Error::FailedPrecondition(
-                    "this node has no peer tier ([membership]), so it cannot reach node "
-                        .to_owned()
-                        + &req.node,
-                ));
-            };
-            let node = NodeId::parse("node", req.node.clone())?;
-            peers.prefetch_on(&node, selector.clone()).await
+        let selector = convert::required("shard", &req.shard)
+            .cloned()
+            .map_err(|e| to_status(&self.node.metrics, "Prefetch", e))?;
+        let metrics = Arc::clone(&self.node.metrics);
+        if req.node.is_empty() || req.node == self.node.config().node_name {
+            let events = prefetch_here(Arc::clone(&self.node), selector)
+                .map(move |event| event.map_err(|e| to_status(&metrics, "Prefetch", e)));
+            return Ok(Response::new(Box::pin(events)));
         }
-        .await;
-        result
-            .map(Response::new)
-            .map_err(|e| to_status(&self.node.metrics, "Prefetch", e))
+        let Some(peers) = &self.node.peers else {
+            return Err(to_status(
+                &metrics,
+                "Prefetch",
+                Error::FailedPrecondition(format!(
+                    "this node has no peer tier ([membership]), so it cannot reach node {}",
+                    req.node
+                )),
+            ));
+        };
+        let node = NodeId::parse("node", req.node.clone())
+            .map_err(|e| to_status(&metrics, "Prefetch", e.into()))?;
+        let events = peers
+            .prefetch_on(&node, selector)
+            .await
+            .map_err(|e| to_status(&metrics, "Prefetch", e))?;
+        Ok(Response::new(events))
     }
 }
 
+/// How often a prefetch reports its progress.
+const PREFETCH_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Restores the selected shard (its newest complete step when none is
-/// named) into this node's memory tier: the operator's prefetch, asked here
-/// or forwarded by another node.
-pub async fn prefetch_here(
+/// named) into this node's memory tier, reporting progress while it runs:
+/// the operator's prefetch, asked here or forwarded by another node. The
+/// restore goes on if the caller stops listening; it is the same restore
+/// the job would start.
+pub fn prefetch_here(node: Arc<Node>, selector: pb::ShardSelector) -> PrefetchEvents<Error> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let done = prefetch_with_progress(&node, &selector, &tx).await;
+        let _ = tx
+            .send(done.map(|done| pb::PrefetchProgress {
+                event: Some(pb::prefetch_progress::Event::Done(done)),
+            }))
+            .await;
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+async fn prefetch_with_progress(
     node: &Node,
     selector: &pb::ShardSelector,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::PrefetchProgress, Error>>,
 ) -> Result<pb::PrefetchResponse, Error> {
     let (tenant, job, step, rank) = convert::selector(node, "shard", selector)?;
     let step = node.resolve_step(&tenant, &job, step, rank).await?;
@@ -225,7 +261,19 @@ pub async fn prefetch_here(
         step,
         rank,
     };
-    let outcome = node.restore(&key, true).await?;
+    let mut restore = std::pin::pin!(node.restore(&key, true));
+    let mut ticks = tokio::time::interval(PREFETCH_PROGRESS_INTERVAL);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut restore => break outcome?,
+            _ = ticks.tick() => {
+                if let Some(now) = node.restores.of(&key) {
+                    let event = pb::prefetch_progress::Event::Progress(convert::restore_progress(&now));
+                    let _ = tx.try_send(Ok(pb::PrefetchProgress { event: Some(event) }));
+                }
+            }
+        }
+    };
     Ok(pb::PrefetchResponse {
         node: node.config().node_name.clone(),
         step: step.0,
@@ -241,9 +289,8 @@ pub async fn prefetch_here(
     })
 }
 
-#[tonic::async_trait]
 impl PrefetchTarget for Node {
-    async fn prefetch(&self, selector: &pb::ShardSelector) -> Result<pb::PrefetchResponse, Error> {
-        prefetch_here(self, selector).await
+    fn prefetch(self: Arc<Self>, selector: pb::ShardSelector) -> PrefetchEvents<Error> {
+        prefetch_here(self, selector)
     }
 }

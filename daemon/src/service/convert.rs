@@ -7,6 +7,7 @@ use cairn_core::{FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
 use cairn_proto::v1 as pb;
 
 use crate::error::{Error, Result};
+use crate::node::progress::ProgressSnapshot;
 use crate::node::{BeginShard, FileSpec, Node};
 use crate::tier::TierKind;
 
@@ -181,5 +182,23 @@ pub fn shard_info(m: &Manifest) -> pb::ShardInfo {
         chunk_count: m.chunk_count() as u32,
         manifest_hash: m.hash().as_bytes().to_vec(),
         committed_unix_ms: m.committed_unix_ms,
+    }
+}
+
+/// A running restore's progress, for `Status` and prefetch streams.
+pub fn restore_progress(now: &ProgressSnapshot) -> pb::RestoreProgress {
+    pb::RestoreProgress {
+        shard: Some(shard_ref(&now.shard)),
+        total_bytes: now.total_bytes,
+        done_bytes: now.done_bytes,
+        sources: now
+            .by_source
+            .iter()
+            .map(|(source, bytes)| pb::SourceProgress {
+                source: source.clone(),
+                bytes: *bytes,
+            })
+            .collect(),
+        elapsed_seconds: now.elapsed.as_secs_f64(),
     }
 }

@@ -396,7 +396,7 @@ class TierUsage(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., path: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads", "peers")
+    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads", "peers", "restores")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -406,6 +406,7 @@ class StatusResponse(_message.Message):
     METRICS_ADDR_FIELD_NUMBER: _ClassVar[int]
     PENDING_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    RESTORES_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
@@ -415,7 +416,30 @@ class StatusResponse(_message.Message):
     metrics_addr: str
     pending_uploads: int
     peers: PeerTierStatus
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ..., peers: _Optional[_Union[PeerTierStatus, _Mapping]] = ...) -> None: ...
+    restores: _containers.RepeatedCompositeFieldContainer[RestoreProgress]
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ..., peers: _Optional[_Union[PeerTierStatus, _Mapping]] = ..., restores: _Optional[_Iterable[_Union[RestoreProgress, _Mapping]]] = ...) -> None: ...
+
+class RestoreProgress(_message.Message):
+    __slots__ = ("shard", "total_bytes", "done_bytes", "sources", "elapsed_seconds")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardRef
+    total_bytes: int
+    done_bytes: int
+    sources: _containers.RepeatedCompositeFieldContainer[SourceProgress]
+    elapsed_seconds: float
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., total_bytes: _Optional[int] = ..., done_bytes: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceProgress, _Mapping]]] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
+
+class SourceProgress(_message.Message):
+    __slots__ = ("source", "bytes")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    bytes: int
+    def __init__(self, source: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class PeerTierStatus(_message.Message):
     __slots__ = ("node_id", "replicas", "membership_source", "members", "pending_replications", "under_replicated_shards", "replica_shards", "replica_bytes", "insecure")
@@ -620,6 +644,14 @@ class PrefetchResponse(_message.Message):
     bytes: int
     sources: _containers.RepeatedCompositeFieldContainer[SourceBytes]
     def __init__(self, node: _Optional[str] = ..., step: _Optional[int] = ..., bytes: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceBytes, _Mapping]]] = ...) -> None: ...
+
+class PrefetchProgress(_message.Message):
+    __slots__ = ("progress", "done")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    progress: RestoreProgress
+    done: PrefetchResponse
+    def __init__(self, progress: _Optional[_Union[RestoreProgress, _Mapping]] = ..., done: _Optional[_Union[PrefetchResponse, _Mapping]] = ...) -> None: ...
 
 class PeerPrefetchRequest(_message.Message):
     __slots__ = ("shard",)

@@ -525,10 +525,10 @@ class AdminStub:
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.GcRequest.SerializeToString,
                 response_deserializer=cairn_dot_v1_dot_cairn__pb2.GcResponse.FromString,
                 _registered_method=True)
-        self.Prefetch = channel.unary_unary(
+        self.Prefetch = channel.unary_stream(
                 '/cairn.v1.Admin/Prefetch',
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.SerializeToString,
-                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
                 _registered_method=True)
 
 
@@ -561,7 +561,8 @@ class AdminServicer:
     def Prefetch(self, request, context):
         """Restores a shard into the memory tier of this node or, through the peer
         tier, of another node (`cairn restore --node`), so a job starting there
-        finds it at memory speed.
+        finds it at memory speed. Streams progress; the last message carries
+        the result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -585,10 +586,10 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.GcRequest.FromString,
                     response_serializer=cairn_dot_v1_dot_cairn__pb2.GcResponse.SerializeToString,
             ),
-            'Prefetch': grpc.unary_unary_rpc_method_handler(
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefetch,
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.FromString,
-                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.SerializeToString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -694,12 +695,12 @@ class Admin:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/cairn.v1.Admin/Prefetch',
             cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.SerializeToString,
-            cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
+            cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -755,10 +756,10 @@ class PeerStub:
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.SerializeToString,
                 response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.FromString,
                 _registered_method=True)
-        self.Prefetch = channel.unary_unary(
+        self.Prefetch = channel.unary_stream(
                 '/cairn.v1.Peer/Prefetch',
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.SerializeToString,
-                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
                 _registered_method=True)
 
 
@@ -818,7 +819,8 @@ class PeerServicer:
     def Prefetch(self, request, context):
         """Restores a shard into this node's memory tier (from wherever it is),
         asked by an operator through another node: a replacement node filled
-        before its job restarts.
+        before its job restarts. Streams progress; the last message carries
+        the result.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -857,10 +859,10 @@ def add_PeerServicer_to_server(servicer, server):
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkRequest.FromString,
                     response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerGetChunkResponse.SerializeToString,
             ),
-            'Prefetch': grpc.unary_unary_rpc_method_handler(
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefetch,
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.FromString,
-                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.SerializeToString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1051,12 +1053,12 @@ class Peer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/cairn.v1.Peer/Prefetch',
             cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.SerializeToString,
-            cairn_dot_v1_dot_cairn__pb2.PrefetchResponse.FromString,
+            cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
             options,
             channel_credentials,
             insecure,
