@@ -2,6 +2,8 @@
 //! test data, medians and the results table. Each figure is a ratio against
 //! a baseline measured in the same run on the same bytes.
 
+pub mod s3;
+
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -13,12 +13,11 @@
 //! `./scripts/bench` (which installs the servers with
 //! `./scripts/install-test-servers`).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use cairn_bench::s3::SeaweedFs;
 use cairn_bench::{
     Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, tempdir, wait_durable,
 };
@@ -38,91 +37,6 @@ struct Args {
     /// Repetitions per figure; the median is reported.
     #[arg(long)]
     repeat: Option<usize>,
-}
-
-const ACCESS_KEY: &str = "bench";
-const SECRET_KEY: &str = "bench-secret";
-
-/// SeaweedFS on free loopback ports, killed on drop.
-struct SeaweedFs {
-    child: Child,
-    endpoint: String,
-}
-
-impl SeaweedFs {
-    fn start(repo: &Path, data: &Path) -> Result<Self> {
-        let base = (0..100)
-            .map(|i| 16_000 + i * 50)
-            .find(|b| (0..5).all(|i| TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
-            .context("no free ports")?;
-        std::fs::create_dir_all(data)?;
-        let child = Command::new(repo.join(".venv/bin/weed"))
-            .arg("mini")
-            .arg(format!("-dir={}", data.display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false"])
-            .arg(format!("-master.port={base}"))
-            .arg(format!("-volume.port={}", base + 1))
-            .arg(format!("-filer.port={}", base + 2))
-            .arg(format!("-s3.port={}", base + 3))
-            .arg(format!("-admin.port={}", base + 4))
-            .args([
-                "-s3.port.lance=0",
-                "-s3.port.iceberg=0",
-                "-admin.ui=false",
-                "-master.telemetry=false",
-            ])
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting weed (run ./scripts/install-test-servers)")?;
-        let s3 = Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{}", base + 3),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !s3
-            .aws(repo, &["s3", "mb", "s3://cairn"])
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-        {
-            if Instant::now() > deadline {
-                bail!("SeaweedFS did not start");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(s3)
-    }
-
-    fn aws(&self, repo: &Path, args: &[&str]) -> Result<std::process::Output> {
-        Command::new(repo.join(".venv/bin/aws"))
-            .arg("--endpoint-url")
-            .arg(&self.endpoint)
-            .args(args)
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .output()
-            .context("running the AWS CLI")
-    }
-
-    /// Times one AWS CLI command, which must succeed.
-    fn timed_aws(&self, repo: &Path, args: &[&str]) -> Result<f64> {
-        let t = Instant::now();
-        let out = self.aws(repo, args)?;
-        if !out.status.success() {
-            bail!("aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(t.elapsed().as_secs_f64())
-    }
-}
-
-impl Drop for SeaweedFs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Weights as training leaves them: small values around zero, as bf16
@@ -190,19 +104,6 @@ fn codec_report() {
     }
 }
 
-fn config_file(work: &Path, endpoint: &str) -> Result<PathBuf> {
-    let path = work.join("cairnd-object.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[object_store]\nurl = \"s3://cairn/cairn\"\nupload_after = \"commit\"\n\
-             [object_store.options]\nendpoint = \"{endpoint}\"\nallow_http = \"true\"\nregion = \"us-east-1\"\n\
-             access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n"
-        ),
-    )?;
-    Ok(path)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -213,7 +114,8 @@ async fn main() -> Result<()> {
     let work = tempdir("/tmp", "cairn-object-bench")?;
     let shm = tempdir("/dev/shm", "cairn-object-bench")?;
     let s3 = SeaweedFs::start(&repo, &work.join("weed"))?;
-    let config = config_file(&work, &s3.endpoint)?;
+    let config = work.join("cairnd-object.toml");
+    std::fs::write(&config, s3.object_store_toml("commit"))?;
     let config_arg = ["--config", config.to_str().context("utf-8")?];
     println!(
         "object-bench: {size_mib} MiB in {TENSORS} tensors to SeaweedFS on loopback, median of {repeat} runs"

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | replication | commit on node-a → `WaitDurable(Peers)` (node-b holds every chunk and the manifest) | raw TCP copy, memory to memory; and into a file on node-b's disk + one fsync |
 //! | restore from a peer | `RestoreShard` on node-a after its tiers were wiped (every chunk fetched from node-b, verified, into tmpfs) | raw TCP copy, memory to memory |
+//! | planned restore | node-a restarted without its memory tier, its disk holding a third of the chunks, node-b's replica lacking another third, a bucket (SeaweedFS S3 on loopback) holding all: the restore planner combines the three | the same shard from the bucket alone |
 //!
 //! Both run with mutual TLS (a CA and one certificate per node made here)
 //! and again between `--insecure-peers` daemons, so the table shows what TLS
@@ -25,8 +26,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use cairn_bench::s3::SeaweedFs;
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, stage, tempdir, wait_durable,
+    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, stage, tempdir,
+    wait_durable,
 };
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
@@ -260,8 +263,20 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(work: &Path, shm: &Path, tls: Option<&Path>, args: &Args) -> Result<Self> {
-        let label = if tls.is_some() { "tls" } else { "insecure" };
+    /// With `bucket`, node-a also uploads to that S3 server (right after
+    /// commit), and the cluster's directories are "mixed".
+    fn start(
+        work: &Path,
+        shm: &Path,
+        tls: Option<&Path>,
+        bucket: Option<&SeaweedFs>,
+        args: &Args,
+    ) -> Result<Self> {
+        let label = match (bucket.is_some(), tls.is_some()) {
+            (true, _) => "mixed",
+            (false, true) => "tls",
+            (false, false) => "insecure",
+        };
         let work = work.join(label);
         let shm = shm.join(label);
         std::fs::create_dir_all(&work)?;
@@ -302,6 +317,11 @@ impl Cluster {
             }
             if let Some(c) = args.restore_concurrency {
                 toml.push_str(&format!("[disk]\nwriteback_concurrency = {c}\n"));
+            }
+            if let Some(s3) = bucket
+                && i == 0
+            {
+                toml.push_str(&s3.object_store_toml("commit"));
             }
             toml.push_str("[membership]\nsource = \"static\"\n");
             for (j, peer) in NODES.iter().enumerate() {
@@ -488,6 +508,10 @@ struct Timings {
     replicate_insecure: Samples,
     restore_tls: Samples,
     restore_insecure: Samples,
+    /// The planner combining node-a's disk, node-b and the bucket.
+    restore_mixed: Samples,
+    /// The same shard from the bucket alone.
+    restore_bucket: Samples,
 }
 
 /// node-a's and node-b's process ids, as [`CpuMeter`] takes them.
@@ -599,6 +623,154 @@ async fn run_cluster(
     Ok(())
 }
 
+/// The unique chunk ids of rank 0 of `job` at `step`, as hex, sorted.
+async fn chunk_ids(c: &mut Clients, job: &str, step: u64) -> Result<Vec<String>> {
+    let manifest = c
+        .checkpoint
+        .get_manifest(pb::GetManifestRequest {
+            shard: Some(pb::ShardSelector {
+                tenant: String::new(),
+                job: job.into(),
+                step: Some(step),
+                rank: 0,
+            }),
+        })
+        .await?
+        .into_inner()
+        .manifest
+        .context("GetManifest without a manifest")?;
+    let mut ids: Vec<String> = manifest
+        .files
+        .iter()
+        .flat_map(|f| &f.chunks)
+        .map(|c| c.id.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Removes the chunks `ids` from a chunk store's directory (the default
+/// tenant's `chunks/`), those already gone included.
+fn remove_chunks(chunks: &Path, ids: &[String]) -> Result<()> {
+    for id in ids {
+        let path = chunks.join(&id[..2]).join(id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a restore's sources against `want` (tier, whether it must have
+/// served bytes) and the restored files against `expected`.
+fn check_restore(
+    job: &str,
+    response: &pb::RestoreShardResponse,
+    total: u64,
+    want: &[pb::Tier],
+    expected: &HashMap<String, blake3::Hash>,
+) -> Result<()> {
+    let all: u64 = response.sources.iter().map(|s| s.bytes).sum();
+    for tier in want {
+        let from: u64 = response
+            .sources
+            .iter()
+            .filter(|s| s.tier == *tier as i32)
+            .map(|s| s.bytes)
+            .sum();
+        if from == 0 {
+            bail!("{job}: nothing came from {tier:?}: {:?}", response.sources);
+        }
+    }
+    let others = response
+        .sources
+        .iter()
+        .any(|s| s.bytes > 0 && !want.iter().any(|t| *t as i32 == s.tier));
+    if all != total || others {
+        bail!(
+            "{job}: restored from {:?}, wanted {want:?}",
+            response.sources
+        );
+    }
+    if response.files.len() != TENSORS {
+        bail!("{job}: restored {} files", response.files.len());
+    }
+    for file in &response.files {
+        let got = blake3::hash(
+            &std::fs::read(&file.path).with_context(|| format!("reading {}", file.path))?,
+        );
+        if expected.get(&file.name) != Some(&got) {
+            bail!("{job}: {} differs after the restore", file.name);
+        }
+    }
+    Ok(())
+}
+
+/// The restore planner's case: node-a restarts with its memory tier lost,
+/// its disk holding a third of the shard's chunks, node-b's replica lacking
+/// another third and the bucket holding all of it, so no source but the
+/// bucket has the whole shard and the restore must combine all three. The
+/// baseline is the same shard restored from the bucket alone (node-a wiped,
+/// node-b down), the only single source that could.
+async fn run_mixed(
+    cluster: &mut Cluster,
+    total: u64,
+    repeat: usize,
+    timings: &mut Timings,
+) -> Result<()> {
+    let job = "mixed";
+    let tensors = make_tensors(total, 1_000_000);
+    let expected = hashes(&tensors);
+    let mut c = cluster.a.connect().await?;
+    save(&mut c, job, 1, &tensors).await?;
+    drop(tensors);
+    for tier in [pb::Tier::Peers, pb::Tier::Disk, pb::Tier::ObjectStore] {
+        wait_durable(&mut c, job, 1, tier).await?;
+    }
+    let ids = chunk_ids(&mut c, job, 1).await?;
+    drop(c);
+    let third = ids.len() / 3;
+    if third == 0 {
+        bail!("{job}: {} chunks are too few to split in three", ids.len());
+    }
+    let a_chunks = cluster.a.work.join("disk/tenants/default/chunks");
+    let b_chunks = cluster.replica_dir.join("tenants/default/chunks");
+    for _ in 0..repeat {
+        cluster.a.daemon = None;
+        remove_chunks(&a_chunks, &ids[third..])?;
+        remove_chunks(&b_chunks, &ids[2 * third..])?;
+        cluster.a.start()?;
+        let mut c = cluster.a.connect().await?;
+        let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
+        let t = Instant::now();
+        let response = restore(&mut c, job, 1).await?;
+        timings
+            .restore_mixed
+            .push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        let all = [pb::Tier::Disk, pb::Tier::Peers, pb::Tier::ObjectStore];
+        check_restore(job, &response, total, &all, &expected)?;
+        // node-a sends node-b the chunks it lost; let that finish first.
+        wait_durable(&mut c, job, 1, pb::Tier::Peers).await?;
+    }
+    cluster.b.daemon = None;
+    for _ in 0..repeat {
+        cluster.a.wipe_and_restart()?;
+        let mut c = cluster.a.connect().await?;
+        let cpu = CpuMeter::start(vec![cluster.a.pid()?.to_string()])?;
+        let t = Instant::now();
+        let response = restore(&mut c, job, 1).await?;
+        timings
+            .restore_bucket
+            .push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        check_restore(job, &response, total, &[pb::Tier::ObjectStore], &expected)?;
+    }
+    Ok(())
+}
+
 /// `rows` as [`print_table`] prints them, for the results file.
 fn ratio_table(rows: &[Row]) -> String {
     let mut out = String::from(
@@ -648,11 +820,16 @@ async fn main() -> Result<()> {
 
     let mut timings = Timings::default();
     if args.only != Only::Insecure {
-        let mut cluster = Cluster::start(&work, &shm, Some(&pki), &args)?;
+        let mut cluster = Cluster::start(&work, &shm, Some(&pki), None, &args)?;
         run_cluster(&mut cluster, true, total, repeat, &mut timings).await?;
+        drop(cluster);
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let s3 = SeaweedFs::start(&repo, &work.join("weed"))?;
+        let mut cluster = Cluster::start(&work, &shm, Some(&pki), Some(&s3), &args)?;
+        run_mixed(&mut cluster, total, repeat, &mut timings).await?;
     }
     if args.only != Only::Tls {
-        let mut cluster = Cluster::start(&work, &shm, None, &args)?;
+        let mut cluster = Cluster::start(&work, &shm, None, None, &args)?;
         run_cluster(&mut cluster, false, total, repeat, &mut timings).await?;
     }
 
@@ -688,6 +865,14 @@ async fn main() -> Result<()> {
     line(
         "restore from node-b, --insecure-peers",
         &timings.restore_insecure,
+    );
+    line(
+        "restore planned over node-a's disk (1/3), node-b (2/3) and the bucket (all), mutual TLS",
+        &timings.restore_mixed,
+    );
+    line(
+        "restore from the bucket alone (SeaweedFS S3 on loopback, same shard)",
+        &timings.restore_bucket,
     );
     detail.push_str(
         "\nCPU s: user + system seconds (median run) of the bench process (both ends) for the raw \
@@ -754,6 +939,22 @@ async fn main() -> Result<()> {
                 "throughput ratio >= 0.7",
             ));
         }
+    }
+    if !timings.restore_mixed.0.is_empty() {
+        rows.push(vs(
+            "restore, planner over disk + peer + bucket",
+            &timings.restore_mixed,
+            timings.restore_bucket.median(),
+            "restore from the bucket alone (S3)",
+            "speed-up (report)",
+        ));
+        rows.push(vs(
+            "restore, planner over disk + peer + bucket",
+            &timings.restore_mixed,
+            timings.restore_tls.median(),
+            "restore from a peer alone (mutual TLS)",
+            "speed-up (report)",
+        ));
     }
     if !timings.replicate_tls.0.is_empty() && !timings.replicate_insecure.0.is_empty() {
         rows.push(vs(
