@@ -6,7 +6,9 @@ per figure: Cairn's time and its baseline's, measured in the same run on the
 same bytes). This script turns those lines into
 ``benches/results/report-DATE.md`` and ``report-DATE.png``: per scenario,
 the time Cairn took next to the time its baseline took, per GiB so that
-figures measured on different sizes share one axis.
+figures measured on different sizes share one axis. The records themselves
+are kept as ``report-DATE.jsonl``, so the report can be rendered again from
+them (``python benches/report.py benches/results/report-DATE.jsonl``).
 
 Usage: python benches/report.py RECORDS --out-dir benches/results --command "..."
 """
@@ -25,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: render straight to PNG
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 GIB = 1 << 30
 
@@ -76,10 +79,11 @@ def markdown(rows: list[dict], command: str, chart: str, today: str) -> str:
     out = [
         f"# Cairn benchmark report, {today}",
         "",
-        f"Produced by `{command}` on {machine()}. Every figure is measured against",
-        "its baseline in the same run, on the same bytes; *speed-up* is the",
-        "baseline's time over Cairn's (above 1: Cairn is faster). The goals are",
-        "those of `benches/README.md`.",
+        f"Produced by `{command}` on {machine()}.",
+        "",
+        "Every figure is measured against its baseline in the same run, on the",
+        "same bytes; *speed-up* is the baseline's time over Cairn's (above 1:",
+        "Cairn is faster). The goals are those of `benches/README.md`.",
         "",
         f"![time per scenario against its baseline]({chart})",
     ]
@@ -117,6 +121,10 @@ def chart(rows: list[dict], path: Path, today: str) -> None:
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=6)
     ax.set_xlabel("seconds per GiB (log scale; shorter is better)")
     ax.set_title(f"Cairn against its baselines, {today}")
     ax.legend(loc="lower right")
@@ -137,9 +145,12 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     png = args.out_dir / f"report-{args.date}.png"
     md = args.out_dir / f"report-{args.date}.md"
+    records = args.out_dir / f"report-{args.date}.jsonl"
+    if records.resolve() != args.records.resolve():
+        records.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     chart(rows, png, args.date)
     md.write_text(markdown(rows, args.command, png.name, args.date))
-    print(f"wrote {md} and {png} ({len(rows)} figures)")
+    print(f"wrote {md}, {png} and {records} ({len(rows)} figures)")
     return 0
 
 

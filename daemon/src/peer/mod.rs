@@ -95,7 +95,7 @@ pub struct PeerTier {
     clients: Mutex<HashMap<NodeId, Arc<PeerClient>>>,
     /// Holders of shards found by searches, with the hash of the manifest
     /// they hold, for the chunk reads that follow.
-    holders: Mutex<HashMap<ShardKey, (ChunkId, Vec<NodeId>)>>,
+    holders: Mutex<HoldersCache>,
     /// The replicas this node keeps for others.
     pub store: Arc<ReplicaStore>,
     metrics: Arc<Metrics>,
@@ -154,7 +154,7 @@ impl PeerTier {
             membership,
             source,
             clients: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HoldersCache::default()),
             store,
             metrics,
         });
@@ -413,7 +413,7 @@ impl PeerTier {
         }
         let (manifest, mut holders) = by_hash.into_values().max_by_key(|(_, h)| h.len())?;
         holders.sort();
-        lock(&self.holders).insert(key.clone(), (manifest.hash(), holders));
+        lock(&self.holders).insert(key.clone(), manifest.hash(), holders);
         Some(Arc::new(manifest))
     }
 
@@ -421,7 +421,7 @@ impl PeerTier {
     pub fn known_holders(&self, key: &ShardKey) -> Vec<NodeId> {
         lock(&self.holders)
             .get(key)
-            .map(|(_, holders)| holders.clone())
+            .map(|(_, holders)| holders.to_vec())
             .unwrap_or_default()
     }
 
@@ -429,13 +429,13 @@ impl PeerTier {
     /// no search found them yet), for a restore that reads from each.
     pub async fn holders_of(&self, manifest: &Manifest) -> Vec<NodeId> {
         let key = &manifest.shard;
-        if !lock(&self.holders).contains_key(key)
+        if lock(&self.holders).get(key).is_none()
             && let Err(e) = self.manifest(key).await
         {
             tracing::warn!(shard = %key, error = %e, "searching the peers failed");
         }
         match lock(&self.holders).get(key) {
-            Some((hash, holders)) if *hash == manifest.hash() => holders.clone(),
+            Some((hash, holders)) if hash == manifest.hash() => holders.to_vec(),
             _ => Vec::new(),
         }
     }
@@ -646,5 +646,78 @@ impl ShardSource for PeerHolder<'_> {
             tracing::warn!(peer = %self.node, chunk = %location.chunk.id, shard = %location.shard(), "a peer served a corrupt copy of a chunk");
         }
         Ok(read)
+    }
+}
+
+/// Most shards whose holders a node remembers; the oldest entry goes first.
+/// A restore reads a shard's holders right after searching for them, so a
+/// small cache loses nothing, and a long-lived node's memory stays bounded.
+const MAX_CACHED_HOLDERS: usize = 4096;
+
+/// The holders of recently searched shards, with the hash of the manifest
+/// they hold, bounded to [`MAX_CACHED_HOLDERS`] entries.
+#[derive(Debug, Default)]
+struct HoldersCache {
+    entries: HashMap<ShardKey, (u64, ChunkId, Vec<NodeId>)>,
+    inserted: u64,
+}
+
+impl HoldersCache {
+    fn insert(&mut self, key: ShardKey, manifest: ChunkId, holders: Vec<NodeId>) {
+        if self.entries.len() >= MAX_CACHED_HOLDERS
+            && !self.entries.contains_key(&key)
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (seq, _, _))| *seq)
+                .map(|(k, _)| k.clone())
+        {
+            self.entries.remove(&oldest);
+        }
+        self.inserted += 1;
+        self.entries.insert(key, (self.inserted, manifest, holders));
+    }
+
+    fn get(&self, key: &ShardKey) -> Option<(ChunkId, &[NodeId])> {
+        self.entries
+            .get(key)
+            .map(|(_, hash, holders)| (*hash, holders.as_slice()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_core::{JobName, Rank, Step, TenantName};
+
+    use super::*;
+
+    fn key(step: u64) -> ShardKey {
+        ShardKey {
+            tenant: TenantName::parse("tenant", "t".into()).expect("valid tenant"),
+            job: JobName::parse("job", "job".into()).expect("valid job"),
+            step: Step(step),
+            rank: Rank(0),
+        }
+    }
+
+    #[test]
+    fn the_holders_cache_keeps_the_newest_entries_only() {
+        let node = NodeId::parse("node", "node-1".into()).expect("valid node");
+        let hash = ChunkId::of(b"manifest");
+        let mut cache = HoldersCache::default();
+        let extra = 10;
+        for step in 0..(MAX_CACHED_HOLDERS + extra) as u64 {
+            cache.insert(key(step), hash, vec![node.clone()]);
+        }
+        assert_eq!(cache.entries.len(), MAX_CACHED_HOLDERS);
+        assert!(cache.get(&key(0)).is_none(), "the oldest entry went first");
+        assert!(cache.get(&key(extra as u64 - 1)).is_none());
+        assert!(cache.get(&key(extra as u64)).is_some());
+        // Refreshing a key already cached evicts nothing.
+        cache.insert(key(extra as u64), hash, Vec::new());
+        assert_eq!(cache.entries.len(), MAX_CACHED_HOLDERS);
+        assert_eq!(cache.get(&key(extra as u64)), Some((hash, &[][..])));
+        let newest = (MAX_CACHED_HOLDERS + extra - 1) as u64;
+        assert_eq!(cache.get(&key(newest)), Some((hash, &[node][..])));
     }
 }

@@ -235,7 +235,7 @@ const PREFETCH_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// the operator's prefetch, asked here or forwarded by another node. The
 /// restore goes on if the caller stops listening; it is the same restore
 /// the job would start.
-pub fn prefetch_here(node: Arc<Node>, selector: pb::ShardSelector) -> PrefetchEvents<Error> {
+fn prefetch_here(node: Arc<Node>, selector: pb::ShardSelector) -> PrefetchEvents<Error> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let done = prefetch_with_progress(&node, &selector, &tx).await;
