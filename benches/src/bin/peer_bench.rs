@@ -592,29 +592,7 @@ async fn run_cluster(
         let t = Instant::now();
         let response = restore(&mut c, &job, 1).await?;
         restored.push(t.elapsed().as_secs_f64(), cpu.stop()?);
-        let from_peers: u64 = response
-            .sources
-            .iter()
-            .filter(|s| s.tier == pb::Tier::Peers as i32)
-            .map(|s| s.bytes)
-            .sum();
-        let all: u64 = response.sources.iter().map(|s| s.bytes).sum();
-        if from_peers != total || all != total {
-            bail!(
-                "{job}: the restore took {from_peers} of {total} bytes from peers ({all} in all)"
-            );
-        }
-        if response.files.len() != TENSORS {
-            bail!("{job}: restored {} files", response.files.len());
-        }
-        for file in &response.files {
-            let got = blake3::hash(
-                &std::fs::read(&file.path).with_context(|| format!("reading {}", file.path))?,
-            );
-            if expected.get(&file.name) != Some(&got) {
-                bail!("{job}: {} differs after the restore from node-b", file.name);
-            }
-        }
+        check_restore(&job, &response, total, &[pb::Tier::Peers], &expected)?;
         // The restored shard is node-a's again: it goes back to its disk
         // and node-b is asked whether it still holds it. Let both finish.
         wait_durable(&mut c, &job, 1, pb::Tier::Disk).await?;
@@ -665,8 +643,8 @@ fn remove_chunks(chunks: &Path, ids: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Checks a restore's sources against `want` (tier, whether it must have
-/// served bytes) and the restored files against `expected`.
+/// Checks that every tier in `want`, and no other, served part of a
+/// restore of `total` bytes, and that the restored files are `expected`.
 fn check_restore(
     job: &str,
     response: &pb::RestoreShardResponse,
