@@ -940,6 +940,15 @@ async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
         assert!(restored.get(name) == Some(expected), "{name} differs");
     }
 
+    // A failure on the other node keeps its meaning: nothing to restore there.
+    let out = cluster.nodes[0].cli(&["restore", "--job", "no-such-job", "--node", "node-2"]);
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("node node-2: ") && stderr.contains("no-such-job"),
+        "{stderr}"
+    );
+
     let out = cluster.nodes[0].cli(&["restore", "--job", "prefetch", "--node", "node-9"]);
     assert_eq!(out.status.code(), Some(4));
     assert!(
