@@ -463,14 +463,43 @@ async fn with_restore_progress<T>(
 fn show_restore_progress(bar: &ProgressBar, progress: &pb::RestoreProgress) {
     bar.set_length(progress.total_bytes);
     bar.set_position(progress.done_bytes);
-    let from: Vec<String> = progress
+    bar.set_prefix(bytes_from(&progress_sources(progress)));
+}
+
+/// A running restore's bytes by source (`disk`, `peer:<node>`, `object-store`).
+fn progress_sources(progress: &pb::RestoreProgress) -> Vec<(String, u64)> {
+    progress
         .sources
         .iter()
-        .map(|s| format!("{} {}", s.source, human_bytes(s.bytes)))
-        .collect();
-    if !from.is_empty() {
-        bar.set_prefix(from.join(", "));
-    }
+        .map(|s| (s.source.clone(), s.bytes))
+        .collect()
+}
+
+/// A finished restore's bytes by the tier they came from.
+fn tier_sources(sources: &[pb::SourceBytes]) -> Vec<(String, u64)> {
+    sources
+        .iter()
+        .map(|s| (tier_name(s.tier).to_owned(), s.bytes))
+        .collect()
+}
+
+/// Where a restore's bytes came from, for people: `1.0 GiB from disk, 20 MiB
+/// from peer:node-2`.
+fn bytes_from(sources: &[(String, u64)]) -> String {
+    sources
+        .iter()
+        .map(|(source, bytes)| format!("{} from {source}", human_bytes(*bytes)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The same for scripts: source to bytes.
+fn sources_json(sources: &[(String, u64)]) -> serde_json::Value {
+    sources
+        .iter()
+        .map(|(source, bytes)| (source.clone(), json!(bytes)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn progress_bar(total: u64, what: &str) -> ProgressBar {
@@ -604,10 +633,9 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             .iter()
             .map(|r| {
                 let shard = r.shard.clone().unwrap_or_default();
-                let sources: serde_json::Map<String, serde_json::Value> =
-                    r.sources.iter().map(|s| (s.source.clone(), json!(s.bytes))).collect();
                 json!({"tenant": shard.tenant, "job": shard.job, "step": shard.step, "rank": shard.rank,
-                       "total_bytes": r.total_bytes, "done_bytes": r.done_bytes, "sources": sources,
+                       "total_bytes": r.total_bytes, "done_bytes": r.done_bytes,
+                       "sources": sources_json(&progress_sources(r)),
                        "elapsed_seconds": r.elapsed_seconds})
             })
             .collect();
@@ -649,11 +677,7 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
     }
     for r in &s.restores {
         let shard = r.shard.clone().unwrap_or_default();
-        let from: Vec<String> = r
-            .sources
-            .iter()
-            .map(|s| format!("{} from {}", human_bytes(s.bytes), s.source))
-            .collect();
+        let from = progress_sources(r);
         println!(
             "restoring {} step {} rank {}: {} of {} ({:.0} s){}{}",
             shard.job,
@@ -663,7 +687,7 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             human_bytes(r.total_bytes),
             r.elapsed_seconds,
             if from.is_empty() { "" } else { "; " },
-            from.join(", ")
+            bytes_from(&from)
         );
     }
     if let Some(p) = &s.peers {
@@ -977,30 +1001,20 @@ async fn prefetch(
     }
     bar.finish_and_clear();
     let resp = done.ok_or_else(|| fail(1, "the daemon ended the prefetch without a result"))?;
-    let sources: Vec<(String, u64)> = resp
-        .sources
-        .iter()
-        .map(|s| (tier_name(s.tier).to_owned(), s.bytes))
-        .collect();
+    let sources = tier_sources(&resp.sources);
     if json {
-        let sources: serde_json::Map<String, serde_json::Value> =
-            sources.into_iter().map(|(t, b)| (t, json!(b))).collect();
         println!(
             "{}",
             json!({"node": resp.node, "job": job, "step": resp.step, "rank": rank,
-                   "bytes": resp.bytes, "sources": sources,
+                   "bytes": resp.bytes, "sources": sources_json(&sources),
                    "seconds": started.elapsed().as_secs_f64()})
         );
     } else {
-        let from: Vec<String> = sources
-            .iter()
-            .map(|(t, b)| format!("{} from {t}", human_bytes(*b)))
-            .collect();
         println!(
             "{} holds step {} of {job} rank {rank} in its memory tier ({}; {:.1} s)",
             resp.node,
             resp.step,
-            from.join(", "),
+            bytes_from(&sources),
             started.elapsed().as_secs_f64()
         );
     }
@@ -1047,35 +1061,26 @@ async fn restore(
         }
         bar.finish_and_clear();
     }
-    let sources: Vec<(String, u64)> = resp
-        .sources
-        .iter()
-        .map(|s| (tier_name(s.tier).to_owned(), s.bytes))
-        .collect();
+    let sources = tier_sources(&resp.sources);
     if json {
         let files: Vec<_> = resp
             .files
             .iter()
             .map(|f| json!({"name": f.name, "path": f.path, "size": f.size}))
             .collect();
-        let sources: serde_json::Map<String, serde_json::Value> =
-            sources.iter().map(|(t, b)| (t.clone(), json!(b))).collect();
         println!(
             "{}",
-            json!({"job": job, "step": restored_step, "rank": rank, "bytes": total, "files": files, "sources": sources,
+            json!({"job": job, "step": restored_step, "rank": rank, "bytes": total, "files": files,
+                   "sources": sources_json(&sources),
                    "restore_seconds": restore_s, "total_seconds": started.elapsed().as_secs_f64(),
                    "copied_to": to.map(|p| p.display().to_string())})
         );
     } else {
-        let from: Vec<String> = sources
-            .iter()
-            .map(|(t, b)| format!("{} from {t}", human_bytes(*b)))
-            .collect();
         println!(
             "restored {job} step {restored_step} rank {rank}: {} in {} files ({}) in {restore_s:.2}s",
             human_bytes(total),
             resp.files.len(),
-            from.join(", ")
+            bytes_from(&sources)
         );
         match &to {
             Some(dir) => println!(

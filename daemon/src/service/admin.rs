@@ -278,14 +278,7 @@ async fn prefetch_with_progress(
         node: node.config().node_name.clone(),
         step: step.0,
         bytes: outcome.manifest.total_bytes(),
-        sources: outcome
-            .bytes_by_tier
-            .iter()
-            .map(|(tier, bytes)| pb::SourceBytes {
-                tier: convert::tier_to_pb(*tier) as i32,
-                bytes: *bytes,
-            })
-            .collect(),
+        sources: convert::source_bytes(&outcome.bytes_by_tier),
     })
 }
 

@@ -312,14 +312,7 @@ impl Checkpoint for CheckpointService {
                         size: f.size,
                     })
                     .collect(),
-                sources: outcome
-                    .bytes_by_tier
-                    .iter()
-                    .map(|(tier, bytes)| pb::SourceBytes {
-                        tier: convert::tier_to_pb(*tier) as i32,
-                        bytes: *bytes,
-                    })
-                    .collect(),
+                sources: convert::source_bytes(&outcome.bytes_by_tier),
             })
         }
         .await;

@@ -202,3 +202,14 @@ pub fn restore_progress(now: &ProgressSnapshot) -> pb::RestoreProgress {
         elapsed_seconds: now.elapsed.as_secs_f64(),
     }
 }
+
+/// Bytes by the tier they came from, as restores report them.
+pub fn source_bytes(bytes_by_tier: &BTreeMap<TierKind, u64>) -> Vec<pb::SourceBytes> {
+    bytes_by_tier
+        .iter()
+        .map(|(tier, bytes)| pb::SourceBytes {
+            tier: tier_to_pb(*tier) as i32,
+            bytes: *bytes,
+        })
+        .collect()
+}
