@@ -4,18 +4,36 @@
 on the same bytes, the same tmpfs, in one run.
 
 PyTorch (a state dict of float32 tensors):
-  * ``torch.save`` / ``torch.load``;
-  * ``dcp.save`` with ``FileSystemWriter`` / ``dcp.load`` with ``FileSystemReader``;
-  * Cairn: ``Client.save_async`` until the bytes are staged in tmpfs (the
-    trainer's stall) and ``Client.restore`` copied into the live tensors, and
-    ``dcp.save``/``dcp.load`` through ``CairnWriter``/``CairnReader``.
+  * sync: ``torch.save`` / ``torch.load``; ``dcp.save`` with
+    ``FileSystemWriter`` / ``dcp.load`` with ``FileSystemReader``;
+  * async: ``dcp.async_save(FileSystemWriter)`` (and, where it runs, with
+    ``cache_staged_state_dict=True``: pinned staging needs CUDA), the fastest
+    being the framework's async baseline;
+  * Cairn: ``Client.save_async`` (stall: until the bytes are staged in tmpfs),
+    ``dcp.async_save(CairnWriter)`` (stall: the copy into the host buffers
+    ``CairnWriter`` keeps per client; every save here passes the same
+    client), ``dcp.save``/``dcp.load`` through
+    ``CairnWriter``/``CairnReader``, and ``Client.restore`` (zero copy, and
+    copied into the live tensors).
 JAX (a pytree of jax arrays):
-  * Orbax ``StandardCheckpointer`` save (until finished) / restore;
-  * Cairn: ``cairn.jax.save`` / ``cairn.jax.restore`` with a target.
+  * Orbax ``StandardCheckpointer``: ``save()`` returning (its async stall)
+    and until ``wait_until_finished()``; restore;
+  * Cairn: ``cairn.jax.save_async``, ``cairn.jax.save``, ``cairn.jax.restore``
+    with a target.
+
+For every async save it reports three times from the call: the *stall* (until
+the trainer may go on and change its state), *until safe in RAM* (Cairn: the
+step committed in the daemon's memory tier; a baseline: *until done*) and
+*until on disk* (Cairn: durable in the disk tier, ``wait_durable(..., "disk")``).
+Goals (issue 19): every Cairn stall <= 1.0x its framework's async stall and
+every "until safe" <= 0.5x its framework's "until done", in the same run; the
+output says plainly which goal is not met.
 
 Run through ``./scripts/bench`` (which builds cairnd and sets CAIRND_BIN), or
-``python benches/python_bench.py [--quick] [--mib N]``. Prints a markdown table
-with each Cairn time next to its baseline and the speedup (baseline / Cairn).
+``python benches/python_bench.py [--quick] [--mib N] [--repeat N]``. Prints
+markdown tables with each Cairn time next to its baseline and the speedup
+(baseline / Cairn); with ``CAIRN_BENCH_RECORD`` set, appends every figure as a
+JSON line for ``benches/report.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
@@ -46,6 +65,43 @@ def timed(fn: Callable[[], object], repeat: int, between: Callable[[], None] = l
         times.append(time.perf_counter() - start)
         between()
     return statistics.median(times)
+
+
+def phases(
+    run: Callable[[], dict[str, float]], repeat: int, between: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median, per phase, of the seconds ``run`` reports over ``repeat`` runs."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(run())
+        between()
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+@dataclass
+class AsyncFigure:
+    """An async save of Cairn against its framework's fastest async save."""
+
+    framework: str
+    case: str
+    cairn: dict[str, float]  # stall, safe, disk
+    baseline: str
+    base: dict[str, float]  # stall, done
+
+    @property
+    def stall_ratio(self) -> float:
+        return self.cairn["stall"] / self.base["stall"]
+
+    @property
+    def safe_ratio(self) -> float:
+        return self.cairn["safe"] / self.base["done"]
+
+
+STALL_GOAL = 1.0
+SAFE_GOAL = 0.5
+# Between async saves a "training step" adds 1 to one float32 in every MiB,
+# so every chunk of the next save is new (nothing deduplicated on disk).
+STRIDE = 1 << 18
 
 
 def drop(client: object, job: str, step: int) -> None:
@@ -67,7 +123,6 @@ def main() -> int:
     mib = args.mib or (128 if args.quick else 2048)
     repeat = args.repeat or (2 if args.quick else 3)
 
-
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -86,6 +141,7 @@ def main() -> int:
         env={k: v for k, v in os.environ.items() if not k.startswith("CAIRN")} | {"CAIRN_LOG": "warn"},
     )  # fmt: skip
     rows: list[tuple[str, str, float, float]] = []
+    async_figures: list[AsyncFigure] = []
     try:
         client = cairn.Client(socket)
         deadline = time.monotonic() + 30
@@ -124,26 +180,74 @@ def main() -> int:
         t_dcp_load = timed(lambda: dcp.load(target, storage_reader=dcp.FileSystemReader(str(dcp_dir))), repeat)
         shutil.rmtree(dcp_dir)
 
+        def train_step() -> None:
+            with torch.no_grad():
+                for tensor in state.values():
+                    tensor.view(-1)[::STRIDE] += 1
+
+        # The framework's async save: the stall is DCP staging a CPU copy of
+        # the state dict; the write to the directory runs in a thread.
+        def dcp_async(writer_for: Callable[[], object]) -> Callable[[], dict[str, float]]:
+            def run() -> dict[str, float]:
+                shutil.rmtree(dcp_dir, ignore_errors=True)
+                writer = writer_for()
+                start = time.perf_counter()
+                future = dcp.async_save(state, storage_writer=writer)
+                stall = time.perf_counter() - start
+                future.result()
+                return {"stall": stall, "done": time.perf_counter() - start}
+
+            return run
+
+        # Each async save gets an untimed first run, as Cairn's saves do
+        # (thread pools, first-call costs).
+        torch_async: dict[str, dict[str, float]] = {}
+        fresh_writer = dcp_async(lambda: dcp.FileSystemWriter(str(dcp_dir)))
+        fresh_writer()
+        torch_async["dcp.async_save(FileSystemWriter)"] = phases(fresh_writer, repeat)
+        try:
+            # Pinned, reused staging buffers: DCP's fastest async save, where
+            # pinned memory exists (it needs CUDA).
+            cached = dcp.FileSystemWriter(str(dcp_dir), cache_staged_state_dict=True)
+            dcp_async(lambda: cached)()
+            torch_async["dcp.async_save(FileSystemWriter, cached staging)"] = phases(
+                dcp_async(lambda: cached), repeat
+            )
+        except RuntimeError as e:
+            print(f"python-bench: dcp.async_save with cache_staged_state_dict=True "
+                  f"skipped ({str(e).splitlines()[0][:80]})")  # fmt: skip
+        shutil.rmtree(dcp_dir, ignore_errors=True)
+        torch_baseline = min(torch_async, key=lambda name: torch_async[name]["stall"])
+
         # Steady state of a training job: the previous step has left the
         # memory tier (its files went to the page pool), so each save writes
         # over existing pages. Two untimed saves set that up.
         saved: list[int] = []
 
-        def cairn_stall() -> None:
+        def cairn_save_async() -> dict[str, float]:
             saved.append(next(step))
+            start = time.perf_counter()
             handle = client.save_async("bench-torch", saved[-1], 0, state)
-            handle.wait_staged()
-            cairn_stall.handle = handle  # type: ignore[attr-defined]
+            handle.wait_staged()  # until then the trainer must not change its tensors
+            stall = time.perf_counter() - start
+            handle.result()
+            safe = time.perf_counter() - start
+            client.wait_durable("bench-torch", saved[-1], "disk")
+            return {"stall": stall, "safe": safe, "disk": time.perf_counter() - start}
 
-        def finish_save() -> None:
-            cairn_stall.handle.result()  # type: ignore[attr-defined]
+        def next_torch_step() -> None:
             if len(saved) > 1:
                 drop(client, "bench-torch", saved[-2])
+            train_step()
 
-        for _ in range(2):  # the second one's finish frees the first step's files
-            cairn_stall()
-            finish_save()
-        t_cairn_stall = timed(cairn_stall, repeat, finish_save)
+        for _ in range(2):  # the second one's drop frees the first step's files
+            cairn_save_async()
+            next_torch_step()
+        save_async_phases = phases(cairn_save_async, repeat, next_torch_step)
+        t_cairn_stall = save_async_phases["stall"]
+        async_figures.append(AsyncFigure(
+            "torch", "Client.save_async", save_async_phases, torch_baseline, torch_async[torch_baseline],
+        ))  # fmt: skip
 
         def cairn_restore_zero_copy() -> None:
             restored = client.restore("bench-torch")
@@ -157,6 +261,33 @@ def main() -> int:
                 tensor.numpy()[...] = restored[name]
 
         t_cairn_restore = timed(cairn_restore, repeat)
+
+        dcp_async_steps: list[int] = []
+
+        def cairn_dcp_async() -> dict[str, float]:
+            dcp_async_steps.append(next(step))
+            writer = CairnWriter(job="bench-dcp-async", step=dcp_async_steps[-1], client=client)
+            start = time.perf_counter()
+            future = dcp.async_save(state, storage_writer=writer)
+            stall = time.perf_counter() - start
+            future.result()
+            safe = time.perf_counter() - start
+            client.wait_durable("bench-dcp-async", dcp_async_steps[-1], "disk")
+            return {"stall": stall, "safe": safe, "disk": time.perf_counter() - start}
+
+        def next_dcp_async_step() -> None:
+            if len(dcp_async_steps) > 1:
+                drop(client, "bench-dcp-async", dcp_async_steps[-2])
+            train_step()
+
+        for _ in range(2):
+            cairn_dcp_async()
+            next_dcp_async_step()
+        async_figures.append(AsyncFigure(
+            "torch", "dcp.async_save(CairnWriter)",
+            phases(cairn_dcp_async, repeat, next_dcp_async_step),
+            torch_baseline, torch_async[torch_baseline],
+        ))  # fmt: skip
 
         dcp_steps: list[int] = []
 
@@ -209,10 +340,51 @@ def main() -> int:
             checkpointer.wait_until_finished()
 
         t_orbax_save = timed(orbax_save, repeat)
+
+        def orbax_async() -> dict[str, float]:
+            shutil.rmtree(orbax_dir, ignore_errors=True)
+            start = time.perf_counter()
+            checkpointer.save(orbax_dir / "ckpt", tree)  # returns once the arrays are on the host
+            stall = time.perf_counter() - start
+            checkpointer.wait_until_finished()
+            return {"stall": stall, "done": time.perf_counter() - start}
+
+        def jax_train_step() -> None:
+            nonlocal tree
+            tree = jax.block_until_ready({k: v.at[::STRIDE].add(1) for k, v in tree.items()})
+
+        orbax_baseline = "orbax StandardCheckpointer.save()"
+        orbax_async()
+        orbax_phases = phases(orbax_async, repeat, jax_train_step)
         t_orbax_restore = timed(
             lambda: jax.block_until_ready(checkpointer.restore(orbax_dir / "ckpt", abstract)), repeat
         )
         shutil.rmtree(orbax_dir)
+        jax_async_steps: list[int] = []
+
+        def cjax_save_async() -> dict[str, float]:
+            jax_async_steps.append(next(step))
+            start = time.perf_counter()
+            handle = cjax.save_async(client, "bench-jax-async", jax_async_steps[-1], tree)
+            stall = time.perf_counter() - start
+            handle.result()
+            safe = time.perf_counter() - start
+            handle.wait_durable("disk")
+            return {"stall": stall, "safe": safe, "disk": time.perf_counter() - start}
+
+        def next_jax_async_step() -> None:
+            if len(jax_async_steps) > 1:
+                drop(client, "bench-jax-async", jax_async_steps[-2])
+            jax_train_step()
+
+        for _ in range(2):
+            cjax_save_async()
+            next_jax_async_step()
+        async_figures.append(AsyncFigure(
+            "jax", "cairn.jax.save_async",
+            phases(cjax_save_async, repeat, next_jax_async_step),
+            orbax_baseline, orbax_phases,
+        ))  # fmt: skip
         jax_steps: list[int] = []
 
         def cjax_save() -> None:
@@ -234,7 +406,7 @@ def main() -> int:
         for key in tree:
             assert bool(jnp.array_equal(restored[key], tree[key])), f"{key} differs after restore"
         rows += [
-            ("jax: save", "orbax StandardCheckpointer", t_orbax_save, t_cjax_save),
+            ("jax: save", "orbax StandardCheckpointer (until finished)", t_orbax_save, t_cjax_save),
             ("jax: restore", "orbax StandardCheckpointer", t_orbax_restore, t_cjax_restore),
         ]
         client.close()
@@ -253,17 +425,79 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|")
     for case, baseline, t_base, t_cairn in rows:
         print(f"| {case} | {baseline} | {t_base:.3f} | {t_cairn:.3f} | {gb / t_cairn:.2f} | {t_base / t_cairn:.2f}x |")
+
+    print()
+    print("Async saves, seconds from the call (Cairn: stall, then safe in the daemon's RAM, then on disk;")
+    print("baseline: the framework's fastest async save in this run, its stall and until done):")
+    print()
+    print(f"| framework | cairn | stall s | until safe in RAM s | until on disk s | baseline | stall s | until done s "
+          f"| stall ratio (goal <= {STALL_GOAL}) | safe / done (goal <= {SAFE_GOAL}) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for f in async_figures:
+        print(f"| {f.framework} | {f.case} | {f.cairn['stall']:.3f} | {f.cairn['safe']:.3f} | {f.cairn['disk']:.3f} "
+              f"| {f.baseline} | {f.base['stall']:.3f} | {f.base['done']:.3f} "
+              f"| {f.stall_ratio:.2f}x | {f.safe_ratio:.2f}x |")  # fmt: skip
+    for name, figure in torch_async.items():
+        if name != torch_baseline:
+            print(f"(slower torch async baseline: {name}: stall {figure['stall']:.3f} s, done {figure['done']:.3f} s)")
+    print()
+    missed = []
+    for f in async_figures:
+        if f.stall_ratio > STALL_GOAL:
+            missed.append(f"{f.framework}: {f.case} stalls {f.cairn['stall']:.3f} s, {f.stall_ratio:.2f}x "
+                          f"{f.baseline}'s {f.base['stall']:.3f} s (goal <= {STALL_GOAL}x)")  # fmt: skip
+        if f.safe_ratio > SAFE_GOAL:
+            missed.append(f"{f.framework}: {f.case} is safe in RAM after {f.cairn['safe']:.3f} s, "
+                          f"{f.safe_ratio:.2f}x {f.baseline}'s until done {f.base['done']:.3f} s "
+                          f"(goal <= {SAFE_GOAL}x)")  # fmt: skip
+    for line in missed:
+        print(f"GOAL NOT MET: {line}")
+    if not missed:
+        print(f"All async goals met: every stall <= {STALL_GOAL}x and every until-safe <= {SAFE_GOAL}x "
+              "its framework's async save in this run.")  # fmt: skip
+
     record = os.environ.get("CAIRN_BENCH_RECORD")
     if record:
         # JSON lines for benches/report.py (./scripts/bench --report).
-        with open(record, "a") as f:
-            for case, baseline, t_base, t_cairn in rows:
-                f.write(json.dumps({
-                    "bench": "python-bench", "figure": case, "bytes": nbytes,
-                    "cairn_gbps": gb / t_cairn, "baseline_gbps": gb / t_base,
-                    "cairn_seconds": t_cairn, "baseline_seconds": t_base,
-                    "baseline": baseline, "ratio": t_base / t_cairn, "goal": "speed-up (report)",
-                }) + "\n")
+        lines = []
+        for case, baseline, t_base, t_cairn in rows:
+            lines.append({
+                "bench": "python-bench", "figure": case, "bytes": nbytes,
+                "cairn_gbps": gb / t_cairn, "baseline_gbps": gb / t_base,
+                "cairn_seconds": t_cairn, "baseline_seconds": t_base,
+                "baseline": baseline, "ratio": t_base / t_cairn, "goal": "speed-up (report)",
+            })  # fmt: skip
+        for f in async_figures:
+            # Every async line carries all five times; each line's own pair is
+            # in cairn_seconds/baseline_seconds, its verdict in goal/goal_met.
+            times = {
+                "stall_seconds": f.cairn["stall"], "until_safe_seconds": f.cairn["safe"],
+                "until_disk_seconds": f.cairn["disk"], "baseline_stall_seconds": f.base["stall"],
+                "baseline_until_done_seconds": f.base["done"],
+            }  # fmt: skip
+            pairs = [
+                ("async save stall", f"{f.baseline}: stall", f.cairn["stall"], f.base["stall"],
+                 STALL_GOAL, f.stall_ratio),
+                ("async save until safe in RAM", f"{f.baseline}: until done", f.cairn["safe"],
+                 f.base["done"], SAFE_GOAL, f.safe_ratio),
+                ("async save until on disk", f"{f.baseline}: until done", f.cairn["disk"],
+                 f.base["done"], None, f.cairn["disk"] / f.base["done"]),
+            ]  # fmt: skip
+            for what, baseline, t_cairn, t_base, goal, time_ratio in pairs:
+                met = None if goal is None else time_ratio <= goal
+                verdict = "reported" if goal is None else (
+                    f"time ratio <= {goal}: {'met' if met else 'NOT MET'} ({time_ratio:.2f})"
+                )
+                lines.append({
+                    "bench": "python-bench", "figure": f"{f.framework}: {what} ({f.case})",
+                    "bytes": nbytes, "cairn_gbps": gb / t_cairn, "baseline_gbps": gb / t_base,
+                    "cairn_seconds": t_cairn, "baseline_seconds": t_base, "baseline": baseline,
+                    "ratio": t_base / t_cairn, "time_ratio": time_ratio, "goal": verdict,
+                    "goal_met": met, **times,
+                })  # fmt: skip
+        with open(record, "a") as out:
+            for line in lines:
+                out.write(json.dumps(line) + "\n")
 
     return 0
 

@@ -147,6 +147,7 @@ pub async fn stage(c: &mut Clients, job: &str, step: u64, tensors: &[Vec<u8>]) -
                 .collect(),
             world_size: Some(1),
             metadata: HashMap::new(),
+            attempt: String::new(),
         })
         .await?
         .into_inner();

@@ -141,7 +141,7 @@ pub fn chunk_ranges(file_len: u64, chunk_size: ChunkSize) -> impl Iterator<Item 
     let size = chunk_size.get();
     (0..file_len.div_ceil(size)).map(move |i| {
         let start = i * size;
-        start..(start + size).min(file_len)
+        start..start.saturating_add(size).min(file_len)
     })
 }
 

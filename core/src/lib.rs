@@ -25,12 +25,12 @@ pub use manifest::{ChunkRef, FileEntry, MANIFEST_VERSION, Manifest};
 pub use membership::{
     MembershipDiff, MembershipView, NodeInfo, Peer, PeerChange, PodInfo, StaticPeer, TopologyLabels,
 };
-pub use names::{FileName, JobName, Rank, ShardKey, Step, TenantName};
+pub use names::{Attempt, FileName, JobName, Rank, ShardKey, Step, TenantName};
 pub use placement::{
     MAX_DOMAIN_LABEL_LEN, MAX_NODE_ID_LEN, MAX_WEIGHT, Member, Membership, NodeId,
     PLACEMENT_VERSION, PlacementKey,
 };
 pub use retention::{
-    EvictionCandidate, RetentionPolicy, StepResidency, choose_pressure_victims,
+    EvictionCandidate, RetentionPolicy, ShardPresence, StepResidency, choose_pressure_victims,
     latest_complete_step,
 };

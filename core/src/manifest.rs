@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, ChunkSize, chunk_ranges};
 use crate::error::CoreError;
-use crate::names::{FileName, ShardKey};
+use crate::names::{Attempt, FileName, ShardKey};
 
 /// The manifest format version this build writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -77,12 +77,28 @@ pub struct Manifest {
     pub metadata: BTreeMap<String, String>,
     /// When the shard was committed, milliseconds since the Unix epoch.
     pub committed_unix_ms: u64,
+    /// The save of the step this shard belongs to (see [`Attempt`]); absent
+    /// for shards saved without one (ingested directories, older clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
 }
 
 impl Manifest {
     /// Total bytes of all files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Whether this manifest may replace `stored` for the same shard in a
+    /// tier that already holds it: only a later save from another attempt
+    /// does (a new run re-saving a step that never became complete). The
+    /// same attempt never replaces itself, and a late shard of an older
+    /// attempt never replaces a newer one.
+    pub fn supersedes(&self, stored: &Manifest) -> bool {
+        self.shard == stored.shard
+            && self.attempt.is_some()
+            && self.attempt != stored.attempt
+            && self.committed_unix_ms >= stored.committed_unix_ms
     }
 
     /// Number of chunk references (duplicates counted).
@@ -127,11 +143,14 @@ impl Manifest {
                     file.name
                 )));
             }
-            let expected: Vec<u64> = chunk_ranges(file.size, self.chunk_size)
-                .map(|r| r.end - r.start)
-                .collect();
-            let actual: Vec<u64> = file.chunks.iter().map(|c| c.len).collect();
-            if expected != actual {
+            // Compared lazily and by count first: `size` comes from outside
+            // (a peer, the bucket), and nothing may be allocated by it.
+            let expected_count = file.size.div_ceil(self.chunk_size.get());
+            let tiles = u64::try_from(file.chunks.len()).is_ok_and(|n| n == expected_count)
+                && chunk_ranges(file.size, self.chunk_size)
+                    .zip(&file.chunks)
+                    .all(|(range, chunk)| range.end - range.start == chunk.len);
+            if !tiles {
                 return Err(CoreError::CorruptManifest(format!(
                     "chunks of file {} do not tile its {} bytes at chunk size {}",
                     file.name,
@@ -230,7 +249,45 @@ pub(crate) mod tests {
             files,
             metadata: BTreeMap::new(),
             committed_unix_ms: 1,
+            attempt: None,
         }
+    }
+
+    #[test]
+    fn a_huge_declared_size_is_refused_without_allocating_for_it() {
+        // Regression: validate once collected `size / chunk_size` expected
+        // lengths first, so this manifest aborted the daemon.
+        let mut m = manifest_from(&[("a".into(), vec![1; 10])], small_chunks());
+        m.files[0].size = u64::MAX;
+        m.files[0].chunks.clear();
+        let err = Manifest::decode(&m.encode()).expect_err("must be refused");
+        assert!(err.to_string().contains("do not tile"), "{err}");
+    }
+
+    #[test]
+    fn attempts_round_trip_and_only_a_later_other_attempt_supersedes() {
+        let mut old = manifest_from(&[("a".into(), vec![1; 10])], small_chunks());
+        assert!(!String::from_utf8_lossy(&old.encode()).contains("attempt"));
+        old.attempt = Some("run-1".parse().expect("valid"));
+        let decoded = Manifest::decode(&old.encode()).expect("decodes");
+        assert_eq!(decoded.attempt, old.attempt);
+        let mut new = old.clone();
+        new.committed_unix_ms = old.committed_unix_ms + 1;
+        assert!(
+            !new.supersedes(&old),
+            "the same attempt never replaces itself"
+        );
+        new.attempt = Some("run-2".parse().expect("valid"));
+        assert!(new.supersedes(&old));
+        assert!(
+            !old.supersedes(&new),
+            "an older save never replaces a newer one"
+        );
+        new.attempt = None;
+        assert!(
+            !new.supersedes(&old),
+            "a save without an attempt replaces nothing"
+        );
     }
 
     fn small_chunks() -> ChunkSize {

@@ -22,6 +22,8 @@ pub const MAX_SEGMENT_LEN: usize = 255;
 pub const MAX_FILE_NAME_LEN: usize = 1024;
 /// Deepest nesting of a file name.
 pub const MAX_FILE_DEPTH: usize = 16;
+/// Longest attempt id accepted (a UUID's 32 hex digits fit twice).
+pub const MAX_ATTEMPT_LEN: usize = 64;
 
 fn invalid(field: &str, value: &str, reason: &'static str) -> CoreError {
     CoreError::InvalidName {
@@ -123,6 +125,24 @@ string_name!(
     /// `/`, never absolute, never containing `.` or `..` segments.
     FileName
 );
+
+string_name!(
+    /// One save of a step by one run of a job, chosen by the client and
+    /// shared by every rank of that save. A step is complete only when every
+    /// rank's shard carries the same attempt, so shards of an abandoned save
+    /// (a crashed run) are never combined with those of the save that
+    /// replaced it.
+    Attempt
+);
+
+impl Attempt {
+    /// Validates `value` as the attempt id in `field`: one segment of
+    /// `[A-Za-z0-9._-]`, at most [`MAX_ATTEMPT_LEN`] characters.
+    pub fn parse(field: &str, value: String) -> Result<Self, CoreError> {
+        check_segment(field, &value, &value, MAX_ATTEMPT_LEN)?;
+        Ok(Self(value))
+    }
+}
 
 impl JobName {
     /// Validates `value` as the job name in `field`.

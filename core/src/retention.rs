@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::names::{Rank, Step};
+use crate::manifest::Manifest;
+use crate::names::{Attempt, Rank, Step};
 
 /// How many steps of each job a tier keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,30 +123,63 @@ pub fn choose_pressure_victims<K: Clone>(
     }
 }
 
-/// The newest step that is complete, given the shards present as
-/// `(step, rank, world_size)`.
+/// One shard that a tier holds, as far as step completeness is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardPresence<'a> {
+    /// The shard's step.
+    pub step: Step,
+    /// The shard's rank.
+    pub rank: Rank,
+    /// The world size its manifest declares, if any.
+    pub world_size: Option<u32>,
+    /// The attempt that saved it, if any.
+    pub attempt: Option<&'a Attempt>,
+}
+
+impl<'a> From<&'a Manifest> for ShardPresence<'a> {
+    fn from(m: &'a Manifest) -> Self {
+        Self {
+            step: m.shard.step,
+            rank: m.shard.rank,
+            world_size: m.world_size,
+            attempt: m.attempt.as_ref(),
+        }
+    }
+}
+
+/// The newest step that is complete, given the shards present (at most one
+/// per step and rank: the one a restore would read).
 ///
 /// A step whose shards declare a world size is complete when every rank below
-/// it is present (and they agree on the size). A step with no declared world
-/// size is complete for `rank` when that rank's shard is present; with no rank
-/// given, when any shard is. Steps compare numerically.
-pub fn latest_complete_step(
-    shards: impl IntoIterator<Item = (Step, Rank, Option<u32>)>,
+/// it is present and they agree on the size and on the attempt (shards of an
+/// abandoned save are never combined with a newer save's). A step with no
+/// declared world size is complete for `rank` when that rank's shard is
+/// present; with no rank given, when any shard is. Steps compare numerically.
+pub fn latest_complete_step<'a>(
+    shards: impl IntoIterator<Item = ShardPresence<'a>>,
     rank: Option<Rank>,
 ) -> Option<Step> {
-    let mut by_step: BTreeMap<Step, (BTreeSet<Rank>, BTreeSet<Option<u32>>)> = BTreeMap::new();
-    for (step, r, world) in shards {
-        let entry = by_step.entry(step).or_default();
-        entry.0.insert(r);
-        entry.1.insert(world);
+    type Seen<'a> = (
+        BTreeSet<Rank>,
+        BTreeSet<Option<u32>>,
+        BTreeSet<Option<&'a Attempt>>,
+    );
+    let mut by_step: BTreeMap<Step, Seen<'a>> = BTreeMap::new();
+    for shard in shards {
+        let entry = by_step.entry(shard.step).or_default();
+        entry.0.insert(shard.rank);
+        entry.1.insert(shard.world_size);
+        entry.2.insert(shard.attempt);
     }
     by_step
         .into_iter()
         .rev()
-        .find_map(|(step, (ranks, worlds))| {
+        .find_map(|(step, (ranks, worlds, attempts))| {
             let complete = match worlds.into_iter().collect::<Vec<_>>().as_slice() {
                 [Some(ws)] => {
-                    (0..*ws).all(|r| ranks.contains(&Rank(r))) && rank.is_none_or(|r| r.0 < *ws)
+                    attempts.len() == 1
+                        && (0..*ws).all(|r| ranks.contains(&Rank(r)))
+                        && rank.is_none_or(|r| r.0 < *ws)
                 }
                 [None] => rank.is_none_or(|r| ranks.contains(&r)),
                 _ => false, // ranks disagree on the world size: not a consistent step
@@ -234,7 +268,7 @@ mod tests {
                 let mut all = true;
                 for r in 0..*ws {
                     if present[r as usize] {
-                        shards.push((Step(*step), Rank(r), Some(*ws)));
+                        shards.push(presence(*step, r, Some(*ws), None));
                     } else {
                         all = false;
                     }
@@ -246,9 +280,45 @@ mod tests {
         }
     }
 
+    fn presence(
+        step: u64,
+        rank: u32,
+        world_size: Option<u32>,
+        attempt: Option<&Attempt>,
+    ) -> ShardPresence<'_> {
+        ShardPresence {
+            step: Step(step),
+            rank: Rank(rank),
+            world_size,
+            attempt,
+        }
+    }
+
+    #[test]
+    fn a_step_with_shards_of_two_attempts_is_not_complete() {
+        let a: Attempt = "a".parse().expect("valid");
+        let b: Attempt = "b".parse().expect("valid");
+        let mixed = vec![
+            presence(4, 0, Some(2), Some(&a)),
+            presence(4, 1, Some(2), Some(&a)),
+            presence(5, 0, Some(2), Some(&a)),
+            presence(5, 1, Some(2), Some(&b)),
+        ];
+        assert_eq!(latest_complete_step(mixed.clone(), None), Some(Step(4)));
+        let mut replaced = mixed;
+        replaced[2] = presence(5, 0, Some(2), Some(&b));
+        assert_eq!(latest_complete_step(replaced, None), Some(Step(5)));
+        // A shard saved with an attempt and one saved without never combine.
+        let legacy = vec![
+            presence(6, 0, Some(2), None),
+            presence(6, 1, Some(2), Some(&b)),
+        ];
+        assert_eq!(latest_complete_step(legacy, None), None);
+    }
+
     #[test]
     fn latest_compares_numerically_and_needs_the_rank() {
-        let shards = vec![(Step(9), Rank(0), None), (Step(10), Rank(1), None)];
+        let shards = vec![presence(9, 0, None, None), presence(10, 1, None, None)];
         assert_eq!(latest_complete_step(shards.clone(), None), Some(Step(10)));
         assert_eq!(
             latest_complete_step(shards.clone(), Some(Rank(0))),

@@ -33,6 +33,9 @@ pub const DEFAULT_TENANT: &str = "default";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 /// Default steps kept per job in the memory tier.
 pub const DEFAULT_MEMORY_KEEP_LAST: usize = 2;
+/// Default time a disk chunk stays trusted after it was written or checked
+/// (see `DiskTier::missing_chunks`).
+pub const DEFAULT_DISK_REVERIFY_AFTER_SECS: u64 = 600;
 /// Default steps kept per job in the disk tier.
 pub const DEFAULT_DISK_KEEP_LAST: usize = 3;
 /// Default share of the memory tier's filesystem Cairn may use.
@@ -326,6 +329,7 @@ struct RawDisk {
     dir: Option<PathBuf>,
     keep_last: Option<usize>,
     writeback_concurrency: Option<usize>,
+    reverify_after_secs: Option<u64>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -361,6 +365,9 @@ pub struct Config {
     pub disk_retention: RetentionPolicy,
     /// Chunks copied concurrently by a write-back.
     pub writeback_concurrency: usize,
+    /// How long a disk chunk stays trusted after it was written or checked:
+    /// older ones are re-hashed before a new shard reuses them.
+    pub disk_reverify_after: Duration,
     /// The object-store tier, if configured.
     pub object_store: Option<ObjectStoreConfig>,
     /// Ingest of CSI volumes.
@@ -372,16 +379,21 @@ pub struct Config {
 impl Config {
     /// Builds the configuration from flags, environment and the file they name.
     pub fn load(args: &Args) -> Result<Self> {
-        let raw = match &args.config {
+        match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .io_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text).map_err(|e| {
-                    Error::InvalidArgument(format!("config file {}: {e}", path.display()))
-                })?
+                Self::from_file_text(args, &path.display().to_string(), &text)
             }
-            None => RawConfig::default(),
-        };
+            None => Self::from_parts(args, RawConfig::default()),
+        }
+    }
+
+    /// Builds the configuration from flags, environment and the text of the
+    /// config file called `name` (in errors): [`Config::load`] after the read.
+    pub fn from_file_text(args: &Args, name: &str, text: &str) -> Result<Self> {
+        let raw = toml::from_str(text)
+            .map_err(|e| Error::InvalidArgument(format!("config file {name}: {e}")))?;
         Self::from_parts(args, raw)
     }
 
@@ -500,6 +512,11 @@ impl Config {
             disk_dir,
             disk_retention: RetentionPolicy::keep_last(disk_keep),
             writeback_concurrency,
+            disk_reverify_after: Duration::from_secs(
+                raw.disk
+                    .reverify_after_secs
+                    .unwrap_or(DEFAULT_DISK_REVERIFY_AFTER_SECS),
+            ),
             object_store,
             ingest,
             peers,

@@ -5,6 +5,7 @@
 //! chunk per task, so hashing scales with cores. Callers run these functions
 //! inside `spawn_blocking`.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -14,9 +15,14 @@ use rayon::prelude::*;
 
 use crate::error::{Error, IoContext, Result};
 
+/// Files mapped at once while hashing a shard: bounds the descriptors and
+/// memory maps a commit holds however many files the shard has (the
+/// process's map count limit is about 65,000 by default).
+const FILES_MAPPED_AT_ONCE: usize = 1024;
+
 /// A read-only map of a whole file; `None` for an empty file (which cannot
-/// be mapped and has no chunks).
-fn map_file(path: &Path) -> Result<Option<(File, Mmap)>> {
+/// be mapped and has no chunks). The descriptor is closed once mapped.
+fn map_file(path: &Path) -> Result<Option<Mmap>> {
     let file = File::open(path).io_context(|| format!("opening {}", path.display()))?;
     let len = file
         .metadata()
@@ -32,16 +38,17 @@ fn map_file(path: &Path) -> Result<Option<(File, Mmap)>> {
     // misbehaving client writes anyway, the hash covers whatever bytes were
     // read and every later read re-verifies them.
     let map = unsafe { Mmap::map(&file) }.io_context(|| format!("mapping {}", path.display()))?;
-    Ok(Some((file, map)))
+    Ok(Some(map))
 }
 
 /// Hashes each file at `chunk_size`, after checking that it still has the
-/// size the client declared. Returns each file's chunk list.
+/// size the client declared. Returns each file's chunk list. Files are
+/// mapped [`FILES_MAPPED_AT_ONCE`] at a time; the chunks of each batch are
+/// hashed in parallel.
 pub fn hash_files(
     files: &[(String, PathBuf, u64)],
     chunk_size: ChunkSize,
 ) -> Result<Vec<Vec<ChunkRef>>> {
-    let mut maps = Vec::with_capacity(files.len());
     for (name, path, declared) in files {
         let actual = std::fs::metadata(path)
             .io_context(|| format!("reading size of {}", path.display()))?
@@ -51,8 +58,22 @@ pub fn hash_files(
                 "file {name}: declared {declared} bytes but the file holds {actual}"
             )));
         }
-        maps.push(map_file(path)?);
     }
+    let mut out = Vec::with_capacity(files.len());
+    for batch in files.chunks(FILES_MAPPED_AT_ONCE) {
+        out.extend(hash_batch(batch, chunk_size)?);
+    }
+    Ok(out)
+}
+
+fn hash_batch(
+    files: &[(String, PathBuf, u64)],
+    chunk_size: ChunkSize,
+) -> Result<Vec<Vec<ChunkRef>>> {
+    let maps = files
+        .iter()
+        .map(|(_, path, _)| map_file(path))
+        .collect::<Result<Vec<_>>>()?;
     let tasks: Vec<(usize, std::ops::Range<u64>)> = files
         .iter()
         .enumerate()
@@ -62,7 +83,9 @@ pub fn hash_files(
         .par_iter()
         .map(|(i, range)| {
             let bytes = match &maps[*i] {
-                Some((_, map)) => &map[range.start as usize..range.end as usize],
+                Some(map) => map
+                    .get(range.start as usize..range.end as usize)
+                    .unwrap_or_default(),
                 None => &[][..],
             };
             ChunkRef {
@@ -99,29 +122,35 @@ pub fn find_bad_chunks(
     paths: &[PathBuf],
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<BadChunk>> {
-    let mut maps = Vec::with_capacity(paths.len());
-    for (file, path) in manifest.files.iter().zip(paths) {
-        let map = match std::fs::metadata(path) {
-            Ok(meta) if meta.len() == file.size => map_file(path)?,
-            _ => None, // missing or resized: every chunk counts as missing
-        };
-        maps.push(map);
-    }
-    let tasks: Vec<(usize, u64, ChunkRef)> = manifest
-        .files
-        .iter()
-        .enumerate()
-        .flat_map(|(i, f)| f.chunks_with_offsets().map(move |(o, c)| (i, o, *c)))
-        .collect();
-    let bad = tasks
-        .par_iter()
-        .filter_map(|&(file_index, offset, chunk)| {
-            let result = match &maps[file_index] {
-                Some((_, map)) => {
-                    let ok = ChunkId::of(&map[offset as usize..(offset + chunk.len) as usize])
-                        == chunk.id;
-                    (!ok).then_some(false)
-                }
+    let mut bad = Vec::new();
+    let indexed: Vec<usize> = (0..manifest.files.len().min(paths.len())).collect();
+    for batch in indexed.chunks(FILES_MAPPED_AT_ONCE) {
+        let mut maps = HashMap::with_capacity(batch.len());
+        for &i in batch {
+            let (file, path) = (&manifest.files[i], &paths[i]);
+            let map = match std::fs::metadata(path) {
+                Ok(meta) if meta.len() == file.size => map_file(path)?,
+                _ => None, // missing or resized: every chunk counts as missing
+            };
+            maps.insert(i, map);
+        }
+        let tasks: Vec<(usize, u64, ChunkRef)> = batch
+            .iter()
+            .flat_map(|&i| {
+                manifest.files[i]
+                    .chunks_with_offsets()
+                    .map(move |(o, c)| (i, o, *c))
+            })
+            .collect();
+        bad.par_extend(tasks.par_iter().filter_map(|&(file_index, offset, chunk)| {
+            let bytes = maps
+                .get(&file_index)
+                .and_then(|m| m.as_ref())
+                .and_then(|map| {
+                    map.get(offset as usize..offset.saturating_add(chunk.len) as usize)
+                });
+            let result = match bytes {
+                Some(bytes) => (ChunkId::of(bytes) != chunk.id).then_some(false),
                 None => Some(true),
             };
             progress(chunk.len);
@@ -131,7 +160,7 @@ pub fn find_bad_chunks(
                 chunk,
                 missing,
             })
-        })
-        .collect();
+        }));
+    }
     Ok(bad)
 }

@@ -20,14 +20,13 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::peer::service::{PeerService, PrefetchTarget};
 use crate::peer::{self, PeerTier};
+use crate::service;
 use crate::service::admin::AdminService;
 use crate::service::checkpoint::CheckpointService;
 
 /// HTTP/2 windows large enough for streamed shards to approach raw TCP speed.
 const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
-/// Largest message accepted: a streamed data message plus headroom.
-const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Runs the daemon until `cancel` fires, then drains and returns.
 pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
@@ -172,8 +171,8 @@ where
         .add_service(reflection)
         .add_service(
             CheckpointServer::new(CheckpointService::new(Arc::clone(&node)))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(service::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(service::MAX_MESSAGE_BYTES),
         )
         .add_service(AdminServer::new(AdminService::new(node)))
         .serve_with_incoming_shutdown(incoming, async move { cancel.cancelled().await })

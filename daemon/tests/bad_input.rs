@@ -214,6 +214,7 @@ async fn streams_that_lie_about_sizes_are_rejected_and_leave_nothing() {
                 }],
                 world_size: None,
                 metadata: HashMap::new(),
+                attempt: String::new(),
             },
         )),
     };
@@ -317,4 +318,203 @@ async fn a_full_memory_tier_refuses_with_what_uses_it() {
         .await
         .expect("step 1 still restores from disk");
     assert_eq!(got["a"], big);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_sizes_that_wrap_around_reserve_nothing_and_are_refused() {
+    // Regression: four files of 2^62 bytes summed to 0 in release builds, so
+    // a client could stage more than the memory tier holds.
+    let d = Daemon::start(&["--memory-capacity", "134217728"]).await;
+    let mut c = d.clients().await;
+    let mut req = begin_request(shard("wrap", 1, 0), &[]);
+    req.files = (0..4)
+        .map(|n| pb::FileSpec {
+            name: format!("f{n}"),
+            size: 1 << 62,
+            metadata: HashMap::new(),
+        })
+        .collect();
+    let err = c
+        .checkpoint
+        .begin_shard(req)
+        .await
+        .expect_err("must be refused");
+    assert_status(&err, tonic::Code::InvalidArgument, "declared sizes");
+    // One file bigger than the tier, next to a reservation: refused as full,
+    // never wrapped into a fit.
+    let _open = c
+        .checkpoint
+        .begin_shard(begin_request(
+            shard("wrap", 2, 0),
+            &[("a", &bytes(1, 1000))],
+        ))
+        .await
+        .expect("small save fits");
+    let mut req = begin_request(shard("wrap", 3, 0), &[]);
+    req.files = vec![pb::FileSpec {
+        name: "huge".into(),
+        size: u64::MAX,
+        metadata: HashMap::new(),
+    }];
+    let err = c
+        .checkpoint
+        .begin_shard(req)
+        .await
+        .expect_err("must be refused");
+    assert_status(&err, tonic::Code::ResourceExhausted, "memory tier is full");
+    let status = c
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let memory = status
+        .tiers
+        .iter()
+        .find(|t| t.tier == pb::Tier::Memory as i32)
+        .expect("memory tier");
+    assert!(memory.used_bytes < 1 << 20, "{memory:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_node_name_in_prefetch_is_an_invalid_argument_not_echoed() {
+    // Regression: the 10 KB name came back whole in the message, so the
+    // client saw RESOURCE_EXHAUSTED (metadata too large) instead.
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let err = match c
+        .admin
+        .prefetch(pb::PrefetchRequest {
+            shard: Some(selector("job", Some(1), 0)),
+            node: "n".repeat(10_000),
+        })
+        .await
+    {
+        Ok(_) => panic!("must be refused"),
+        Err(e) => e,
+    };
+    assert_status(&err, tonic::Code::InvalidArgument, "node");
+    assert!(err.message().len() < 1000, "{} bytes", err.message().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_whose_reply_cannot_be_sent_creates_nothing() {
+    // Regression: 100,000 staged paths made the reply exceed the message
+    // limit after the session and its files existed; the client got
+    // OUT_OF_RANGE without the session id and the shard stayed locked.
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let mut req = begin_request(shard("many", 1, 0), &[]);
+    req.files = (0..40_000)
+        .map(|n| pb::FileSpec {
+            name: format!("{n:0>100}"),
+            size: 0,
+            metadata: HashMap::new(),
+        })
+        .collect();
+    let err = c
+        .checkpoint
+        .begin_shard(req)
+        .await
+        .expect_err("must be refused");
+    assert_status(&err, tonic::Code::InvalidArgument, "message limit");
+    // Nothing was created and nothing is locked: the same shard saves at once.
+    assert!(files_under(&d.memory_dir.join("staging")).is_empty());
+    save(&mut c, shard("many", 1, 0), &[("a", b"x")])
+        .await
+        .expect("the shard is not locked");
+}
+
+/// `n` files of `size` bytes each, named `f0`, `f1`, ...
+fn many_files(n: usize, size: u64) -> Vec<pb::FileSpec> {
+    (0..n)
+        .map(|i| pb::FileSpec {
+            name: format!("f{i}"),
+            size,
+            metadata: HashMap::new(),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_declaring_many_files_holds_no_descriptor_per_file() {
+    // Regression: WriteShard opened every declared file up front and kept
+    // the descriptors for the whole stream; a held stream of about 20,000
+    // files made another client's save fail "Too many open files" (the
+    // daemon's limit here is the machine's, 20,000 on the CI machines).
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let mut header = begin_request(shard("held", 1, 0), &[]);
+    header.files = many_files(19_990, 1);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::WriteShardRequest {
+        msg: Some(pb::write_shard_request::Msg::Header(header)),
+    })
+    .await
+    .expect("header queued");
+    tx.send(pb::WriteShardRequest {
+        msg: Some(pb::write_shard_request::Msg::Data(pb::FileData {
+            file_index: 0,
+            offset: 0,
+            data: vec![1],
+        })),
+    })
+    .await
+    .expect("data queued");
+    let mut streaming = d.clients().await;
+    let held = tokio::spawn(async move {
+        streaming
+            .checkpoint
+            .write_shard(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // Wait until the daemon has staged the held stream's files.
+    let staging = d.memory_dir.join("staging");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while files_under(&staging).len() < 19_990 {
+        assert!(std::time::Instant::now() < deadline, "stream never staged");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    save(&mut c, shard("other", 1, 0), &[("a", b"x"), ("b", b"y")])
+        .await
+        .expect("another client's save while the stream is held");
+    drop(tx); // the stream ends short: refused, and nothing is left
+    let err = held.await.expect("join").expect_err("short stream");
+    assert_status(&err, tonic::Code::InvalidArgument, "declared 1 bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_of_more_files_than_descriptors_commits_and_restores() {
+    // Regression: commit opened and mapped every file at once, so 20,100
+    // one-byte files failed with INTERNAL (and ingest retried it forever).
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let mut request = begin_request(shard("wide", 1, 0), &[]);
+    request.files = many_files(20_100, 1);
+    let begun = c
+        .checkpoint
+        .begin_shard(request)
+        .await
+        .expect("begin")
+        .into_inner();
+    for (i, staged) in begun.files.iter().enumerate() {
+        std::fs::write(&staged.path, [(i % 251) as u8]).expect("write staged");
+    }
+    let info = c
+        .checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begun.session_id,
+        })
+        .await
+        .expect("commit of 20,100 files")
+        .into_inner()
+        .shard
+        .expect("info");
+    assert_eq!(info.file_count, 20_100);
+    let (_, got) = restore(&mut c, "wide", Some(1), 0).await.expect("restore");
+    assert_eq!(got.len(), 20_100);
+    assert!(
+        (0..20_100).all(|i| got[&format!("f{i}")] == [(i % 251) as u8]),
+        "restored bytes differ"
+    );
 }

@@ -147,3 +147,55 @@ async fn corruption_in_every_tier_is_data_loss_not_wrong_bytes() {
         err.message()
     );
 }
+
+/// Writes a config file with `[disk] reverify_after_secs`.
+fn reverify_config(dir: &std::path::Path, secs: u64) -> std::path::PathBuf {
+    let path = dir.join("cairnd-reverify.toml");
+    std::fs::write(&path, format!("[disk]\nreverify_after_secs = {secs}\n")).expect("config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_disk_chunk_is_rewritten_when_a_new_step_reuses_it() {
+    // Regression: step 2 reused step 1's corrupted disk chunk (deduplicated
+    // by id), was reported durable on disk, and restoring it without the
+    // memory tier gave DATA_LOSS.
+    let work = tempfile::tempdir().expect("temp dir");
+    let config = reverify_config(work.path(), 0);
+    let mut d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let mut c = d.clients().await;
+    let data = bytes(11, 4 * TEST_CHUNK as usize);
+    save(&mut c, shard("reuse", 1, 0), &[("w", &data)])
+        .await
+        .expect("save 1");
+    wait_disk(&mut c, "reuse", 1).await;
+    let (resp, _) = restore(&mut c, "reuse", Some(1), 0).await.expect("restore");
+    let hex = chunk_hex(&resp, 2);
+    let bad = d
+        .disk_dir
+        .join("tenants/default/chunks")
+        .join(&hex[..2])
+        .join(&hex);
+    flip_byte(&bad, 17);
+
+    save(&mut c, shard("reuse", 2, 0), &[("w", &data)])
+        .await
+        .expect("save 2");
+    wait_disk(&mut c, "reuse", 2).await;
+    assert!(
+        d.log_text().contains("a stored chunk failed verification"),
+        "{}",
+        d.log_text()
+    );
+
+    d.kill();
+    std::fs::remove_dir_all(&d.memory_dir).expect("wipe memory");
+    d.restart().await;
+    let mut c = d.clients().await;
+    for step in [2, 1] {
+        let (_, got) = restore(&mut c, "reuse", Some(step), 0)
+            .await
+            .unwrap_or_else(|e| panic!("step {step} restores from disk: {e}"));
+        assert_eq!(got["w"], data, "step {step}");
+    }
+}

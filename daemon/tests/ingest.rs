@@ -205,4 +205,14 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
         metrics.contains("cairn_ingested_shards_total 0"),
         "{metrics}"
     );
+
+    // A step the pod finishes while cairnd is down (a rolling update, an
+    // OOM kill) is ingested once it is back; the pod needs no restart.
+    daemon.kill();
+    let temp = rename_data.join("60.partial.tmp");
+    write_step(&temp, &[("state.pt", &bytes(6, 5000))]);
+    std::fs::rename(&temp, rename_data.join("60")).expect("rename");
+    daemon.restart().await;
+    let mut c = daemon.clients().await;
+    wait_for_step(&daemon, &mut c, "job-r", 60).await;
 }

@@ -75,6 +75,7 @@ fn shard(key: ShardKey, bytes: &[u8]) -> (Manifest, Vec<(ChunkId, Bytes)>) {
         }],
         metadata: BTreeMap::new(),
         committed_unix_ms: 1,
+        attempt: None,
     };
     manifest.validate().expect("valid manifest");
     (manifest, pieces)

@@ -23,8 +23,11 @@ Bytes are always little-endian, row-major (C order).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -67,6 +70,11 @@ class Source:
 
 
 _EMPTY = memoryview(b"")
+
+# Linux moves at most this many bytes per write call.
+_MAX_IO = 0x7FFFF000
+# Below this, one pwrite costs less than setting up a mapping.
+_MAP_MIN_BYTES = 1 << 20
 
 
 def source_for(name: str, obj: Any) -> Source:
@@ -224,3 +232,48 @@ def layout_from_metadata(
     dtype = dtype_from_name(dtype_name)
     shape = tuple(int(d) for d in json.loads(shape_text))
     return dtype, shape
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int = 0) -> None:
+    """One pwrite per buffer; loops only when the kernel writes less."""
+    done = 0
+    total = view.nbytes
+    while done < total:
+        written = os.pwrite(fd, view[done : done + _MAX_IO], offset + done)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        done += written
+
+
+def copy_to_file(fd: int, view: memoryview) -> None:
+    """Copies ``view`` to the start of the staged file ``fd`` (already sized).
+
+    The copy the trainer waits for in an async save, made as cheap as the
+    file allows. Over pages the file already holds (a file the daemon took
+    from its page pool), a shared mapping populated in one call
+    (``MAP_POPULATE``) and one ``memcpy`` run at memory speed, about twice as
+    fast as ``pwrite``, which goes through the page cache page by page. Into
+    a file with holes (a new one) ``pwrite`` is faster, since populating a
+    writable mapping would zero every page first. ``fd`` must be open for
+    reading and writing to be mapped; a write-only one is written with
+    ``pwrite``.
+    """
+    size = view.nbytes
+    stat = os.fstat(fd) if size >= _MAP_MIN_BYTES else None
+    if stat is not None and stat.st_size >= size and stat.st_blocks * 512 >= size:
+        try:
+            mapping = mmap.mmap(
+                fd,
+                size,
+                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except (OSError, ValueError):
+            pass  # not mappable here (write-only descriptor, odd file system)
+        else:
+            try:
+                np.copyto(np.frombuffer(mapping, np.uint8), np.frombuffer(view, np.uint8))
+            finally:
+                mapping.close()
+            return
+    pwrite_all(fd, view)

@@ -2,9 +2,11 @@
 
 Save, local (the fast path)
     ``BeginShard`` names the files and their sizes; the daemon answers with
-    files already sized in its memory tier (tmpfs). Each tensor is written
-    with one ``os.pwrite`` from a memoryview of the caller's own buffer (no
-    pickling, no intermediate copy), then ``CommitShard`` makes the shard
+    files already sized in its memory tier (tmpfs). Each tensor is copied
+    once from a memoryview of the caller's own buffer (no pickling, no
+    intermediate copy): one ``memcpy`` through a mapping when the file holds
+    pooled pages already, else one ``os.pwrite`` (see
+    :func:`cairn._arrays.copy_to_file`), then ``CommitShard`` makes the shard
     visible. Any exception, KeyboardInterrupt included, aborts the session, so
     a partial shard is never listed.
 
@@ -19,6 +21,29 @@ Restore
     arrays view the daemon's pages without a copy. Over TCP the bytes come
     from the ``ReadShard`` stream instead.
 
+Attempts
+    Every save of a shard carries an *attempt* id (a fresh ``uuid4().hex`` per
+    call unless the caller passes one; DCP's coordinator passes one to every
+    rank). A step is complete only when all its shards carry the same attempt,
+    so a step a crashed run left incomplete can simply be saved again, and a
+    late shard of the crashed run is refused (``Aborted``) instead of being
+    combined with the new one.
+
+Daemon restarts and hangs
+    Calls that fail because the daemon is unreachable or restarted
+    (``UNAVAILABLE``, a reset connection, a save session the restarted daemon
+    no longer knows) are retried with exponential backoff and jitter for
+    ``retry_for`` seconds, each retry logged once at WARNING on the ``cairn``
+    logger; then :class:`~cairn.errors.DaemonUnavailable` says how long it
+    tried. A save is redone from the start of its shard with the same attempt
+    (from the caller's tensors, or, for a background save that already
+    reported ``staged``, from the staged copy it keeps mapped); if the commit
+    had landed before the connection broke, the daemon's manifest shows our
+    attempt and the save counts as done. No call waits forever by default:
+    small calls have a deadline of :data:`CALL_TIMEOUT`, and a save or restore
+    fails with :class:`~cairn.errors.DeadlineExceeded` once it makes no
+    progress (no reply, no bytes accepted) for ``stall_timeout`` seconds.
+
 The client is thread-safe. ``save_async`` runs saves in order on one
 background thread.
 """
@@ -27,12 +52,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
-import errno
+import logging
 import math
 import mmap
 import os
+import random
 import re
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -45,16 +73,22 @@ from cairn._names import escape_path, escape_segment
 from cairn._proto.cairn.v1 import cairn_pb2 as pb
 from cairn._proto.cairn.v1 import cairn_pb2_grpc as pb_grpc
 from cairn.errors import (
+    AlreadyExists,
     CairnError,
+    DaemonUnavailable,
     DataLoss,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     from_rpc_error,
 )
 
 __all__ = [
+    "CALL_TIMEOUT",
+    "DEFAULT_RETRY_FOR",
     "DEFAULT_SOCKET",
+    "DEFAULT_STALL_TIMEOUT",
     "Client",
     "RestoredShard",
     "SaveHandle",
@@ -83,8 +117,36 @@ META_PATH = "path"
 #: Shard metadata key of a directory import: its empty directories (JSON).
 EMPTY_DIRS_KEY = "cairn.empty_dirs"
 
-# Linux moves at most this many bytes per write call.
-_MAX_IO = 0x7FFFF000
+#: How long (seconds) a call is retried while the daemon is unreachable or
+#: restarting, unless ``retry_for`` or :data:`RETRY_FOR_ENV` says otherwise.
+DEFAULT_RETRY_FOR = 60.0
+#: Environment variable overriding :data:`DEFAULT_RETRY_FOR` (0 disables).
+RETRY_FOR_ENV = "CAIRN_RETRY_FOR"
+#: How long (seconds) a save or restore may make no progress before it fails
+#: with DeadlineExceeded, unless ``stall_timeout`` or :data:`STALL_TIMEOUT_ENV`
+#: says otherwise.
+DEFAULT_STALL_TIMEOUT = 60.0
+#: Environment variable overriding :data:`DEFAULT_STALL_TIMEOUT` (0 disables).
+STALL_TIMEOUT_ENV = "CAIRN_STALL_TIMEOUT"
+#: Deadline (seconds) of a small call (listing, manifest, delete, status), or
+#: ``stall_timeout`` when that is shorter.
+CALL_TIMEOUT = 30.0
+#: Retry backoff: the first pause, doubled after each retry up to the cap;
+#: each pause is drawn between half and all of it (jitter).
+_BACKOFF_FIRST = 0.1
+_BACKOFF_CAP = 2.0
+#: Deadline of the AbortShard sent after a failed save.
+_ABORT_TIMEOUT = 5.0
+#: Attempt ids the daemon accepts.
+_ATTEMPT = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+#: Details of a gRPC failure that mean the connection broke under the call.
+_CONNECTION_BROKEN = re.compile(
+    r"connection reset|socket closed|broken pipe|stream removed|goaway|connection refused"
+    r"|failed to connect|end of tcp stream|endpoint closing",
+    re.IGNORECASE,
+)
+
+log = logging.getLogger("cairn")
 
 _T = TypeVar("_T")
 
@@ -127,6 +189,9 @@ class ShardStatus:
     total_bytes: int
     world_size: int | None
     tiers: Mapping[Tier, ShardState]
+    #: The attempt that saved it (empty: saved without one). A step is
+    #: complete only when all its shards carry the same attempt.
+    attempt: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +228,8 @@ class SaveResult:
     chunk_count: int
     manifest_hash: bytes
     committed_unix_ms: int
+    #: The attempt this save carried (see :meth:`Client.save`).
+    attempt: str = ""
 
     @classmethod
     def _from_proto(cls, info: pb.ShardInfo) -> SaveResult:
@@ -176,6 +243,22 @@ class SaveResult:
             chunk_count=info.chunk_count,
             manifest_hash=bytes(info.manifest_hash),
             committed_unix_ms=info.committed_unix_ms,
+            attempt=info.attempt,
+        )
+
+    @classmethod
+    def _from_manifest(cls, manifest: pb.ShardManifest) -> SaveResult:
+        return cls(
+            tenant=manifest.shard.tenant,
+            job=manifest.shard.job,
+            step=manifest.shard.step,
+            rank=manifest.shard.rank,
+            total_bytes=sum(f.size for f in manifest.files),
+            file_count=len(manifest.files),
+            chunk_count=sum(len(f.chunks) for f in manifest.files),
+            manifest_hash=bytes(manifest.manifest_hash),
+            committed_unix_ms=manifest.committed_unix_ms,
+            attempt=manifest.attempt,
         )
 
 
@@ -291,6 +374,122 @@ class _FilesNotLocal(Exception):
     """The daemon's staged or restored files are not visible from here."""
 
 
+class _FilesVanished(CairnError):
+    """Files the daemon handed out are gone: it restarted and cleaned up."""
+
+
+class _Default(enum.Enum):
+    """Marks an argument left out (where None has a meaning of its own)."""
+
+    DEFAULT = "default"
+
+
+_DEFAULT = _Default.DEFAULT
+
+Getter = Callable[[], _arrays.Materialized]
+
+
+class _Watchdog:
+    """Calls ``on_stall`` once when ``touch`` is not called for ``limit`` s.
+
+    Guards a streaming call: every message sent or received is progress.
+    A limit of None (or 0) watches nothing.
+    """
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit or None
+        self.stalled_for: float | None = None
+        self._last = time.monotonic()
+        self._done = threading.Event()
+
+    def start(self, on_stall: Callable[[], object]) -> None:
+        self._last = time.monotonic()
+        if self.limit is not None:
+            threading.Thread(
+                target=self._run, args=(self.limit, on_stall), name="cairn-watchdog", daemon=True
+            ).start()
+
+    def touch(self) -> None:
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _run(self, limit: float, on_stall: Callable[[], object]) -> None:
+        period = min(0.25, limit / 4)
+        while not self._done.wait(period):
+            idle = time.monotonic() - self._last
+            if idle >= limit:
+                self.stalled_for = idle
+                on_stall()
+                return
+
+
+class _ShardSave:
+    """One shard's save across its tries: the request and where its bytes are.
+
+    A try may be redone after the daemon restarted, from the start of the
+    shard. Until ``on_staged`` has told the caller it may reuse its buffers,
+    the bytes come from the caller's getters; after that (background saves
+    only) from read-only mappings of the files this save staged, which stay
+    valid when the daemon removes them.
+    """
+
+    def __init__(
+        self,
+        header: pb.BeginShardRequest,
+        getters: Sequence[Getter],
+        on_staged: Callable[[], None] | None,
+    ) -> None:
+        self.header = header
+        self.getters: list[Getter] = list(getters)
+        self.on_staged = on_staged
+        self.staged = False
+        #: The session of a failed try, aborted again before the next one (the
+        #: first abort may not have reached the daemon).
+        self.failed_session: str | None = None
+        self._kept: list[mmap.mmap] = []
+
+    @property
+    def keeps_copies(self) -> bool:
+        """Whether to keep the staged files mapped (the caller may reuse its buffers)."""
+        return self.on_staged is not None and not self.staged
+
+    def mark_staged(self, copies: list[mmap.mmap | None]) -> None:
+        """Every byte is staged: tells the caller once; ``copies`` back a redo."""
+        if self.staged:
+            return
+        self.staged = True
+        if self.on_staged is None:
+            return
+        sizes = [f.size for f in self.header.files]
+        self._kept = [m for m in copies if m is not None]
+        self.getters = [_mapped_getter(m, size) for m, size in zip(copies, sizes)]
+        self.on_staged()
+
+    def staged_after_commit(self) -> None:
+        """Streaming saves: the caller hears "staged" only once committed."""
+        if not self.staged and self.on_staged is not None:
+            self.staged = True
+            self.on_staged()
+
+    def close(self) -> None:
+        kept, self._kept = self._kept, []
+        self.getters = []
+        for mapping in kept:
+            try:
+                mapping.close()
+            except BufferError:
+                # A view handed to gRPC still holds it; the GC unmaps it.
+                pass
+
+
+def _mapped_getter(mapping: mmap.mmap | None, size: int) -> Getter:
+    if mapping is None or size == 0:
+        return lambda: (memoryview(b""), None)
+    return lambda: (memoryview(mapping)[:size], mapping)
+
+
 @dataclass(frozen=True)
 class _Target:
     grpc_target: str
@@ -337,7 +536,8 @@ class _PendingSave:
     sources: list[_arrays.Source]
     world_size: int | None
     metadata: dict[str, str]
-    on_staged: Callable[[], None] = field(default=lambda: None)
+    attempt: str
+    on_staged: Callable[[], None] | None = field(default=None)
 
 
 class Client:
@@ -348,8 +548,30 @@ class Client:
     ``/run/cairn/cairn.sock``. ``tenant`` is sent with every call (empty: the
     daemon's default). ``transport`` forces the local file path (``"local"``)
     or the gRPC streams (``"stream"``); ``"auto"`` uses local files over a
-    Unix socket when they are visible, streams otherwise. ``timeout`` (seconds)
-    bounds every call that is not itself a wait.
+    Unix socket when they are visible, streams otherwise.
+
+    How long calls may take (seconds):
+
+    ``retry_for``
+        How long a call that failed because the daemon is unreachable or
+        restarted is retried (backoff from 0.1 s doubling to 2 s, with
+        jitter) before DaemonUnavailable. None: ``$CAIRN_RETRY_FOR``, else
+        :data:`DEFAULT_RETRY_FOR` (60). 0: no retries.
+    ``stall_timeout``
+        A save or restore fails with DeadlineExceeded once it makes no
+        progress (no reply, no bytes accepted) for this long. None:
+        ``$CAIRN_STALL_TIMEOUT``, else :data:`DEFAULT_STALL_TIMEOUT` (60).
+        0: no stall limit.
+    ``timeout``
+        Left out: small calls (listing, manifest, delete, status) get a
+        deadline of :data:`CALL_TIMEOUT` (30, or ``stall_timeout`` when
+        shorter) and saves and restores are bounded by ``stall_timeout``
+        only. A number: as in earlier versions, the deadline of every call
+        that is not itself a wait, each RPC of a save or restore included
+        (the stall limit applies too). ``None``: no deadline on any call, and
+        no stall limit unless ``stall_timeout`` is given: calls wait forever.
+
+    ``wait_durable`` waits as long as its own ``timeout`` says.
     """
 
     def __init__(
@@ -358,7 +580,9 @@ class Client:
         *,
         tenant: str = "",
         transport: Transport = "auto",
-        timeout: float | None = None,
+        timeout: float | None | _Default = _DEFAULT,
+        retry_for: float | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         if transport not in ("auto", "local", "stream"):
             raise InvalidArgument(f"transport: expected auto, local or stream, got {transport!r}")
@@ -368,7 +592,26 @@ class Client:
                 f"transport: 'local' needs a Unix socket, got TCP address {self._target.display}"
             )
         self.tenant = tenant
-        self.timeout = timeout
+        self._timeout_arg = timeout
+        #: The explicit ``timeout`` (None when left out or given as None).
+        self.timeout: float | None = (
+            None if timeout is _DEFAULT else _seconds("timeout", timeout, allow_none=True)
+        )
+        #: Seconds a call is retried while the daemon is unreachable (0: never).
+        self.retry_for: float = (
+            _seconds("retry_for", retry_for)
+            if retry_for is not None
+            else _env_seconds(RETRY_FOR_ENV, DEFAULT_RETRY_FOR)
+        ) or 0.0
+        if stall_timeout is not None:
+            stall: float | None = _seconds("stall_timeout", stall_timeout)
+        elif timeout is None:
+            stall = None  # timeout=None: wait forever
+        else:
+            stall = _env_seconds(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT)
+        #: Seconds without progress after which a save or restore fails
+        #: (None: no limit).
+        self.stall_timeout: float | None = stall or None
         self._transport: Transport = transport
         # Whether the daemon's files are visible here; unknown until tried.
         self._files_local: bool | None = (
@@ -378,6 +621,10 @@ class Client:
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
             ("grpc.enable_retries", 0),
+            # Reconnect soon after a daemon restart (gRPC's own backoff grows
+            # to minutes, and calls fail fast meanwhile); our retries pace it.
+            ("grpc.initial_reconnect_backoff_ms", int(_BACKOFF_FIRST * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(_BACKOFF_CAP * 1000)),
         ]
         if self._target.unix_path is not None:
             # gRPC's default :authority for a Unix target is the escaped
@@ -391,6 +638,16 @@ class Client:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
+
+    def _settings(self) -> dict[str, Any]:
+        """Keyword arguments that make an equivalent client (for pickling)."""
+        return {
+            "tenant": self.tenant,
+            "transport": self._transport,
+            "timeout": self._timeout_arg,
+            "retry_for": self.retry_for,
+            "stall_timeout": self.stall_timeout or 0.0,
+        }
 
     # -- lifecycle -------------------------------------------------------
 
@@ -429,6 +686,8 @@ class Client:
         tensors: TensorMapping,
         metadata: Mapping[str, str] | None = None,
         world_size: int | None = None,
+        *,
+        attempt: str | None = None,
     ) -> SaveResult:
         """Saves ``tensors`` as shard (job, step, rank) and commits it.
 
@@ -437,8 +696,19 @@ class Client:
         with the shard; ``world_size`` tells the daemon how many ranks the
         step has, so it can tell when the step is complete (default 1 for a
         rank-0 shard). Returns once the shard is durable in the memory tier.
+
+        ``attempt`` names this save of the step ([A-Za-z0-9._-], at most 64
+        characters); every rank of one save of a step must pass the same one.
+        None: a fresh id for this call. A step is complete only when all its
+        shards carry the same attempt; a shard of a step that never became
+        complete is replaced by a save with a new attempt, a shard of a
+        complete step never is (AlreadyExists).
+
+        A daemon restart during the save is ridden through (see ``retry_for``
+        on :class:`Client`): the shard is saved again from its start with the
+        same attempt.
         """
-        pending = self._prepare(job, step, rank, tensors, metadata, world_size)
+        pending = self._prepare(job, step, rank, tensors, metadata, world_size, attempt)
         return self._save_pending(pending)
 
     def save_async(
@@ -449,14 +719,20 @@ class Client:
         tensors: TensorMapping,
         metadata: Mapping[str, str] | None = None,
         world_size: int | None = None,
+        *,
+        attempt: str | None = None,
     ) -> SaveHandle:
         """Starts :meth:`save` in the background and returns a handle.
 
         Arguments are checked before this returns. The tensors must not be
         modified until ``handle.staged()`` (or ``handle.wait_staged()``) says
-        the bytes are in the memory tier.
+        the bytes are in the memory tier (over the gRPC streams: once the
+        shard is committed). If the daemon restarts after that, the save is
+        redone from the copy it staged, not from the tensors. The handle's
+        ``result()`` raises what :meth:`save` would, DeadlineExceeded when
+        the daemon hangs included: it never waits forever.
         """
-        pending = self._prepare(job, step, rank, tensors, metadata, world_size)
+        pending = self._prepare(job, step, rank, tensors, metadata, world_size, attempt)
         staged = threading.Event()
         pending.on_staged = staged.set
         future = self._background().submit(self._save_pending, pending)
@@ -470,6 +746,7 @@ class Client:
         tensors: TensorMapping,
         metadata: Mapping[str, str] | None,
         world_size: int | None,
+        attempt: str | None,
     ) -> _PendingSave:
         if not isinstance(tensors, Mapping):
             raise InvalidArgument(
@@ -491,7 +768,9 @@ class Client:
         shard_meta[FORMAT_KEY] = TENSORS_FORMAT
         if world_size is None and rank == 0:
             world_size = 1
-        return _PendingSave(self._ref(job, step, rank), sources, world_size, shard_meta)
+        return _PendingSave(
+            self._ref(job, step, rank), sources, world_size, shard_meta, _check_attempt(attempt)
+        )
 
     def _background(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
@@ -509,32 +788,51 @@ class Client:
             for src in pending.sources
         ]
         return self._save_files(
-            pending.ref, files, pending.world_size, pending.metadata, pending.on_staged
+            pending.ref,
+            files,
+            pending.world_size,
+            pending.metadata,
+            pending.on_staged,
+            attempt=pending.attempt,
         )
 
     def _save_files(
         self,
         ref: pb.ShardRef,
-        files: Sequence[tuple[str, int, Mapping[str, str], Callable[[], _arrays.Materialized]]],
+        files: Sequence[tuple[str, int, Mapping[str, str], Getter]],
         world_size: int | None,
         metadata: Mapping[str, str],
-        on_staged: Callable[[], None] = lambda: None,
+        on_staged: Callable[[], None] | None = None,
+        attempt: str | None = None,
     ) -> SaveResult:
         """Saves one shard: (file name, size, metadata, bytes getter) per file.
 
-        The layer every save goes through (tensors, DCP items, directories).
+        The layer every save goes through (tensors, DCP items, directories,
+        pytrees). ``attempt`` as for :meth:`save` (None: a fresh one).
+        ``on_staged``, when given, is called once every byte is staged, after
+        which the caller may change the buffers behind the getters: a redo
+        after a daemon restart then reads the staged copy instead.
         """
         header = pb.BeginShardRequest(
             shard=ref,
             files=[pb.FileSpec(name=n, size=s, metadata=m) for n, s, m, _ in files],
             metadata=metadata,
+            attempt=_check_attempt(attempt),
         )
         if world_size is not None:
             header.world_size = world_size
-        getters = [g for _, _, _, g in files]
+        save = _ShardSave(header, [g for _, _, _, g in files], on_staged)
+        what = f"save of {ref.job} step {ref.step} rank {ref.rank}"
+        try:
+            return self._retrying(what, lambda: self._save_once(save), save=True)
+        finally:
+            save.close()
+
+    def _save_once(self, save: _ShardSave) -> SaveResult:
+        """One try of a shard's save, from its start."""
         if self._files_local is not False:
             try:
-                return self._save_local(header, getters, on_staged)
+                return self._save_local(save)
             except _FilesNotLocal:
                 if self._transport == "local":
                     raise CairnError(
@@ -542,18 +840,32 @@ class Client:
                         f"(daemon at {self.target}); use transport='auto' or 'stream'"
                     ) from None
                 self._files_local = False
-        return self._save_stream(header, getters, on_staged)
+        return self._save_stream(save)
 
-    def _save_local(
-        self,
-        header: pb.BeginShardRequest,
-        getters: Sequence[Callable[[], _arrays.Materialized]],
-        on_staged: Callable[[], None],
-    ) -> SaveResult:
-        begun = self._call("BeginShard", self._stubs.checkpoint.BeginShard, header)
+    def _save_local(self, save: _ShardSave) -> SaveResult:
+        header = save.header
+        if save.failed_session is not None:
+            self._abort_quietly(save.failed_session)
+            save.failed_session = None
+        try:
+            begun = self._call(
+                "BeginShard",
+                self._stubs.checkpoint.BeginShard,
+                header,
+                self._bulk_deadline(),
+                retry=False,
+            )
+        except AlreadyExists:
+            done = self._committed_by_us(header)
+            if done is None:
+                raise
+            save.mark_staged([])
+            return done
         session = begun.session_id
+        copies: list[mmap.mmap | None] = []
         try:
             staged = {f.name: f for f in begun.files}
+            keep = save.keeps_copies
             for index, spec in enumerate(header.files):
                 target = staged.get(spec.name)
                 if target is None or target.size != spec.size:
@@ -561,37 +873,83 @@ class Client:
                         f"BeginShard staged {target.size if target else 'no'} bytes "
                         f"for file {spec.name!r}, expected {spec.size}"
                     )
-                _write_file(target.path, getters[index], spec.size, first=index == 0)
+                copy = self._write_staged(target.path, save.getters[index], spec.size, index, keep)
+                copies.append(copy)
                 if self._files_local is None:
                     self._files_local = True
-            on_staged()
+            save.mark_staged(copies)
             committed = self._call(
                 "CommitShard",
                 self._stubs.checkpoint.CommitShard,
                 pb.CommitShardRequest(session_id=session),
+                self._bulk_deadline(),
+                retry=False,
             )
-        except BaseException:
-            self._abort_quietly(session)
+        except BaseException as e:
+            if not save.staged:
+                for copy in copies:
+                    if copy is not None:
+                        copy.close()
+            self._abort_quietly(session, wait=not isinstance(e, DeadlineExceeded))
+            save.failed_session = session
             raise
         return SaveResult._from_proto(committed.shard)
 
-    def _save_stream(
-        self,
-        header: pb.BeginShardRequest,
-        getters: Sequence[Callable[[], _arrays.Materialized]],
-        on_staged: Callable[[], None],
-    ) -> SaveResult:
+    def _write_staged(
+        self, path: str, getter: Getter, size: int, index: int, keep: bool
+    ) -> mmap.mmap | None:
+        """Writes one staged file; with ``keep``, returns a read-only mapping of it."""
+        try:
+            return _write_file(path, getter, size, first=index == 0, keep=keep)
+        except FileNotFoundError:
+            if self._files_local:
+                # Visible a moment ago: the daemon restarted and cleaned up.
+                raise _FilesVanished(f"staged file {path} vanished") from None
+            raise
+
+    def _committed_by_us(self, header: pb.BeginShardRequest) -> SaveResult | None:
+        """After AlreadyExists: the result, if this very attempt committed it.
+
+        A commit can land while its reply is lost (the daemon restarted);
+        the redo then finds the shard committed by its own attempt.
+        """
+        if not header.attempt:
+            return None
+        ref = header.shard
+        selector = pb.ShardSelector(
+            tenant=ref.tenant, job=ref.job, step=ref.step, rank=ref.rank
+        )
+        try:
+            manifest = self._call(
+                "GetManifest",
+                self._stubs.checkpoint.GetManifest,
+                pb.GetManifestRequest(shard=selector),
+                retry=False,
+            ).manifest
+        except CairnError:
+            return None
+        if manifest.attempt != header.attempt:
+            return None
+        return SaveResult._from_manifest(manifest)
+
+    def _save_stream(self, save: _ShardSave) -> SaveResult:
+        header = save.header
         cancelled = threading.Event()
+        watchdog = _Watchdog(self.stall_timeout)
 
         def requests() -> Iterator[pb.WriteShardRequest]:
+            # gRPC asks for the next message once the last one went out:
+            # every ask is progress.
             yield pb.WriteShardRequest(header=header)
             for index, spec in enumerate(header.files):
                 if spec.size == 0:
                     continue
-                view, keepalive = getters[index]()
+                watchdog.touch()
+                view, keepalive = save.getters[index]()
                 if view.nbytes != spec.size:
                     raise CairnError(f"file {spec.name!r}: {view.nbytes} bytes, expected {spec.size}")
                 for offset in range(0, spec.size, STREAM_MESSAGE_BYTES):
+                    watchdog.touch()
                     if cancelled.is_set():
                         raise CairnError("save cancelled")
                     chunk = bytes(view[offset : offset + STREAM_MESSAGE_BYTES])
@@ -599,28 +957,57 @@ class Client:
                         data=pb.FileData(file_index=index, offset=offset, data=chunk)
                     )
                 del view, keepalive
-            on_staged()
+            watchdog.touch()
 
+        started = time.monotonic()
         future = self._stubs.checkpoint.WriteShard.future(requests(), timeout=self.timeout)
+        watchdog.start(future.cancel)
         try:
             response = future.result()
         except grpc.RpcError as e:
-            raise self._error(e, "WriteShard") from None
+            if watchdog.stalled_for is not None:
+                raise self._stalled("WriteShard", watchdog.stalled_for) from None
+            error = self._error(e, "WriteShard", self.timeout, time.monotonic() - started)
+            if isinstance(error, AlreadyExists):
+                done = self._committed_by_us(header)
+                if done is not None:
+                    save.staged_after_commit()
+                    return done
+            raise error from None
+        except grpc.FutureCancelledError:
+            if watchdog.stalled_for is not None:
+                raise self._stalled("WriteShard", watchdog.stalled_for) from None
+            raise CairnError("WriteShard was cancelled") from None
         except BaseException:
             # Cancelling the stream before it half-closes commits nothing.
             cancelled.set()
             future.cancel()
             raise
+        finally:
+            watchdog.close()
+        save.staged_after_commit()
         return SaveResult._from_proto(response.shard)
 
-    def _abort_quietly(self, session_id: str) -> None:
-        try:
-            self._stubs.checkpoint.AbortShard(
-                pb.AbortShardRequest(session_id=session_id), timeout=10
-            )
-        except grpc.RpcError:
-            # The daemon drops sessions it cannot finish; nothing was listed.
-            pass
+    def _abort_quietly(self, session_id: str, wait: bool = True) -> None:
+        """Aborts a session; ``wait=False`` (daemon hung) sends it from a thread."""
+
+        def abort(timeout: float) -> None:
+            try:
+                self._stubs.checkpoint.AbortShard(
+                    pb.AbortShardRequest(session_id=session_id), timeout=timeout
+                )
+            except (grpc.RpcError, ValueError):
+                # Unreachable or restarted daemons drop the session on their
+                # own (nothing was listed); ValueError: channel closed.
+                pass
+
+        if wait:
+            abort(_ABORT_TIMEOUT)
+        else:
+            # Lands when a stopped daemon resumes, so the shard is free then.
+            threading.Thread(
+                target=abort, args=(max(60.0, self.retry_for),), daemon=True
+            ).start()
 
     def save_directory(
         self,
@@ -630,19 +1017,20 @@ class Client:
         directory: str | os.PathLike[str],
         metadata: Mapping[str, str] | None = None,
         world_size: int | None = None,
+        *,
+        attempt: str | None = None,
     ) -> SaveResult:
         """Saves every file under ``directory`` as one shard.
 
         For frameworks that write a checkpoint directory of their own (Orbax,
         ``torch.save`` files): relative paths are kept in the per-file
         metadata and :meth:`restore_directory` lays them out again. Each file
-        is mapped read-only and written with one ``pwrite`` into its staged
-        file (a single copy).
+        is mapped read-only and copied once into its staged file. ``attempt`` as for :meth:`save`.
         """
         root = os.fspath(directory)
         if not os.path.isdir(root):
             raise InvalidArgument(f"directory: {root!r} is not a directory")
-        files: list[tuple[str, int, Mapping[str, str], Callable[[], _arrays.Materialized]]] = []
+        files: list[tuple[str, int, Mapping[str, str], Getter]] = []
         empty_dirs: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -664,7 +1052,9 @@ class Client:
             shard_meta[EMPTY_DIRS_KEY] = json.dumps(empty_dirs)
         if world_size is None and rank == 0:
             world_size = 1
-        return self._save_files(self._ref(job, step, rank), files, world_size, shard_meta)
+        return self._save_files(
+            self._ref(job, step, rank), files, world_size, shard_meta, attempt=attempt
+        )
 
     # -- restoring -------------------------------------------------------
 
@@ -686,6 +1076,14 @@ class Client:
         re-hashing a shard its memory tier already holds.
         """
         selector = self._selector(job, step, rank)
+        return self._retrying(
+            f"restore of {job} step {step} rank {rank}",
+            lambda: self._restore_once(selector, writable, verify),
+        )
+
+    def _restore_once(
+        self, selector: pb.ShardSelector, writable: bool, verify: bool
+    ) -> RestoredShard:
         if self._files_local is not False:
             try:
                 return self._restore_local(selector, writable, verify)
@@ -705,6 +1103,8 @@ class Client:
             "RestoreShard",
             self._stubs.checkpoint.RestoreShard,
             pb.RestoreShardRequest(shard=selector, skip_verify=not verify),
+            self._bulk_deadline(),
+            retry=False,
         )
         paths = {f.name: f for f in response.files}
         arrays: dict[str, np.ndarray] = {}
@@ -718,6 +1118,10 @@ class Client:
             try:
                 array = _map_file(restored.path, restored.size, dtype, shape, writable)
             except FileNotFoundError:
+                if self._files_local:
+                    # Visible before: the daemon restarted (or evicted the
+                    # shard) between its reply and this read.
+                    raise _FilesVanished(f"restored file {restored.path} vanished") from None
                 if index == 0:
                     raise _FilesNotLocal() from None
                 raise
@@ -746,9 +1150,13 @@ class Client:
     def _read_stream(
         self, selector: pb.ShardSelector
     ) -> tuple[pb.ShardManifest, list[np.ndarray]]:
+        started = time.monotonic()
         stream = self._stubs.checkpoint.ReadShard(
             pb.ReadShardRequest(shard=selector), timeout=self.timeout
         )
+        # Every message received is progress.
+        watchdog = _Watchdog(self.stall_timeout)
+        watchdog.start(stream.cancel)
         try:
             try:
                 first = next(stream)
@@ -756,10 +1164,12 @@ class Client:
                 raise DataLoss("ReadShard ended before its manifest") from None
             if not first.HasField("manifest"):
                 raise DataLoss("ReadShard did not start with the manifest")
+            watchdog.touch()
             manifest = first.manifest
             buffers = [np.empty(f.size, dtype=np.uint8) for f in manifest.files]
             received = [0] * len(buffers)
             for message in stream:
+                watchdog.touch()
                 if not message.HasField("data"):
                     raise DataLoss("ReadShard sent a second manifest")
                 data = message.data
@@ -775,8 +1185,11 @@ class Client:
                 target[data.offset : end] = np.frombuffer(data.data, dtype=np.uint8)
                 received[data.file_index] += len(data.data)
         except grpc.RpcError as e:
-            raise self._error(e, "ReadShard") from None
+            if watchdog.stalled_for is not None:
+                raise self._stalled("ReadShard", watchdog.stalled_for) from None
+            raise self._error(e, "ReadShard", self.timeout, time.monotonic() - started) from None
         finally:
+            watchdog.close()
             stream.cancel()
         for manifest_file, got in zip(manifest.files, received):
             if got != manifest_file.size:
@@ -813,7 +1226,7 @@ class Client:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 if array.nbytes:
-                    _pwrite_all(fd, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data, 0)
+                    _arrays.pwrite_all(fd, np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
             finally:
                 os.close(fd)
         for rel in json.loads(shard.metadata.get(EMPTY_DIRS_KEY, "[]")):
@@ -862,6 +1275,7 @@ class Client:
                             for t in s.tiers
                             if t.tier in Tier._value2member_map_
                         },
+                        attempt=s.attempt,
                     )
                     for s in step.shards
                 )
@@ -886,13 +1300,29 @@ class Client:
         return max(steps) if steps else None
 
     def delete(self, job: str, step: int) -> int:
-        """Deletes every shard of a step from this node's tiers; returns how many."""
-        response = self._call(
-            "DeleteStep",
-            self._stubs.checkpoint.DeleteStep,
-            pb.DeleteStepRequest(tenant=self.tenant, job=job, step=_check_step(step)),
-        )
-        return response.shards_deleted
+        """Deletes every shard of a step from this node's tiers; returns how many.
+
+        Raises NotFound for a step this node does not hold; when a retry
+        after a daemon restart finds the step gone (the first try had
+        deleted it), returns 0.
+        """
+        request = pb.DeleteStepRequest(tenant=self.tenant, job=job, step=_check_step(step))
+        tries = 0
+
+        def once() -> int:
+            nonlocal tries
+            tries += 1
+            try:
+                response = self._call(
+                    "DeleteStep", self._stubs.checkpoint.DeleteStep, request, retry=False
+                )
+            except NotFound:
+                if tries > 1:
+                    return 0
+                raise
+            return int(response.shards_deleted)
+
+        return self._retrying("DeleteStep", once)
 
     def wait_durable(
         self,
@@ -905,28 +1335,49 @@ class Client:
     ) -> None:
         """Waits until the step (or one rank of it) is durable in ``tier``.
 
-        Raises DeadlineExceeded when ``timeout`` seconds pass first.
+        Raises DeadlineExceeded when ``timeout`` seconds pass first; with no
+        ``timeout`` it waits as long as it takes. A daemon restart meanwhile
+        is ridden through (``retry_for``), within the same ``timeout``.
         """
         request = pb.WaitDurableRequest(
             tenant=self.tenant, job=job, step=_check_step(step), tier=Tier.parse(tier).value
         )
         if rank is not None:
             request.rank = rank
-        deadline = None
+        end = None
         if timeout is not None:
             if timeout <= 0:
                 raise InvalidArgument(f"timeout: must be positive, got {timeout}")
-            request.timeout_ms = max(1, int(timeout * 1000))
-            # Let the daemon's own timeout answer first, with its message.
-            deadline = timeout + 5.0
-        try:
-            self._call("WaitDurable", self._stubs.checkpoint.WaitDurable, request, deadline)
-        except DeadlineExceeded:
-            raise
-        except CairnError as e:
-            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(e.message, e.code) from None
-            raise
+            end = time.monotonic() + timeout
+
+        def once() -> None:
+            # No timeout: wait until durable (bounded only by an explicit
+            # Client(timeout=...), as before).
+            deadline = self.timeout
+            if end is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(
+                        f"{job} step {step} not durable in {Tier.parse(tier).name.lower()} "
+                        f"within {timeout} s (the daemon at {self.target} was restarting)",
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    )
+                request.timeout_ms = max(1, int(left * 1000))
+                # Let the daemon's own timeout answer first, with its message.
+                deadline = left + 5.0
+            try:
+                self._call(
+                    "WaitDurable", self._stubs.checkpoint.WaitDurable, request, deadline,
+                    retry=False,
+                )
+            except DeadlineExceeded:
+                raise
+            except CairnError as e:
+                if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(e.message, e.code) from None
+                raise
+
+        self._retrying("WaitDurable", once)
 
     def status(self) -> pb.StatusResponse:
         """The daemon's tiers, usage and sessions (Admin.Status)."""
@@ -960,15 +1411,157 @@ class Client:
         name: str,
         method: Callable[..., _T],
         request: Any,
-        timeout: float | None = None,
+        deadline: float | None | _Default = _DEFAULT,
+        *,
+        retry: bool = True,
     ) -> _T:
-        try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
-        except grpc.RpcError as e:
-            raise self._error(e, name) from None
+        """One unary call; ``deadline`` left out: a small call's deadline.
 
-    def _error(self, error: grpc.RpcError, call: str) -> CairnError:
+        With ``retry`` the call is retried while the daemon is unreachable
+        (see :meth:`_retrying`).
+        """
+        seconds = self._small_deadline() if deadline is _DEFAULT else deadline
+
+        def once() -> _T:
+            started = time.monotonic()
+            try:
+                return method(request, timeout=seconds)
+            except grpc.RpcError as e:
+                raise self._error(e, name, seconds, time.monotonic() - started) from None
+
+        return self._retrying(name, once) if retry else once()
+
+    def _small_deadline(self) -> float | None:
+        if self._timeout_arg is not _DEFAULT:
+            return self.timeout
+        if self.stall_timeout is not None:
+            return min(CALL_TIMEOUT, self.stall_timeout)
+        return CALL_TIMEOUT
+
+    def _bulk_deadline(self) -> float | None:
+        """Deadline of one RPC of a save or restore: no reply is no progress."""
+        limits = [t for t in (self.timeout, self.stall_timeout) if t is not None]
+        return min(limits) if limits else None
+
+    def _retrying(self, what: str, once: Callable[[], _T], *, save: bool = False) -> _T:
+        """Runs ``once`` until it succeeds, retrying while the daemon is away.
+
+        Retried: the daemon unreachable or the connection broken, files it
+        handed out gone, and for a save (``save=True``) a session the
+        restarted daemon no longer knows. Backoff from 0.1 s doubling to 2 s,
+        each pause drawn between half and all of it, for ``retry_for``
+        seconds from the first failure; then DaemonUnavailable.
+        """
+        first_failure: float | None = None
+        pause = _BACKOFF_FIRST
+        tries = 0
+        while True:
+            try:
+                return once()
+            except CairnError as e:
+                reason = _retry_reason(e, save)
+                if reason is None or self.retry_for <= 0:
+                    raise
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                spent = now - first_failure
+                tries += 1
+                if spent >= self.retry_for:
+                    raise DaemonUnavailable(
+                        f"cairn daemon unavailable at {self.target}: {what} still failing "
+                        f"after retrying for {spent:.1f} s ({tries} tries; retry_for "
+                        f"{self.retry_for:g} s): {reason}",
+                        self.target,
+                        e.code,
+                        retried_for=spent,
+                    ) from e
+                sleep = min(pause * random.uniform(0.5, 1.0), self.retry_for - spent)
+                pause = min(pause * 2, _BACKOFF_CAP)
+                log.warning(
+                    "cairn daemon at %s: %s: %s; retrying in %.2f s (%.1f s of retry_for %g s spent)",
+                    self.target, what, reason, sleep, spent, self.retry_for,
+                )
+                time.sleep(sleep)
+
+    def _stalled(self, call: str, seconds: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"{call} to the cairn daemon at {self.target} made no progress for "
+            f"{seconds:.1f} s (stall_timeout {self.stall_timeout:g} s): the daemon may be hung",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+    def _error(
+        self,
+        error: grpc.RpcError,
+        call: str,
+        deadline: float | None = None,
+        elapsed: float | None = None,
+    ) -> CairnError:
+        if (
+            deadline is not None
+            and elapsed is not None
+            and elapsed >= deadline * 0.95
+            and isinstance(error, grpc.Call)
+            and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        ):
+            # Our own deadline, not the daemon's answer.
+            if self.stall_timeout is not None and deadline >= self.stall_timeout:
+                return self._stalled(call, elapsed)
+            return DeadlineExceeded(
+                f"{call} to the cairn daemon at {self.target} got no reply within "
+                f"{deadline:g} s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
         return from_rpc_error(error, self._target.display, call)
+
+
+def _retry_reason(error: CairnError, save: bool) -> str | None:
+    """Why ``error`` is worth a retry (the daemon is away), or None."""
+    if isinstance(error, _FilesVanished):
+        return f"{error.message} (daemon restarted?)"
+    code = error.code
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return error.message
+    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and _CONNECTION_BROKEN.search(
+        error.message
+    ):
+        return f"connection broken: {error.message}"
+    if save and isinstance(error, FailedPrecondition) and "is not open" in error.message:
+        return f"the daemon no longer knows the save session (restarted?): {error.message}"
+    return None
+
+
+def _seconds(name: str, value: object, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidArgument(f"{name}: expected a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _env_seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise InvalidArgument(f"${variable}: expected a non-negative number of seconds, got {text!r}")
+    return value
+
+
+def _check_attempt(attempt: str | None) -> str:
+    """None: a fresh attempt id; else the caller's, checked."""
+    if attempt is None:
+        return uuid.uuid4().hex
+    if not isinstance(attempt, str) or not _ATTEMPT.match(attempt):
+        raise InvalidArgument(
+            f"attempt: expected up to 64 characters of [A-Za-z0-9._-], got {attempt!r}"
+        )
+    return attempt
 
 
 def _check_step(step: int) -> int:
@@ -1009,34 +1602,38 @@ def _layout(file_name: str, meta: Mapping[str, str], size: int) -> tuple[np.dtyp
 
 
 def _write_file(
-    path: str, getter: Callable[[], _arrays.Materialized], size: int, first: bool
-) -> None:
+    path: str, getter: Getter, size: int, first: bool, keep: bool = False
+) -> mmap.mmap | None:
+    """Copies a staged file's bytes in (:func:`_arrays.copy_to_file`); with
+    ``keep``, maps it read-only.
+
+    The file is opened for reading too, so that pooled pages can be copied
+    into through a mapping. The mapping kept keeps the bytes readable after
+    the daemon removes the file (a restarted daemon cleans its staging area),
+    so a background save can be redone after its caller reused the buffers.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         if first:
             raise _FilesNotLocal() from None
         raise
+    except PermissionError:
+        if keep:
+            raise
+        # A file this process may write but not read: pwrite only.
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        if size:
-            view, keepalive = getter()
-            if view.nbytes != size:
-                raise CairnError(f"{path}: {view.nbytes} bytes to write, expected {size}")
-            _pwrite_all(fd, view, 0)
-            del view, keepalive
+        if not size:
+            return None
+        view, keepalive = getter()
+        if view.nbytes != size:
+            raise CairnError(f"{path}: {view.nbytes} bytes to write, expected {size}")
+        _arrays.copy_to_file(fd, view)
+        del view, keepalive
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ) if keep else None
     finally:
         os.close(fd)
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    """One pwrite per buffer; loops only when the kernel writes less."""
-    done = 0
-    total = view.nbytes
-    while done < total:
-        written = os.pwrite(fd, view[done : done + _MAX_IO], offset + done)
-        if written <= 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        done += written
 
 
 def _map_file(
@@ -1061,7 +1658,7 @@ def _map_file(
 
 def _file_reader(path: str, size: int) -> Callable[[], _arrays.Materialized]:
     def read() -> _arrays.Materialized:
-        # Mapping a regular file read-only costs no copy; the pwrite then
+        # Mapping a regular file read-only costs no copy; the write then
         # copies page cache to tmpfs once.
         if size == 0:
             return memoryview(b""), None

@@ -40,13 +40,23 @@ class CairnError(Exception):
 
 
 class DaemonUnavailable(CairnError, ConnectionError):
-    """The daemon could not be reached; the message names the address tried."""
+    """The daemon could not be reached; the message names the address tried.
+
+    The client retries such calls for ``Client.retry_for`` seconds first;
+    ``retried_for`` says how long it did (None: not retried).
+    """
 
     def __init__(
-        self, message: str, target: str, code: grpc.StatusCode | None = None
+        self,
+        message: str,
+        target: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        retried_for: float | None = None,
     ) -> None:
         super().__init__(message, code)
         self.target = target
+        self.retried_for = retried_for
 
 
 class NotFound(CairnError, LookupError):
@@ -58,11 +68,12 @@ class InvalidArgument(CairnError, ValueError):
 
 
 class AlreadyExists(CairnError):
-    """The shard is already committed (checkpoints are immutable)."""
+    """The shard is already committed: complete steps are immutable."""
 
 
 class Aborted(CairnError):
-    """Another writer holds an open session for the same shard."""
+    """Another writer holds an open session for the same shard, or a newer
+    save (attempt) of the step superseded this one."""
 
 
 class ResourceExhausted(CairnError):
@@ -82,7 +93,9 @@ class PermissionDenied(CairnError, PermissionError):
 
 
 class DeadlineExceeded(CairnError, TimeoutError):
-    """The call (or the wait it asked for) ran out of time."""
+    """The call (or the wait it asked for) ran out of time, or a save or
+    restore made no progress for the client's ``stall_timeout``; the message
+    names the call, the daemon and how long it waited."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CairnError]] = {

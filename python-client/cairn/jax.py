@@ -15,6 +15,31 @@ Pytrees
     host); in a multi-host job every process saves its own pytree as its own
     rank.
 
+Async saves
+    :func:`save_async` (or ``save(..., blocking=False)``) returns a
+    :class:`cairn.SaveHandle` as soon as the pytree's bytes are fixed, and
+    writes and commits them on the client's background thread. JAX arrays
+    are immutable, so an array already in host memory (the CPU backend) is
+    kept as it is, not copied: the trainer's stall is the flattening of the
+    tree. Arrays on an accelerator are copied to host memory first (every
+    transfer started at once, then waited for), and numpy leaves, which the
+    trainer could change in place, are copied. After the call the trainer may
+    replace, donate or mutate its state at will (JAX does not reuse a donated
+    buffer while the save still holds it).
+
+Attempts
+    Every save of a step carries an *attempt* id, so that a step left
+    incomplete by a crash can be saved again (see ``docs/semantics.md``).
+    A one-rank step (``world_size`` 1, the default for rank 0) gets a fresh
+    one per call. With several ranks, every rank must send the same id: pass
+    ``attempt=`` (up to 64 characters of ``[A-Za-z0-9._-]``) from your own
+    coordination, or, in a ``jax.distributed`` job, leave it out and the
+    processes agree on process 0's id (a small collective: every process
+    must call the save of that step, as it must anyway for the step to
+    complete). Several ranks outside ``jax.distributed`` must pass
+    ``attempt=`` (``InvalidArgument`` otherwise: ranks with ids of their own
+    would never make the step complete).
+
 Orbax
     Orbax writes a step directory of its own format (OCDBT, Zarr, JSON
     metadata). :func:`save_orbax_step` takes a finished step of an Orbax
@@ -31,17 +56,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast, overload
 
 import jax
 import numpy as np
 
 from cairn import _arrays
-from cairn.client import FORMAT_KEY, Client, SaveResult, _check_metadata
+from cairn._names import escape_segment
+from cairn._proto.cairn.v1 import cairn_pb2 as pb
+from cairn.client import (
+    FORMAT_KEY,
+    SOCKET_ENV,
+    Client,
+    SaveHandle,
+    SaveResult,
+    _check_attempt,
+    _check_metadata,
+)
 from cairn.errors import CairnError, InvalidArgument
 
-__all__ = ["restore", "restore_orbax_step", "save", "save_orbax_step"]
+__all__ = ["restore", "restore_orbax_step", "save", "save_async", "save_orbax_step"]
 
 #: Shard metadata value of ``cairn.format`` for a saved pytree.
 PYTREE_FORMAT = "jax-pytree/v1"
@@ -64,49 +102,228 @@ def _split_client(args: Sequence[Any], client: Client | None) -> tuple[Client, b
     return Client(), True, rest
 
 
+_FileSpec = tuple[str, int, Mapping[str, str], Callable[[], _arrays.Materialized]]
+
+
+@dataclass
+class _PytreeSave:
+    """One shard of a pytree, ready to write: what save and save_async share."""
+
+    job: str
+    step: int
+    rank: int
+    files: list[_FileSpec]
+    world_size: int | None
+    metadata: dict[str, str]
+    attempt: str
+
+
+@overload
+def save(
+    *args: Any,
+    rank: int = ...,
+    world_size: int | None = ...,
+    metadata: Mapping[str, str] | None = ...,
+    client: Client | None = ...,
+    attempt: str | None = ...,
+    blocking: Literal[True] = ...,
+) -> SaveResult: ...
+
+
+@overload
+def save(
+    *args: Any,
+    rank: int = ...,
+    world_size: int | None = ...,
+    metadata: Mapping[str, str] | None = ...,
+    client: Client | None = ...,
+    attempt: str | None = ...,
+    blocking: Literal[False],
+) -> SaveHandle: ...
+
+
 def save(
     *args: Any,
     rank: int = 0,
     world_size: int | None = None,
     metadata: Mapping[str, str] | None = None,
     client: Client | None = None,
-) -> SaveResult:
+    attempt: str | None = None,
+    blocking: bool = True,
+) -> SaveResult | SaveHandle:
     """Saves a pytree of arrays: ``save([client,] job, step, pytree)``.
 
     Without a client, one is made from ``CAIRN_SOCKET`` (and closed after).
     Leaves may be jax arrays, numpy arrays or numpy/Python scalars.
+    ``blocking=False`` is :func:`save_async` (and returns its handle). ``attempt``: see the module's
+    notes on attempts (leave it out for a single-process job).
     """
+    if not blocking:
+        return save_async(
+            *args,
+            rank=rank,
+            world_size=world_size,
+            metadata=metadata,
+            client=client,
+            attempt=attempt,
+        )
     client, owned, rest = _split_client(args, client)
     try:
-        if len(rest) != 3:
-            raise InvalidArgument("save: expected ([client,] job, step, pytree)")
-        job, step, pytree = rest
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(pytree)
-        files = []
-        seen: set[str] = set()
-        from cairn._names import escape_segment
-
-        for index, (path, leaf) in enumerate(leaves):
-            name = jax.tree_util.keystr(path)
-            kind, array_like = _leaf_kind(name, leaf)
-            source = _arrays.source_for(name, array_like)
-            file_name = f"{index}-{escape_segment(name)}"[:200]
-            if file_name in seen:
-                raise InvalidArgument(f"pytree: two leaves map to file {file_name!r}")
-            seen.add(file_name)
-            meta = source.metadata()
-            meta[_META_PATH] = json.dumps([_key_entry(k) for k in path])
-            meta[_META_LEAF] = kind
-            files.append((file_name, source.nbytes, meta, source.materialize))
-        shard_meta = _check_metadata(metadata)
-        shard_meta[FORMAT_KEY] = PYTREE_FORMAT
-        shard_meta[_TREEDEF_KEY] = str(treedef)[:4096]
-        if world_size is None and rank == 0:
-            world_size = 1
-        return client._save_files(client._ref(job, step, rank), files, world_size, shard_meta)
+        plan = _plan(rest, rank, world_size, metadata, attempt, snapshot=False)
+        return _write(client, client._ref(plan.job, plan.step, plan.rank), plan)
     finally:
         if owned:
             client.close()
+
+
+def save_async(
+    *args: Any,
+    rank: int = 0,
+    world_size: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    client: Client | None = None,
+    attempt: str | None = None,
+) -> SaveHandle:
+    """Starts saving a pytree: ``save_async([client,] job, step, pytree)``.
+
+    Returns a :class:`cairn.SaveHandle` once the pytree's bytes are fixed
+    (host-resident jax arrays are kept without a copy, accelerator arrays
+    are copied to host memory, numpy leaves are copied); the trainer need
+    not wait for ``handle.staged()``. ``handle.result()`` waits for the
+    commit (the step is then safe in the memory tier) and raises the save's
+    error; ``handle.wait_durable("disk")`` waits for the disk tier.
+
+    Saves run in order on the client's background thread. Without a
+    client, they go through one client per daemon address, kept for the
+    life of the process (``CAIRN_SOCKET`` is read at each call).
+    """
+    if client is None and not (args and isinstance(args[0], Client)):
+        client = _shared_client()
+    client, _, rest = _split_client(args, client)
+    plan = _plan(rest, rank, world_size, metadata, attempt, snapshot=True)
+    ref = client._ref(plan.job, plan.step, plan.rank)
+    staged = threading.Event()
+    future = client._background().submit(_write, client, ref, plan, staged.set)
+    return SaveHandle(client, plan.job, plan.step, plan.rank, future, staged)
+
+
+def _plan(
+    rest: Sequence[Any],
+    rank: int,
+    world_size: int | None,
+    metadata: Mapping[str, str] | None,
+    attempt: str | None,
+    *,
+    snapshot: bool,
+) -> _PytreeSave:
+    """Checks the arguments and describes every leaf as a file.
+
+    With ``snapshot``, every leaf's bytes are fixed before this returns (see
+    :func:`save_async`); without it, they are read when written.
+    """
+    if len(rest) != 3:
+        raise InvalidArgument("save: expected ([client,] job, step, pytree)")
+    job, step, pytree = rest
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(pytree)
+    described = []
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        kind, array_like = _leaf_kind(name, leaf)
+        if snapshot and isinstance(array_like, np.ndarray) and array_like is leaf:
+            # The caller's own numpy array: it may change in place later.
+            array_like = np.array(array_like, order="C", copy=True)
+        described.append((path, name, kind, array_like))
+    if snapshot:
+        hosted = _to_host([a for _, _, _, a in described if isinstance(a, jax.Array)])
+        described = [
+            (path, name, kind, next(hosted) if isinstance(a, jax.Array) else a)
+            for path, name, kind, a in described
+        ]
+    files: list[_FileSpec] = []
+    seen: set[str] = set()
+    for index, (path, name, kind, array_like) in enumerate(described):
+        source = _arrays.source_for(name, array_like)
+        file_name = f"{index}-{escape_segment(name)}"[:200]
+        if file_name in seen:
+            raise InvalidArgument(f"pytree: two leaves map to file {file_name!r}")
+        seen.add(file_name)
+        meta = source.metadata()
+        meta[_META_PATH] = json.dumps([_key_entry(k) for k in path])
+        meta[_META_LEAF] = kind
+        files.append((file_name, source.nbytes, meta, source.materialize))
+    shard_meta = _check_metadata(metadata)
+    shard_meta[FORMAT_KEY] = PYTREE_FORMAT
+    shard_meta[_TREEDEF_KEY] = str(treedef)[:4096]
+    if world_size is None and rank == 0:
+        world_size = 1
+    return _PytreeSave(
+        job, step, rank, files, world_size, shard_meta, _attempt_for(attempt, world_size)
+    )
+
+
+def _to_host(arrays: list[jax.Array]) -> Iterator[np.ndarray]:
+    """Host numpy arrays with the values of ``arrays``, fixed from now on.
+
+    An array in host memory (CPU devices) is viewed without a copy (the view
+    keeps its buffer alive); the others are copied to host memory, every
+    transfer started before the first is waited for.
+    """
+    for array in arrays:
+        if not _on_host(array):
+            array.copy_to_host_async()
+    return iter([np.asarray(array) for array in arrays])
+
+
+def _on_host(array: jax.Array) -> bool:
+    return all(device.platform == "cpu" for device in array.sharding.device_set)
+
+
+def _attempt_for(attempt: str | None, world_size: int | None) -> str:
+    """The attempt id every rank of this step save must send (see the module notes)."""
+    if attempt is not None or (world_size is not None and world_size <= 1):
+        return _check_attempt(attempt)  # None: a fresh one
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(uuid.uuid4().bytes, dtype=np.uint8)
+        agreed = multihost_utils.broadcast_one_to_all(mine)
+        return np.asarray(agreed, dtype=np.uint8).tobytes().hex()
+    raise InvalidArgument(
+        f"attempt: a step of {world_size or 'several'} ranks needs one attempt id shared by "
+        "every rank; pass attempt= (or save from a jax.distributed job, whose processes "
+        "agree on one)"
+    )
+
+
+def _write(
+    client: Client,
+    ref: pb.ShardRef,
+    plan: _PytreeSave,
+    on_staged: Callable[[], None] | None = None,
+) -> SaveResult:
+    return client._save_files(
+        ref,
+        plan.files,
+        plan.world_size,
+        plan.metadata,
+        on_staged=on_staged,
+        attempt=plan.attempt,
+    )
+
+
+# One client per daemon address for save_async calls that name none: a save
+# in flight needs its client until it ends, and saves stay in order.
+_shared_clients: dict[str | None, Client] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_client() -> Client:
+    key = os.environ.get(SOCKET_ENV)
+    with _shared_lock:
+        client = _shared_clients.get(key)
+        if client is None or client._closed:
+            client = _shared_clients[key] = Client(key)
+        return client
 
 
 def restore(

@@ -3,6 +3,10 @@
 Each daemon gets its own temporary directory (socket, disk tier) and its own
 memory tier under /dev/shm, both removed when it stops. The binary comes from
 CAIRND_BIN, else the workspace's target/debug/cairnd.
+
+A :class:`Daemon` can also be SIGKILLed and started again on the same
+directories (``kill``/``start``/``restart``), and stopped and resumed with
+SIGSTOP/SIGCONT (``pause``/``resume``), as a crashed or hung node agent.
 """
 
 from __future__ import annotations
@@ -71,23 +75,31 @@ class Daemon:
             config_path = self.dir / "cairnd.toml"
             config_path.write_text(config)
             args += ["--config", str(config_path)]
-        # The daemon reads CAIRN_* variables too: give it only its flags.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN")}
+        self._args = args
         self.log_path = self.dir / "cairnd.log"
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.paused = False
+        self.process = self._spawn()
         self._wait_ready()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # The daemon reads CAIRN_* variables too: give it only its flags.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN")}
+        return subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        with cairn.Client(self.socket) as probe:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"cairnd exited early:\n{self.log()}")
-                if os.path.exists(self.socket) and probe.ping(timeout=1.0):
-                    return
-                time.sleep(0.05)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"cairnd exited early:\n{self.log()}")
+            if os.path.exists(self.socket):
+                # A fresh channel each time: a refused one waits out gRPC's
+                # reconnect backoff (a stale socket stays after a SIGKILL).
+                with cairn.Client(self.socket, retry_for=0) as probe:
+                    if probe.ping(timeout=1.0):
+                        return
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"cairnd not ready after {timeout}s:\n{self.log()}")
 
@@ -100,7 +112,59 @@ class Daemon:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """SIGKILLs the daemon (as an OOM kill would); its directories stay."""
+        self.resume()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def start(self) -> None:
+        """Starts the daemon again on the same socket and directories."""
+        if self.process.poll() is None:
+            raise RuntimeError("cairnd is still running")
+        if self._log.closed:
+            self._log = open(self.log_path, "ab")
+        self.process = self._spawn()
+        self._wait_ready()
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """SIGKILL, ``down_for`` seconds with no daemon, then start again."""
+        self.kill()
+        time.sleep(down_for)
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOPs the daemon: it keeps its socket but answers nothing.
+
+        Returns once every thread of it is stopped (the signal is delivered
+        asynchronously; a running thread could answer one more call).
+        """
+        self.process.send_signal(signal.SIGSTOP)
+        self.paused = True
+        deadline = time.monotonic() + 10
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        while time.monotonic() < deadline:
+            states = []
+            for task in tasks.iterdir():
+                try:
+                    stat = (task / "stat").read_text()
+                except OSError:
+                    continue  # the thread exited
+                states.append(stat.rsplit(")", 1)[1].split()[0])
+            if all(state in ("T", "t") for state in states):
+                return
+            time.sleep(0.005)
+        raise RuntimeError(f"cairnd (pid {self.process.pid}) did not stop after SIGSTOP")
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -130,6 +194,18 @@ def fresh_daemon() -> Iterator[Daemon]:
     d = Daemon()
     yield d
     d.cleanup()
+
+
+@pytest.fixture
+def restartable_daemon() -> Iterator[Daemon]:
+    """A daemon of the test's own that the test kills, restarts or stops
+    (``kill``, ``start``, ``restart``, ``pause``, ``resume``); it is
+    resumed and removed afterwards whatever state the test left it in."""
+    d = Daemon()
+    try:
+        yield d
+    finally:
+        d.cleanup()
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ def test_list_latest_delete(client: cairn.Client, job: str) -> None:
 
 def test_committed_shards_are_immutable(client: cairn.Client, job: str) -> None:
     client.save(job, 1, 0, {"a": np.zeros(2)})
-    with pytest.raises(cairn.AlreadyExists, match="already committed"):
+    with pytest.raises(cairn.AlreadyExists, match="immutable"):
         client.save(job, 1, 0, {"a": np.ones(2)})
     assert client.restore(job, 1)["a"].tolist() == [0.0, 0.0]
 
@@ -253,19 +253,96 @@ def test_killed_writer_leaves_nothing_listed(tmp_path: Path) -> None:
 
 
 def test_daemon_unavailable_names_the_socket(fresh_daemon: Daemon, tmp_path: Path) -> None:
+    # retry_for=0: no retries, the error comes at once (test_resilience.py
+    # covers the retries).
     missing = tmp_path / "nobody-here.sock"
-    with cairn.Client(str(missing)) as c:
+    with cairn.Client(str(missing), retry_for=0) as c:
+        started = time.monotonic()
         with pytest.raises(cairn.DaemonUnavailable, match=str(missing)) as info:
             c.list_steps("job")
+        assert time.monotonic() - started < 5
         assert isinstance(info.value, ConnectionError)
         assert info.value.target == f"unix:{missing}"
-    with fresh_daemon.client() as c:
+        assert info.value.retried_for is None
+    with fresh_daemon.client(retry_for=0) as c:
         c.save("j", 1, 0, {"a": np.zeros(1)})
         fresh_daemon.stop()
         with pytest.raises(cairn.DaemonUnavailable, match=fresh_daemon.socket):
             c.save("j", 2, 0, {"a": np.zeros(1)})
         with pytest.raises(cairn.DaemonUnavailable, match=fresh_daemon.socket):
             c.restore("j")
+
+
+def test_timeouts_and_retries_from_arguments_and_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CAIRN_RETRY_FOR", raising=False)
+    monkeypatch.delenv("CAIRN_STALL_TIMEOUT", raising=False)
+    c = cairn.Client("x.sock")
+    assert (c.retry_for, c.stall_timeout, c.timeout) == (60.0, 60.0, None)
+    assert c._small_deadline() == 30.0 and c._bulk_deadline() == 60.0
+    monkeypatch.setenv("CAIRN_RETRY_FOR", "7.5")
+    monkeypatch.setenv("CAIRN_STALL_TIMEOUT", "4")
+    c = cairn.Client("x.sock")
+    assert (c.retry_for, c.stall_timeout) == (7.5, 4.0)
+    assert c._small_deadline() == 4.0 and c._bulk_deadline() == 4.0
+    # Arguments beat the environment; 0 turns each off.
+    c = cairn.Client("x.sock", retry_for=0, stall_timeout=0)
+    assert (c.retry_for, c.stall_timeout) == (0.0, None)
+    assert c._small_deadline() == 30.0 and c._bulk_deadline() is None
+    # A number: every call's deadline, as before; the stall limit still applies.
+    c = cairn.Client("x.sock", timeout=5)
+    assert c.timeout == 5.0 and c._small_deadline() == 5.0 and c._bulk_deadline() == 4.0
+    # None: wait forever, unless a stall limit is asked for explicitly.
+    c = cairn.Client("x.sock", timeout=None)
+    assert c.stall_timeout is None and c._small_deadline() is None and c._bulk_deadline() is None
+    assert cairn.Client("x.sock", timeout=None, stall_timeout=9)._bulk_deadline() == 9.0
+    monkeypatch.setenv("CAIRN_STALL_TIMEOUT", "soon")
+    with pytest.raises(cairn.InvalidArgument, match="CAIRN_STALL_TIMEOUT"):
+        cairn.Client("x.sock")
+    with pytest.raises(cairn.InvalidArgument, match="retry_for"):
+        cairn.Client("x.sock", retry_for=-1)
+
+
+def test_attempts_are_recorded_and_checked(client: cairn.Client, job: str) -> None:
+    result = client.save(job, 1, 0, {"a": np.zeros(2)})
+    assert len(result.attempt) == 32  # a fresh uuid4 hex per call
+    mine = client.save(job, 2, 0, {"a": np.zeros(2)}, attempt="run-7.step-2")
+    assert mine.attempt == "run-7.step-2"
+    steps = client.list_steps(job)
+    assert [s.shards[0].attempt for s in steps] == [result.attempt, "run-7.step-2"]
+    assert client.manifest(job, 2).attempt == "run-7.step-2"
+    with pytest.raises(cairn.InvalidArgument, match="attempt"):
+        client.save(job, 3, 0, {"a": np.zeros(2)}, attempt="no spaces")
+    with pytest.raises(cairn.InvalidArgument, match="attempt"):
+        client.save(job, 3, 0, {"a": np.zeros(2)}, attempt="x" * 65)
+
+
+def test_incomplete_step_is_saved_again_by_a_new_attempt(client: cairn.Client, job: str) -> None:
+    # Rank 0 of 2 committed, rank 1 never did (the run crashed).
+    client.save(job, 5, 0, {"a": np.zeros(4)}, world_size=2, attempt="crashed")
+    # The restarted run saves the step again under its own attempt.
+    client.save(job, 5, 0, {"a": np.ones(4)}, world_size=2, attempt="rerun")
+    client.save(job, 5, 1, {"a": np.full(4, 2.0)}, world_size=2, attempt="rerun")
+    [step] = client.list_steps(job)
+    assert step.restorable and {s.attempt for s in step.shards} == {"rerun"}
+    assert client.restore(job, 5, 0)["a"].tolist() == [1.0] * 4
+    # A complete step is immutable, whatever the attempt.
+    with pytest.raises(cairn.AlreadyExists):
+        client.save(job, 5, 0, {"a": np.zeros(4)}, world_size=2, attempt="third")
+    # The crashed run's attempt was superseded: a zombie rank is refused.
+    with pytest.raises(cairn.Aborted, match="superseded"):
+        client.save(job, 5, 1, {"a": np.zeros(4)}, world_size=2, attempt="crashed")
+    assert client.restore(job, 5, 1)["a"].tolist() == [2.0] * 4
+
+
+def test_saving_again_with_the_same_attempt_is_done_already(client: cairn.Client, job: str) -> None:
+    # What a redo finds when its first try's commit landed but the reply was
+    # lost in a daemon restart: the shard, committed by this very attempt.
+    first = client.save(job, 1, 0, {"a": np.arange(3)}, world_size=2, attempt="same")
+    again = client.save(job, 1, 0, {"a": np.arange(3)}, world_size=2, attempt="same")
+    assert again.attempt == "same" and again.manifest_hash == first.manifest_hash
+    assert (again.total_bytes, again.file_count) == (first.total_bytes, first.file_count)
 
 
 def test_socket_from_environment(daemon: Daemon, job: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,6 +436,33 @@ def test_save_async(client: cairn.Client, job: str) -> None:
     with pytest.raises(cairn.AlreadyExists):
         bad.result(timeout=30)
     assert bad.staged()
+
+
+def test_saves_over_pooled_pages_are_byte_identical(
+    fresh_daemon: Daemon, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A deleted step's files go to the daemon's page pool; the next save
+    # copies into those pages through a mapping instead of pwrite.
+    from cairn import _arrays
+
+    pwrites: list[int] = []
+    real = _arrays.pwrite_all
+    monkeypatch.setattr(
+        _arrays, "pwrite_all", lambda fd, view, offset=0: (pwrites.append(view.nbytes), real(fd, view, offset))
+    )
+    with fresh_daemon.client() as client:
+        sizes = {"a": (3 << 20) // 4, "b": (1 << 20) // 4 + 5, "c": 7}
+        first = {name: random_array(np.float32, (n,), seed=1) for name, n in sizes.items()}
+        client.save(job, 1, 0, first)
+        client.delete(job, 1)
+        pwrites.clear()
+        second = {name: random_array(np.float32, (n,), seed=2) for name, n in sizes.items()}
+        client.save(job, 2, 0, second)
+        restored = client.restore(job, 2)
+        for name, original in second.items():
+            assert_same(restored[name], original)
+        # The big files were mapped (pooled pages); only the tiny one went through pwrite.
+        assert all(n < (1 << 20) for n in pwrites), pwrites
 
 
 def test_wait_durable_errors(client: cairn.Client, job: str) -> None:

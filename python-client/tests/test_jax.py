@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import threading
 from pathlib import Path
 
 import ml_dtypes
@@ -103,6 +105,94 @@ def test_target_mismatch_is_invalid_argument(client: cairn.Client, job: str) -> 
         cjax.restore(client, job, 2)
     with pytest.raises(cairn.InvalidArgument, match="leaves must be arrays"):
         cjax.save(client, job, 3, {"s": "text"})
+
+
+def test_save_async_keeps_the_values_at_the_call(client: cairn.Client, job: str) -> None:
+    key = jax.random.PRNGKey(3)
+    state = {
+        "params": {
+            "w": jax.random.normal(key, (512, 1024), dtype=jnp.float32),
+            "b": jnp.arange(1024, dtype=jnp.bfloat16),
+        },
+        "host": {"buf": np.arange(1 << 16, dtype=np.int32)},
+        "lr": 0.5,
+    }
+    expected = {
+        "params": jax.tree_util.tree_map(np.array, state["params"]),
+        "host": {"buf": state["host"]["buf"].copy()},
+        "lr": 0.5,
+    }
+    # Hold the client's background thread, so that the save can only read
+    # its bytes after the trainer has moved on.
+    gate = threading.Event()
+    client._background().submit(gate.wait, 60)
+    handle = cjax.save_async(client, job, 7, state)
+    assert not handle.done()
+    # The trainer goes on at once: each update donates the old arrays and
+    # replaces them with new ones, and a numpy buffer is reused in place.
+    update = jax.jit(
+        lambda p: jax.tree_util.tree_map(lambda x: x * 2 + 1, p), donate_argnums=0
+    )
+    for _ in range(3):
+        state["params"] = update(state["params"])
+    state["host"]["buf"][:] = -1
+    state["lr"] = 0.25
+    del update
+    gc.collect()
+    gate.set()
+    result = handle.result(timeout=60)
+    assert result.step == 7 and handle.done() and handle.staged()
+    assert_tree_equal(expected, cjax.restore(client, job, 7))
+    assert float(state["params"]["w"][0, 0]) != float(expected["params"]["w"][0, 0])
+
+
+def test_save_blocking_false_returns_a_handle(
+    daemon: Daemon, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No client: async saves go through one kept for the process.
+    monkeypatch.setenv("CAIRN_SOCKET", daemon.socket)
+    handle = cjax.save(job, 1, {"x": jnp.ones(3)}, blocking=False)
+    assert isinstance(handle, cairn.SaveHandle)
+    handle.wait_durable("disk", timeout=60)
+    assert handle.result().step == 1
+    second = cjax.save_async(job, 2, {"x": jnp.full(3, 2.0)})
+    assert second.result(timeout=60).step == 2
+    assert cjax.restore(job)["x"].tolist() == [2.0] * 3
+
+
+def test_save_async_errors(client: cairn.Client, job: str) -> None:
+    # Arguments are checked before the call returns...
+    with pytest.raises(cairn.InvalidArgument, match="leaves must be arrays"):
+        cjax.save_async(client, job, 1, {"s": "text"})
+    with pytest.raises(cairn.InvalidArgument, match="attempt"):
+        cjax.save_async(client, job, 1, {"x": jnp.ones(2)}, attempt="no spaces")
+    with pytest.raises(cairn.InvalidArgument, match="shared by every rank"):
+        cjax.save_async(client, job, 1, {"x": jnp.ones(2)}, rank=1, world_size=2)
+    # ...the daemon's answer comes through the handle: a complete step stays immutable.
+    cjax.save(client, job, 2, {"x": jnp.ones(2)})
+    handle = cjax.save_async(client, job, 2, {"x": jnp.zeros(2)})
+    with pytest.raises(cairn.AlreadyExists):
+        handle.result(timeout=60)
+    assert cjax.restore(client, job, 2)["x"].tolist() == [1.0, 1.0]
+
+
+def test_incomplete_step_is_saved_again_under_a_new_attempt(
+    client: cairn.Client, job: str
+) -> None:
+    # Rank 0 of a two-rank step committed, then the job crashed before rank 1.
+    cjax.save(client, job, 4, {"x": jnp.zeros(4)}, rank=0, world_size=2, attempt="run1-4")
+    assert client.latest_step(job) is None
+    # The restarted job saves the step again with one new attempt for both ranks.
+    for rank in (0, 1):
+        handle = cjax.save_async(
+            client, job, 4, {"x": jnp.full(4, float(rank + 1))},
+            rank=rank, world_size=2, attempt="run2-4",
+        )  # fmt: skip
+        handle.result(timeout=60)
+    assert client.latest_step(job) == 4
+    assert client.manifest(job, 4, 0).attempt == "run2-4"
+    assert cjax.restore(client, job, 4, rank=0)["x"].tolist() == [1.0] * 4
+    assert cjax.restore(client, job, 4, rank=1)["x"].tolist() == [2.0] * 4
 
 
 def test_orbax_checkpoint_manager_through_cairn(

@@ -111,8 +111,12 @@ def test_checkpoint_ids_and_latest(daemon: Daemon, job: str) -> None:
 def test_steps_are_immutable_unless_overwrite(client: cairn.Client, job: str) -> None:
     model, optim = trained(5)
     dcp.save(state(model, optim, 1), storage_writer=CairnWriter(job=job, step=1, client=client))
+    first = {s.rank: s.attempt for s in client.list_steps(job)[0].shards}
+    # One attempt per save, shared by every shard (the metadata one included).
+    assert len(set(first.values())) == 1 and first[0]
     with pytest.raises(BaseException, match="already exists"):  # DCP wraps it
         dcp.save(state(model, optim, 2), storage_writer=CairnWriter(job=job, step=1, client=client))
+    assert {s.rank: s.attempt for s in client.list_steps(job)[0].shards} == first
     dcp.save(
         state(model, optim, 2),
         storage_writer=CairnWriter(job=job, step=1, client=client, overwrite=True),
@@ -141,6 +145,104 @@ def test_async_save(client: cairn.Client, job: str) -> None:
     assert loaded["extra"]["epoch"] == 9
 
 
+def _staged_ptrs(client: cairn.Client) -> dict[str, int]:
+    """data_ptr of every tensor in the host buffers kept for ``client``."""
+    from cairn import torch as ctorch
+
+    host = ctorch._buffers[client]._host
+    assert host is not None
+    return {k: v.data_ptr() for k, v in host["model"].items()}
+
+
+def _load_model_state(client: cairn.Client, job: str, step: int) -> dict:
+    loaded = state(*trained(99), epoch=0)
+    dcp.load(loaded, storage_reader=CairnReader(job=job, step=step, client=client))
+    return loaded
+
+
+def test_async_saves_reuse_staging_buffers(daemon: Daemon, job: str) -> None:
+    with daemon.client() as c:
+        model, optim = trained(8)
+        expected = []
+        responses = []
+        ptrs = []
+        for step in (1, 2):
+            expected.append({k: v.clone() for k, v in model.state_dict().items()})
+            writer = CairnWriter(job=job, step=step, client=c)
+            # The second call comes before the first save is waited for: its
+            # stage() waits until the first save has written the buffers.
+            responses.append(dcp.async_save(state(model, optim, epoch=step), storage_writer=writer))
+            ptrs.append(_staged_ptrs(c))
+            with torch.no_grad():  # training goes on at once
+                for p in model.parameters():
+                    p.mul_(-2.0).add_(1.0)
+        for response in responses:
+            getattr(response, "upload_completion", response).result(timeout=60)
+        assert ptrs[0] == ptrs[1]  # the same host buffers, filled twice
+        for step, values in zip((1, 2), expected):
+            loaded = _load_model_state(c, job, step)
+            assert loaded["extra"]["epoch"] == step
+            for k, v in values.items():
+                assert torch.equal(loaded["model"][k], v), (step, k)
+        assert not torch.equal(expected[0]["0.weight"], expected[1]["0.weight"])
+
+
+def test_failed_async_saves_release_staging_buffers(
+    daemon: Daemon, job: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    with daemon.client() as c:
+        model, optim = trained(9)
+        dcp.save(state(model, optim, 1), storage_writer=CairnWriter(job=job, step=1, client=c))
+        # Fails before writing (step 1 is complete), then fails while writing.
+        response = dcp.async_save(state(model, optim, 1), storage_writer=CairnWriter(job=job, step=1, client=c))
+        with pytest.raises(BaseException, match="already exists"):
+            getattr(response, "upload_completion", response).result(timeout=60)
+        ptrs = _staged_ptrs(c)
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise cairn.CairnError("disk on fire")
+
+        started = time.monotonic()
+        with monkeypatch.context() as m:
+            m.setattr(c, "_save_files", broken)
+            response = dcp.async_save(state(model, optim, 2), storage_writer=CairnWriter(job=job, step=2, client=c))
+            with pytest.raises(BaseException, match="disk on fire"):
+                getattr(response, "upload_completion", response).result(timeout=60)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        response = dcp.async_save(state(model, optim, 3), storage_writer=CairnWriter(job=job, step=3, client=c))
+        getattr(response, "upload_completion", response).result(timeout=60)
+        # Neither failure kept the buffers locked (no wait for a timeout).
+        assert time.monotonic() - started < 8
+        assert _staged_ptrs(c) == ptrs
+        loaded = _load_model_state(c, job, 3)
+        for k, v in expected.items():
+            assert torch.equal(loaded["model"][k], v), k
+        assert [s.step for s in c.list_steps(job) if s.restorable] == [1, 3]
+
+
+def test_staging_buffers_follow_the_layout_and_can_be_off(daemon: Daemon, job: str) -> None:
+    from cairn import torch as ctorch
+
+    with daemon.client() as c:
+        small, big = {"w": torch.arange(4.0)}, {"w": torch.arange(8.0)}
+        for step, sd in ((1, small), (2, big)):
+            response = dcp.async_save(sd, storage_writer=CairnWriter(job=job, step=step, client=c))
+            getattr(response, "upload_completion", response).result(timeout=60)
+            assert ctorch._buffers[c]._host["w"].shape == sd["w"].shape
+        writer = CairnWriter(job=job, step=3, client=c, cache_staged_state=False)
+        response = dcp.async_save(small, storage_writer=writer)
+        getattr(response, "upload_completion", response).result(timeout=60)
+        assert ctorch._buffers[c]._host["w"].shape == (8,)  # untouched
+        writer.close()  # drops the kept copy
+        assert ctorch._buffers[c]._host is None
+        for step, sd in ((1, small), (2, big), (3, small)):
+            loaded = {"w": torch.zeros_like(sd["w"])}
+            dcp.load(loaded, storage_reader=CairnReader(job=job, step=step, client=c))
+            assert torch.equal(loaded["w"], sd["w"]), step
+
+
 def test_metadata_commits_last(client: cairn.Client, job: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model, optim = trained(8)
     # The coordinator dies before finish(): the ranks' data is in, the step is not.
@@ -153,6 +255,17 @@ def test_metadata_commits_last(client: cairn.Client, job: str, monkeypatch: pyte
     # DCP wraps the reader's NotFound in its CheckpointException.
     with pytest.raises(BaseException, match="no complete step"):
         dcp.load(state(model, optim, 0), storage_reader=CairnReader(job=job, client=client))
+    # The restarted job saves the incomplete step again, without overwrite:
+    # the new attempt replaces the stale shard.
+    stale = {s.rank: s.attempt for s in steps[0].shards}
+    dcp.save(state(model, optim, 2), storage_writer=CairnWriter(job=job, step=1, client=client))
+    [step] = client.list_steps(job)
+    assert step.restorable and sorted(s.rank for s in step.shards) == [0, 1]
+    [attempt] = {s.attempt for s in step.shards}
+    assert attempt and attempt != stale[1]
+    loaded = state(model, optim, 0)
+    dcp.load(loaded, storage_reader=CairnReader(job=job, client=client))
+    assert loaded["extra"]["epoch"] == 2
 
 
 def test_metadata_shard_layout(client: cairn.Client, job: str) -> None:

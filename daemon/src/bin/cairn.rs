@@ -883,6 +883,7 @@ async fn save(
                 .collect(),
             world_size,
             metadata: HashMap::new(),
+            attempt: String::new(),
         })
         .await?
         .into_inner();

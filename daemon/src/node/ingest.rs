@@ -648,7 +648,9 @@ impl Node {
         let files = tokio::task::spawn_blocking(move || collect_files(&root))
             .await
             .map_err(|e| IngestError::Failed(e.into()))??;
-        let total: u64 = files.iter().map(|f| f.size).sum();
+        // Saturating: sizes come from files a pod made (sparse ones can be
+        // huge); a sum past u64::MAX simply does not fit the tier.
+        let total = files.iter().fold(0u64, |t, f| t.saturating_add(f.size));
         let id = format!("ingest-{}", uuid::Uuid::new_v4());
         self.reserve_memory(&id, total)?;
         let result = self.commit_links(&id, key, files, metadata).await;
@@ -697,6 +699,7 @@ impl Node {
                 .collect(),
             world_size: None,
             metadata,
+            attempt: None,
         };
         self.commit_staged_files(id, &request, paths).await
     }

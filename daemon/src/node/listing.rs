@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use cairn_core::{JobName, Manifest, Rank, ShardKey, Step, TenantName, latest_complete_step};
+use cairn_core::{
+    JobName, Manifest, Rank, ShardKey, ShardPresence, Step, TenantName, latest_complete_step,
+};
 
 use super::{CopyState, Node, ReplicationView, ShardView, StepView, lock};
 use crate::error::{Error, Result};
@@ -125,6 +127,7 @@ impl Node {
                     rank: key.rank,
                     total_bytes: m.total_bytes(),
                     world_size: m.world_size,
+                    attempt: m.attempt.clone(),
                     in_memory: in_tier(TierKind::Memory, key),
                     disk,
                     object_store,
@@ -137,7 +140,12 @@ impl Node {
                 let views = steps
                     .into_iter()
                     .map(|(step, shards)| {
-                        let present = shards.iter().map(|s| (step, s.rank, s.world_size));
+                        let present = shards.iter().map(|s| ShardPresence {
+                            step,
+                            rank: s.rank,
+                            world_size: s.world_size,
+                            attempt: s.attempt.as_ref(),
+                        });
                         let restorable = latest_complete_step(present, None) == Some(step);
                         StepView {
                             step,
@@ -188,8 +196,7 @@ impl Node {
     ) -> Result<Option<Step>> {
         let all = self.all_shards(tenant, Some(job)).await?;
         Ok(latest_complete_step(
-            all.values()
-                .map(|m| (m.shard.step, m.shard.rank, m.world_size)),
+            all.values().map(|m| ShardPresence::from(&**m)),
             rank,
         ))
     }

@@ -16,6 +16,7 @@
 //!   reading, so collection never races a copy between its chunks and its
 //!   manifest.
 
+mod attempts;
 mod ingest;
 mod listing;
 mod maintenance;
@@ -27,19 +28,18 @@ mod upload;
 mod writeback;
 
 pub use replicate::ReplicationView;
-pub(crate) use restore::open_for_write;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cairn_core::{FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
+use cairn_core::{Attempt, FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
 use tokio::sync::{RwLock, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, UPLOAD_JOURNAL_DIR};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::peer::PeerTier;
 use crate::tier::disk::DiskTier;
@@ -75,6 +75,26 @@ pub struct BeginShard {
     pub world_size: Option<u32>,
     /// Shard metadata.
     pub metadata: BTreeMap<String, String>,
+    /// The save of the step this shard belongs to, if the client named one.
+    pub attempt: Option<Attempt>,
+}
+
+impl BeginShard {
+    /// The declared sizes added up, or `INVALID_ARGUMENT` when they do not
+    /// fit in 64 bits (they come from outside: a wrapped sum would reserve
+    /// nothing for a huge save).
+    pub fn total_bytes(&self) -> Result<u64> {
+        self.files
+            .iter()
+            .try_fold(0u64, |total, f| total.checked_add(f.size))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "files: the declared sizes of shard {} add up to more than {} bytes",
+                    self.key,
+                    u64::MAX
+                ))
+            })
+    }
 }
 
 /// A staged file handed to the client.
@@ -119,6 +139,8 @@ pub struct ShardView {
     pub total_bytes: u64,
     /// Declared world size.
     pub world_size: Option<u32>,
+    /// The attempt that saved it.
+    pub attempt: Option<Attempt>,
     /// Whether the memory tier holds it.
     pub in_memory: bool,
     /// Its disk state.
@@ -219,6 +241,8 @@ pub struct Node {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Which attempt of each recently saved step is current (see `attempts`).
+    attempts: Mutex<attempts::StepAttempts>,
     writeback: Mutex<HashMap<ShardKey, CopyState>>,
     uploads: Mutex<HashMap<ShardKey, CopyState>>,
     /// Failed attempts per shard still uploading, for the backoff.
@@ -264,7 +288,9 @@ impl Node {
             config.memory_capacity,
             config.memory_pool_bytes,
         )?);
-        let disk = Arc::new(DiskTier::open(&config.disk_dir)?);
+        let disk = Arc::new(
+            DiskTier::open(&config.disk_dir)?.with_reverify_after(config.disk_reverify_after),
+        );
         let (object, upload_journal) = match &config.object_store {
             Some(o) => {
                 let tier = ObjectTier::open(
@@ -295,6 +321,7 @@ impl Node {
             object,
             metrics,
             sessions: Mutex::new(HashMap::new()),
+            attempts: Mutex::new(attempts::StepAttempts::default()),
             writeback: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
             upload_attempts: Mutex::new(HashMap::new()),

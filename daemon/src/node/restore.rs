@@ -13,7 +13,7 @@ use super::{Node, RestoreOutcome, lock};
 use crate::error::{Error, Result};
 use crate::hashing;
 use crate::peer::PeerHolder;
-use crate::tier::{ChunkLocation, ChunkSink, ShardSource, TierKind};
+use crate::tier::{ChunkLocation, ShardSource, TierKind};
 use crate::transfer::{self, FillReport, PlannedSource};
 
 /// Most chunks a restore has in flight across all its sources (memory use
@@ -187,7 +187,7 @@ impl Node {
         let ids: Vec<ChunkId> = wanted.iter().map(|l| l.chunk.id).collect();
         let not_on_disk: HashSet<ChunkId> = self
             .disk
-            .missing_chunks(&key.tenant, &ids)
+            .absent_chunks(&key.tenant, &ids)
             .await?
             .into_iter()
             .collect();
@@ -330,7 +330,7 @@ impl Node {
 }
 
 /// Opens existing files for writing in place (staged or committed files).
-pub(crate) fn open_for_write(paths: &[PathBuf]) -> Result<Vec<Arc<std::fs::File>>> {
+fn open_for_write(paths: &[PathBuf]) -> Result<Vec<Arc<std::fs::File>>> {
     use crate::error::IoContext;
     paths
         .iter()

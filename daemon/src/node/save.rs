@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_core::{
-    EvictionCandidate, FileEntry, FileName, MANIFEST_VERSION, Manifest, ShardKey,
-    choose_pressure_victims,
+    Attempt, EvictionCandidate, FileEntry, FileName, MANIFEST_VERSION, Manifest, ShardKey,
+    ShardPresence, choose_pressure_victims, latest_complete_step,
 };
 
+use super::attempts::Admission;
 use super::{BeginShard, FileSpec, Node, Session, StagedFile, lock, now_ms};
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
@@ -41,27 +42,40 @@ impl Node {
             )));
         }
         check_file_names(&request.files)?;
-        if self.memory.contains(key) || self.disk.contains(key) {
-            return Err(Error::AlreadyExists(format!(
-                "shard {key} is already committed"
-            )));
+        self.refuse_superseded(&request)?;
+        if let Some(stored) = self.local_manifest(key).await {
+            self.replace_abandoned_shard(&request, &stored).await?;
         }
+        self.admit_attempt(&request)?;
         let session_id = uuid::Uuid::new_v4().to_string();
         let existing = lock(&self.sessions)
             .iter()
             .find(|(_, s)| &s.request.key == key)
-            .map(|(id, s)| (id.clone(), s.owner_pid, s.committing));
-        if let Some((id, owner, committing)) = existing {
-            if committing || owner.is_none_or(process_alive) {
+            .map(|(id, s)| {
+                (
+                    id.clone(),
+                    s.owner_pid,
+                    s.committing,
+                    s.request.attempt.clone(),
+                )
+            });
+        if let Some((id, owner, committing, attempt)) = existing {
+            if request.attempt.is_some() && attempt != request.attempt {
+                // This begin made its attempt the step's current one: the
+                // older save's session can never commit, so it goes now.
+                tracing::warn!(session = %id, pid = ?owner, old_attempt = ?attempt, "a newer save of this step began; aborting the older attempt's session");
+                self.abort(&id)?;
+            } else if committing || owner.is_none_or(process_alive) {
                 return Err(Error::Aborted(format!(
                     "shard {key} is being written by another session ({id}{}); abort it or wait for its commit",
                     owner.map(|p| format!(", pid {p}")).unwrap_or_default()
                 )));
+            } else {
+                tracing::warn!(session = %id, pid = ?owner, "the previous writer of this shard is gone; aborting its session");
+                self.abort(&id)?;
             }
-            tracing::warn!(session = %id, pid = ?owner, "the previous writer of this shard is gone; aborting its session");
-            self.abort(&id)?;
         }
-        let total: u64 = request.files.iter().map(|f| f.size).sum();
+        let total = request.total_bytes()?;
         self.reserve_memory(&session_id, total)?;
         let specs: Vec<(FileName, u64)> = request
             .files
@@ -111,6 +125,82 @@ impl Node {
         }
         self.update_usage_metrics();
         Ok((session_id, files))
+    }
+
+    /// Records the request's attempt as its step's current one, or refuses
+    /// it when a newer attempt of the step has begun here (a zombie rank of
+    /// a crashed run).
+    fn admit_attempt(&self, request: &BeginShard) -> Result<()> {
+        let Some(attempt) = &request.attempt else {
+            return Ok(());
+        };
+        let key = &request.key;
+        match lock(&self.attempts).admit(key, attempt) {
+            Admission::Current | Admission::NewlyCurrent { replaced: None } => Ok(()),
+            Admission::NewlyCurrent {
+                replaced: Some(old),
+            } => {
+                tracing::info!(shard = %key, %attempt, superseded = %old, "a new save of this step began; the older attempt can no longer commit");
+                Ok(())
+            }
+            Admission::Superseded { by } => Err(superseded(key, attempt, &by)),
+        }
+    }
+
+    /// Refuses a commit whose attempt a newer one has superseded: the late
+    /// shard of an abandoned save is dropped, never made visible.
+    fn refuse_superseded(&self, request: &BeginShard) -> Result<()> {
+        let Some(attempt) = &request.attempt else {
+            return Ok(());
+        };
+        match lock(&self.attempts).superseded_by(&request.key, attempt) {
+            Some(by) => {
+                tracing::warn!(shard = %request.key, %attempt, superseded_by = %by, "dropping a late shard of a superseded save");
+                Err(superseded(&request.key, attempt, &by))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Makes room for `request` where `stored` is already committed: allowed
+    /// only for a new attempt of a step that never became complete (a crashed
+    /// save being redone), which removes the abandoned shard from the memory
+    /// and disk tiers (peers and the bucket replace it when the new shard
+    /// reaches them; see `Manifest::supersedes`). Anything else is
+    /// `AlreadyExists`: complete steps are immutable.
+    async fn replace_abandoned_shard(&self, request: &BeginShard, stored: &Manifest) -> Result<()> {
+        let key = &request.key;
+        let Some(attempt) = &request.attempt else {
+            return Err(Error::AlreadyExists(format!(
+                "shard {key} is already committed"
+            )));
+        };
+        if stored.attempt.as_ref() == Some(attempt) {
+            return Err(Error::AlreadyExists(format!(
+                "shard {key} is already committed by this attempt ({attempt})"
+            )));
+        }
+        let step_shards = self.all_shards(&key.tenant, Some(&key.job)).await?;
+        let presences = step_shards
+            .values()
+            .filter(|m| m.shard.step == key.step)
+            .map(|m| ShardPresence::from(&**m));
+        if latest_complete_step(presences, None) == Some(key.step) {
+            return Err(Error::AlreadyExists(format!(
+                "step {} of job {} is complete (attempt {}); a complete step is immutable: delete it to save it again",
+                key.step,
+                key.job,
+                stored.attempt.as_ref().map_or("none", |a| a.as_str())
+            )));
+        }
+        let _gc = self.gc_lock.write().await;
+        self.memory.evict(key)?;
+        self.disk.remove_shard(key)?;
+        lock(&self.writeback).remove(key);
+        tracing::warn!(shard = %key, %attempt, abandoned = ?stored.attempt, "replacing the shard of an abandoned save of an incomplete step");
+        self.update_usage_metrics();
+        self.notify();
+        Ok(())
     }
 
     /// Reserves `bytes` in the memory tier, evicting the oldest shards the
@@ -206,7 +296,10 @@ impl Node {
             session.committing = true;
             (session.request.clone(), session.paths.clone())
         };
-        let result = self.commit_staged_files(session_id, &request, paths).await;
+        let result = match self.refuse_superseded(&request) {
+            Ok(()) => self.commit_staged_files(session_id, &request, paths).await,
+            Err(e) => Err(e),
+        };
         let mut sessions = lock(&self.sessions);
         match &result {
             // A bad file size is the client's to fix: the session stays open.
@@ -299,7 +392,10 @@ impl Node {
                 .collect(),
             metadata: request.metadata.clone(),
             committed_unix_ms: now_ms(),
+            attempt: request.attempt.clone(),
         });
+        // Hashing takes a while: a newer attempt may have begun meanwhile.
+        self.refuse_superseded(request)?;
         let memory = Arc::clone(&self.memory);
         let id = staging_id.to_owned();
         let m = Arc::clone(&manifest);
@@ -382,6 +478,13 @@ fn check_file_names(files: &[FileSpec]) -> Result<()> {
 /// is the one Unix socket credentials are reported in).
 fn process_alive(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn superseded(key: &ShardKey, attempt: &Attempt, by: &Attempt) -> Error {
+    Error::Aborted(format!(
+        "attempt {attempt} of step {} of job {} was superseded by attempt {by} (a newer save of this step began); shard {key} of the older attempt is dropped",
+        key.step, key.job
+    ))
 }
 
 fn unknown_session(id: &str) -> Error {

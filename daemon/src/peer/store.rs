@@ -321,6 +321,7 @@ mod tests {
             }],
             metadata: BTreeMap::new(),
             committed_unix_ms: 0,
+            attempt: None,
         }
     }
 

@@ -207,18 +207,19 @@ impl Admin for AdminService {
                 .map(move |event| event.map_err(|e| to_status(&metrics, "Prefetch", e)));
             return Ok(Response::new(Box::pin(events)));
         }
+        // Validated before anything echoes it: a name of any length from
+        // the request must not come back whole in an error message.
+        let node = NodeId::parse("node", req.node)
+            .map_err(|e| to_status(&metrics, "Prefetch", e.into()))?;
         let Some(peers) = &self.node.peers else {
             return Err(to_status(
                 &metrics,
                 "Prefetch",
                 Error::FailedPrecondition(format!(
-                    "this node has no peer tier ([membership]), so it cannot reach node {}",
-                    req.node
+                    "this node has no peer tier ([membership]), so it cannot reach node {node}"
                 )),
             ));
         };
-        let node = NodeId::parse("node", req.node.clone())
-            .map_err(|e| to_status(&metrics, "Prefetch", e.into()))?;
         let events = peers
             .prefetch_on(&node, selector)
             .await

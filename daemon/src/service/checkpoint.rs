@@ -15,7 +15,7 @@ use tracing::Span;
 use super::convert::{self, required};
 use super::to_status;
 use crate::error::{Error, IoContext, Result};
-use crate::node::{CopyState, Node, StepSelection};
+use crate::node::{BeginShard, CopyState, Node, StepSelection};
 use crate::tier::ChunkLocation;
 
 /// Largest data message sent by ReadShard; well under tonic's 4 MiB default
@@ -69,6 +69,34 @@ fn record_shard(key: &ShardKey) {
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<pb::ReadShardResponse, Status>> + Send>>;
 
+/// Bytes of protobuf framing per staged file in a `BeginShardResponse`, at
+/// most (tags, lengths, the size varint).
+const STAGED_FILE_FRAMING: usize = 32;
+
+/// Refuses a `BeginShard` whose reply (every staged file's name and path)
+/// could not be sent, before anything is created: otherwise the session and
+/// files would exist, the client would get `OUT_OF_RANGE` without learning
+/// the session id, and the shard would stay locked until the session timed
+/// out.
+fn check_begin_reply_fits(node: &Node, begin: &BeginShard) -> Result<()> {
+    let session_id_len = uuid::fmt::Hyphenated::LENGTH;
+    let reply = begin.files.iter().fold(64 + session_id_len, |total, f| {
+        total
+            .saturating_add(f.name.as_str().len())
+            .saturating_add(node.memory.staged_path_len(session_id_len, &f.name))
+            .saturating_add(STAGED_FILE_FRAMING)
+    });
+    if reply > super::MAX_MESSAGE_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "files: the reply naming {} staged files would take about {reply} bytes, over the \
+             {} byte message limit; save fewer or shorter-named files per shard",
+            begin.files.len(),
+            super::MAX_MESSAGE_BYTES
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Checkpoint for CheckpointService {
     #[tracing::instrument(name = "BeginShard", skip_all, fields(job, step, rank))]
@@ -79,6 +107,7 @@ impl Checkpoint for CheckpointService {
         let result = async {
             let begin = convert::begin_shard(&self.node, request.get_ref())?;
             record_shard(&begin.key);
+            check_begin_reply_fits(&self.node, &begin)?;
             let (session_id, files) = self.node.begin(begin, peer_pid(&request)).await?;
             Ok(pb::BeginShardResponse {
                 session_id,
@@ -369,8 +398,11 @@ async fn receive_files(
     stream: &mut Streaming<pb::WriteShardRequest>,
     files: &[crate::node::StagedFile],
 ) -> Result<()> {
-    let paths: Vec<std::path::PathBuf> = files.iter().map(|f| f.path.clone()).collect();
-    let handles = crate::node::open_for_write(&paths)?;
+    // One descriptor at a time, opened when its file's data arrives: a
+    // stream declaring many files must not hold a descriptor per file for
+    // its whole life (clients send files one after another; one that
+    // interleaves them pays an open per switch).
+    let mut open: Option<(usize, Arc<std::fs::File>)> = None;
     let mut written = vec![0u64; files.len()];
     while let Some(message) = stream.message().await.map_err(|s| {
         Error::Aborted(format!(
@@ -399,14 +431,26 @@ async fn receive_files(
                 file.name, data.offset, written[index]
             )));
         }
-        let end = data.offset + data.data.len() as u64;
+        let end = data.offset.saturating_add(data.data.len() as u64);
         if end > file.size {
             return Err(Error::InvalidArgument(format!(
                 "data for file {}: {end} bytes exceed its declared size of {}",
                 file.name, file.size
             )));
         }
-        let handle = Arc::clone(&handles[index]);
+        let handle = match &open {
+            Some((i, handle)) if *i == index => Arc::clone(handle),
+            _ => {
+                drop(open.take()); // close the previous file's descriptor first
+                let handle = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file.path)
+                    .map(Arc::new)
+                    .io_context(|| format!("opening {}", file.path.display()))?;
+                open = Some((index, Arc::clone(&handle)));
+                handle
+            }
+        };
         let offset = data.offset;
         let path = file.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -447,6 +491,7 @@ fn step_to_pb(view: crate::node::StepView, wanted_replicas: u32) -> pb::StepStat
                     .flat_map(|p| p.holders.iter().map(|h| h.to_string()))
                     .collect(),
                 peer_replicas_wanted: wanted_replicas,
+                attempt: convert::attempt_to_pb(s.attempt.as_ref()),
                 peer_problem: match s.peers.as_ref().map(|p| &p.state) {
                     Some(CopyState::Failed(e)) => e.clone(),
                     _ => String::new(),

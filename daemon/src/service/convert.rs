@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use cairn_core::{FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
+use cairn_core::{Attempt, FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
 use cairn_proto::v1 as pb;
 
 use crate::error::{Error, Result};
@@ -48,10 +48,19 @@ pub fn job(field: &str, value: &str) -> Result<JobName> {
     Ok(JobName::parse(field, value.to_owned())?)
 }
 
+/// Resolves a request's tenant as [`Node::tenant`] does; the `*_with`
+/// conversions take one so that they run without a node (the fuzz targets).
+pub type TenantOf<'a> = &'a dyn Fn(&str) -> Result<TenantName>;
+
 /// A shard key from a `ShardRef`.
 pub fn shard_key(node: &Node, field: &str, r: &pb::ShardRef) -> Result<ShardKey> {
+    shard_key_with(&|t| node.tenant(t), field, r)
+}
+
+/// [`shard_key`] with the tenant resolved by `tenant`.
+pub fn shard_key_with(tenant: TenantOf<'_>, field: &str, r: &pb::ShardRef) -> Result<ShardKey> {
     Ok(ShardKey {
-        tenant: node.tenant(&r.tenant)?,
+        tenant: tenant(&r.tenant)?,
         job: job(&format!("{field}.job"), &r.job)?,
         step: Step(r.step),
         rank: Rank(r.rank),
@@ -64,8 +73,17 @@ pub fn selector(
     field: &str,
     s: &pb::ShardSelector,
 ) -> Result<(TenantName, JobName, Option<Step>, Rank)> {
+    selector_with(&|t| node.tenant(t), field, s)
+}
+
+/// [`selector`] with the tenant resolved by `tenant`.
+pub fn selector_with(
+    tenant: TenantOf<'_>,
+    field: &str,
+    s: &pb::ShardSelector,
+) -> Result<(TenantName, JobName, Option<Step>, Rank)> {
     Ok((
-        node.tenant(&s.tenant)?,
+        tenant(&s.tenant)?,
         job(&format!("{field}.job"), &s.job)?,
         s.step.map(Step),
         Rank(s.rank),
@@ -74,7 +92,12 @@ pub fn selector(
 
 /// A validated BeginShard.
 pub fn begin_shard(node: &Node, req: &pb::BeginShardRequest) -> Result<BeginShard> {
-    let key = shard_key(node, "shard", required("shard", &req.shard)?)?;
+    begin_shard_with(&|t| node.tenant(t), req)
+}
+
+/// [`begin_shard`] with the tenant resolved by `tenant`.
+pub fn begin_shard_with(tenant: TenantOf<'_>, req: &pb::BeginShardRequest) -> Result<BeginShard> {
+    let key = shard_key_with(tenant, "shard", required("shard", &req.shard)?)?;
     if req.files.len() > MAX_FILES {
         return Err(Error::InvalidArgument(format!(
             "files: more than {MAX_FILES} files"
@@ -92,11 +115,17 @@ pub fn begin_shard(node: &Node, req: &pb::BeginShardRequest) -> Result<BeginShar
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let attempt = if req.attempt.is_empty() {
+        None
+    } else {
+        Some(Attempt::parse("attempt", req.attempt.clone())?)
+    };
     Ok(BeginShard {
         key,
         files,
         world_size: req.world_size,
         metadata: metadata("metadata", &req.metadata)?,
+        attempt,
     })
 }
 
@@ -170,7 +199,13 @@ pub fn manifest_to_pb(m: &Manifest) -> pb::ShardManifest {
             .collect(),
         manifest_hash: m.hash().as_bytes().to_vec(),
         committed_unix_ms: m.committed_unix_ms,
+        attempt: attempt_to_pb(m.attempt.as_ref()),
     }
+}
+
+/// The wire form of an optional attempt (empty: none).
+pub fn attempt_to_pb(attempt: Option<&Attempt>) -> String {
+    attempt.map(|a| a.as_str().to_owned()).unwrap_or_default()
 }
 
 /// The summary returned by commits.
@@ -182,6 +217,7 @@ pub fn shard_info(m: &Manifest) -> pb::ShardInfo {
         chunk_count: m.chunk_count() as u32,
         manifest_hash: m.hash().as_bytes().to_vec(),
         committed_unix_ms: m.committed_unix_ms,
+        attempt: attempt_to_pb(m.attempt.as_ref()),
     }
 }
 

@@ -10,6 +10,10 @@ pub mod convert;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
+/// Largest message the client API sends or accepts: a streamed data
+/// message plus headroom.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
 /// Converts a node error into a status, counting it by method and code.
 pub(crate) fn to_status(metrics: &Metrics, method: &'static str, err: Error) -> tonic::Status {
     let status = tonic::Status::from(err);

@@ -16,11 +16,19 @@
 //! not all present are removed. Unreferenced chunks are removed by
 //! [`DiskTier::collect_garbage`], which the caller must not run while a copy
 //! into this tier is between its chunks and its manifest.
+//!
+//! A chunk already on disk is reused by every later shard that names it, so
+//! a stored chunk that went bad would silently poison each of them. A chunk
+//! counts as present for a new copy ([`ChunkSink::missing_chunks`]) only if
+//! it was written or re-hashed within the last `reverify_after`; an older one
+//! is re-hashed first, and one that fails is removed and reported missing,
+//! so the copy writes a good one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -100,10 +108,37 @@ impl Index {
     }
 }
 
+/// Chunks remembered as recently written or checked, at most; past that
+/// the record is cleared and chunks are simply checked again.
+const MAX_TRUSTED_CHUNKS: usize = 1 << 20;
+/// How long a written or checked chunk stays trusted unless configured.
+const DEFAULT_REVERIFY_AFTER: Duration = Duration::from_secs(600);
+
+/// Chunks written or re-hashed lately, with when.
+#[derive(Default)]
+struct TrustedChunks(HashMap<(TenantName, ChunkId), Instant>);
+
+impl TrustedChunks {
+    fn record(&mut self, tenant: &TenantName, id: ChunkId) {
+        if self.0.len() >= MAX_TRUSTED_CHUNKS {
+            self.0.clear();
+        }
+        self.0.insert((tenant.clone(), id), Instant::now());
+    }
+
+    fn trusted(&self, tenant: &TenantName, id: &ChunkId, window: Duration) -> bool {
+        self.0
+            .get(&(tenant.clone(), *id))
+            .is_some_and(|at| at.elapsed() < window)
+    }
+}
+
 /// The disk tier.
 pub struct DiskTier {
     root: PathBuf,
     index: Mutex<Index>,
+    trusted: Mutex<TrustedChunks>,
+    reverify_after: Duration,
     _lock: File,
 }
 
@@ -118,10 +153,23 @@ impl DiskTier {
         let tier = Self {
             root: root.to_path_buf(),
             index: Mutex::new(Index::default()),
+            trusted: Mutex::new(TrustedChunks::default()),
+            reverify_after: DEFAULT_REVERIFY_AFTER,
             _lock: lock,
         };
         tier.load_manifests()?;
         Ok(tier)
+    }
+
+    /// Sets how long a written or checked chunk is reused without being
+    /// re-hashed (zero: never).
+    pub fn with_reverify_after(mut self, window: Duration) -> Self {
+        self.reverify_after = window;
+        self
+    }
+
+    fn lock_trusted(&self) -> std::sync::MutexGuard<'_, TrustedChunks> {
+        self.trusted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -236,7 +284,33 @@ impl DiskTier {
     ) -> Result<()> {
         let path = self.chunk_path(tenant, id);
         let tmp = self.tmp_path();
-        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, sync)).await?
+        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, sync))
+            .await??;
+        self.lock_trusted().record(tenant, *id);
+        Ok(())
+    }
+
+    /// Of `ids`, those with no file here, without checking the ones present:
+    /// what a restore asks (it re-hashes every chunk it reads anyway). A copy
+    /// into this tier asks [`ChunkSink::missing_chunks`] instead.
+    pub async fn absent_chunks(
+        &self,
+        tenant: &TenantName,
+        ids: &[ChunkId],
+    ) -> Result<Vec<ChunkId>> {
+        let paths: Vec<(ChunkId, PathBuf)> = ids
+            .iter()
+            .map(|id| (*id, self.chunk_path(tenant, id)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            paths
+                .into_iter()
+                .filter(|(_, p)| !p.exists())
+                .map(|(id, _)| id)
+                .collect()
+        })
+        .await
+        .map_err(Error::from)
     }
 
     /// A stored chunk's bytes, unverified (`None` when absent): what the
@@ -332,6 +406,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Whether the file at `path` hashes to `id` (unreadable counts as no).
+fn chunk_file_matches(path: &Path, id: &ChunkId) -> bool {
+    fs::read(path).is_ok_and(|bytes| ChunkId::of(&bytes) == *id)
+}
+
 #[async_trait]
 impl ShardSource for DiskTier {
     fn kind(&self) -> TierKind {
@@ -365,20 +444,47 @@ impl ChunkSink for DiskTier {
         TierKind::Disk
     }
 
+    /// Chunks absent, and chunks present but not trusted (written or checked
+    /// longer than `reverify_after` ago) that fail a re-hash: those are
+    /// removed, so the copy asking writes a good one.
     async fn missing_chunks(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
-        let paths: Vec<(ChunkId, PathBuf)> = ids
-            .iter()
-            .map(|id| (*id, self.chunk_path(tenant, id)))
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            paths
-                .into_iter()
-                .filter(|(_, p)| !p.exists())
-                .map(|(id, _)| id)
+        let window = self.reverify_after;
+        let paths: Vec<(ChunkId, PathBuf, bool)> = {
+            let trusted = self.lock_trusted();
+            ids.iter()
+                .map(|id| {
+                    let trust = trusted.trusted(tenant, id, window);
+                    (*id, self.chunk_path(tenant, id), trust)
+                })
                 .collect()
+        };
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut missing = Vec::new();
+            let mut good = Vec::new();
+            for (id, path, trust) in paths {
+                if !path.exists() {
+                    missing.push(id);
+                } else if trust {
+                    continue;
+                } else if chunk_file_matches(&path, &id) {
+                    good.push(id);
+                } else {
+                    tracing::warn!(chunk = %id, path = %path.display(), "a stored chunk failed verification; removing it so that it is written again");
+                    if let Err(e) = fs::remove_file(&path) {
+                        tracing::warn!(chunk = %id, error = %e, "removing a bad chunk failed");
+                    }
+                    missing.push(id);
+                }
+            }
+            (missing, good)
         })
-        .await
-        .map_err(Error::from)
+        .await?;
+        let (missing, good) = checked;
+        let mut trusted = self.lock_trusted();
+        for id in good {
+            trusted.record(tenant, id);
+        }
+        Ok(missing)
     }
 
     async fn put_chunk(&self, location: &ChunkLocation, data: Bytes) -> Result<()> {
@@ -390,6 +496,7 @@ impl ChunkSink for DiskTier {
         let key = manifest.shard.clone();
         if let Some(existing) = self.lock_index().manifests.get(&key)
             && existing.hash() != manifest.hash()
+            && !manifest.supersedes(existing)
         {
             return Err(Error::AlreadyExists(format!(
                 "disk tier already holds a different manifest for shard {key}"

@@ -94,7 +94,10 @@ struct State {
 
 impl State {
     fn used(&self) -> u64 {
-        self.committed_bytes + self.pool_bytes + self.reservations.values().sum::<u64>()
+        self.reservations.values().fold(
+            self.committed_bytes.saturating_add(self.pool_bytes),
+            |a, b| a.saturating_add(*b),
+        )
     }
 
     /// Takes the smallest pool file of at least `size` bytes, else the
@@ -237,6 +240,15 @@ impl MemoryTier {
             .join(key.rank.0.to_string())
     }
 
+    /// The length of the path a staged file named `name` gets, for a
+    /// staging id of `id_len` bytes: lets a caller size the reply that names
+    /// every staged file before anything is created.
+    pub fn staged_path_len(&self, id_len: usize, name: &FileName) -> usize {
+        let root = self.root.as_os_str().len();
+        // <root>/staging/<id>/files/<name>
+        root + STAGING.len() + id_len + FILES.len() + name.as_str().len() + 4
+    }
+
     fn staging_dir(&self, id: &str) -> PathBuf {
         self.root.join(STAGING).join(id)
     }
@@ -276,7 +288,12 @@ impl MemoryTier {
         // Pool files this save will reuse turn into its reservation, so only
         // what goes beyond them has to fit. Pool bytes beyond what this save
         // can reuse are dropped first when space is short.
-        let fits = |s: &State| s.used() + bytes <= self.capacity + s.pool_bytes.min(bytes);
+        // Checked: `bytes` comes from a client's declared sizes.
+        let fits = |s: &State| {
+            s.used()
+                .checked_add(bytes)
+                .is_some_and(|need| need <= self.capacity.saturating_add(s.pool_bytes.min(bytes)))
+        };
         while !fits(&state) && state.pool_bytes > bytes {
             let Some(file) = state.pool.pop() else { break };
             state.pool_bytes -= file.size;
@@ -285,7 +302,11 @@ impl MemoryTier {
             }
         }
         if !fits(&state) {
-            return Err(state.used() + bytes - self.capacity - state.pool_bytes.min(bytes));
+            return Err(state
+                .used()
+                .saturating_add(bytes)
+                .saturating_sub(self.capacity)
+                .saturating_sub(state.pool_bytes.min(bytes)));
         }
         state.reservations.insert(id.to_owned(), bytes);
         Ok(())

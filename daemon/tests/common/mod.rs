@@ -285,6 +285,7 @@ pub fn begin_request(shard: pb::ShardRef, files: &[(&str, &[u8])]) -> pb::BeginS
             .collect(),
         world_size: None,
         metadata: HashMap::new(),
+        attempt: String::new(),
     }
 }
 

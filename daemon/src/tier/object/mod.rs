@@ -746,11 +746,26 @@ impl ChunkSink for ObjectTier {
     }
 
     /// Create-only: the same manifest again is fine, a different one for the
-    /// same shard is `AlreadyExists`.
+    /// same shard is `AlreadyExists`, except a manifest that supersedes the
+    /// stored one (a new save of a step that never became complete; see
+    /// `Manifest::supersedes`), which replaces it.
     #[tracing::instrument(skip_all, fields(shard = %manifest.shard))]
     async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
         let path = self.manifest_path(&manifest.shard);
         let encoded = Bytes::from(manifest.encode());
+        if let Some(stored) = self.read_manifest(&path, Some(&manifest.shard)).await?
+            && manifest.supersedes(&stored)
+        {
+            tracing::info!(abandoned = ?stored.attempt, attempt = ?manifest.attempt, "replacing the bucket's manifest of an abandoned save");
+            let store = &self.store;
+            return self
+                .retrying("put", &path, || {
+                    store.put(&path, PutPayload::from(encoded.clone()))
+                })
+                .await
+                .map(|_| ())
+                .map_err(|source| store_error(format!("uploading {path}"), source));
+        }
         self.put_create_only(&path, encoded, |existing| {
             Ok(match Manifest::decode(existing) {
                 Ok(stored) => stored.hash() == manifest.hash(),

@@ -24,6 +24,7 @@ use super::{
     unix_now,
 };
 use crate::error::Result;
+use crate::tier::ShardSource;
 
 const MARKER: &str = "complete";
 
@@ -167,6 +168,10 @@ impl ObjectTier {
             None if present.contains(&key.rank.0) => present.into_iter().collect(),
             None => return Ok(false),
         };
+        if manifest.world_size.is_some() && !self.ranks_share_attempt(manifest, &ranks).await? {
+            tracing::info!(tenant = %key.tenant, job = %key.job, step = %key.step, "every rank is in the object store, but not all from one save; the step is not complete");
+            return Ok(false);
+        }
         let marker = StepMarker {
             job: key.job.as_str(),
             step: key.step.0,
@@ -178,6 +183,32 @@ impl ObjectTier {
         let path = self.marker_path(&key.tenant, &key.job, key.step);
         self.put_create_only(&path, bytes, |_| Ok(true)).await?;
         tracing::info!(tenant = %key.tenant, job = %key.job, step = %key.step, "step complete in the object store");
+        Ok(true)
+    }
+
+    /// Whether the bucket's manifest of every rank in `ranks` comes from
+    /// `manifest`'s attempt (a step is complete only when one save wrote
+    /// all of it).
+    async fn ranks_share_attempt(&self, manifest: &Manifest, ranks: &[u32]) -> Result<bool> {
+        let others: Vec<_> = ranks
+            .iter()
+            .map(|&rank| {
+                let mut other = manifest.shard.clone();
+                other.rank = Rank(rank);
+                other
+            })
+            .collect();
+        for batch in others.chunks(DEFAULT_REQUEST_CONCURRENCY) {
+            let stored =
+                futures::future::try_join_all(batch.iter().map(|other| self.manifest(other)))
+                    .await?;
+            if !stored
+                .iter()
+                .all(|m| m.as_ref().is_some_and(|m| m.attempt == manifest.attempt))
+            {
+                return Ok(false);
+            }
+        }
         Ok(true)
     }
 

@@ -75,7 +75,7 @@ class FileSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class BeginShardRequest(_message.Message):
-    __slots__ = ("shard", "files", "world_size", "metadata")
+    __slots__ = ("shard", "files", "world_size", "metadata", "attempt")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,11 +87,13 @@ class BeginShardRequest(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     shard: ShardRef
     files: _containers.RepeatedCompositeFieldContainer[FileSpec]
     world_size: int
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., files: _Optional[_Iterable[_Union[FileSpec, _Mapping]]] = ..., world_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    attempt: str
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., files: _Optional[_Iterable[_Union[FileSpec, _Mapping]]] = ..., world_size: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., attempt: _Optional[str] = ...) -> None: ...
 
 class StagedFile(_message.Message):
     __slots__ = ("name", "path", "size")
@@ -118,20 +120,22 @@ class CommitShardRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard", "total_bytes", "file_count", "chunk_count", "manifest_hash", "committed_unix_ms")
+    __slots__ = ("shard", "total_bytes", "file_count", "chunk_count", "manifest_hash", "committed_unix_ms", "attempt")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     FILE_COUNT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     shard: ShardRef
     total_bytes: int
     file_count: int
     chunk_count: int
     manifest_hash: bytes
     committed_unix_ms: int
-    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., total_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., manifest_hash: _Optional[bytes] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
+    attempt: str
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., total_bytes: _Optional[int] = ..., file_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., manifest_hash: _Optional[bytes] = ..., committed_unix_ms: _Optional[int] = ..., attempt: _Optional[str] = ...) -> None: ...
 
 class CommitShardResponse(_message.Message):
     __slots__ = ("shard",)
@@ -195,7 +199,7 @@ class FileManifest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkRef, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ShardManifest(_message.Message):
-    __slots__ = ("shard", "world_size", "chunk_size", "files", "metadata", "manifest_hash", "committed_unix_ms")
+    __slots__ = ("shard", "world_size", "chunk_size", "files", "metadata", "manifest_hash", "committed_unix_ms", "attempt")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +214,7 @@ class ShardManifest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     shard: ShardRef
     world_size: int
     chunk_size: int
@@ -217,7 +222,8 @@ class ShardManifest(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     manifest_hash: bytes
     committed_unix_ms: int
-    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., world_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileManifest, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., manifest_hash: _Optional[bytes] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
+    attempt: str
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ..., world_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileManifest, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., manifest_hash: _Optional[bytes] = ..., committed_unix_ms: _Optional[int] = ..., attempt: _Optional[str] = ...) -> None: ...
 
 class ReadShardRequest(_message.Message):
     __slots__ = ("shard",)
@@ -242,7 +248,7 @@ class TierState(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[ShardState, str]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("rank", "total_bytes", "world_size", "tiers", "peer_holders", "peer_replicas_wanted", "peer_problem")
+    __slots__ = ("rank", "total_bytes", "world_size", "tiers", "peer_holders", "peer_replicas_wanted", "peer_problem", "attempt")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +256,7 @@ class ShardStatus(_message.Message):
     PEER_HOLDERS_FIELD_NUMBER: _ClassVar[int]
     PEER_REPLICAS_WANTED_FIELD_NUMBER: _ClassVar[int]
     PEER_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     rank: int
     total_bytes: int
     world_size: int
@@ -257,7 +264,8 @@ class ShardStatus(_message.Message):
     peer_holders: _containers.RepeatedScalarFieldContainer[str]
     peer_replicas_wanted: int
     peer_problem: str
-    def __init__(self, rank: _Optional[int] = ..., total_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierState, _Mapping]]] = ..., peer_holders: _Optional[_Iterable[str]] = ..., peer_replicas_wanted: _Optional[int] = ..., peer_problem: _Optional[str] = ...) -> None: ...
+    attempt: str
+    def __init__(self, rank: _Optional[int] = ..., total_bytes: _Optional[int] = ..., world_size: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierState, _Mapping]]] = ..., peer_holders: _Optional[_Iterable[str]] = ..., peer_replicas_wanted: _Optional[int] = ..., peer_problem: _Optional[str] = ..., attempt: _Optional[str] = ...) -> None: ...
 
 class StepStatus(_message.Message):
     __slots__ = ("step", "restorable", "shards", "object_store_complete")
