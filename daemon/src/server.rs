@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::peer::service::{PeerService, PrefetchTarget};
+use crate::peer::service::{PeerService, PrefetchTarget, ReplicaPlacement};
 use crate::peer::{self, PeerTier};
 use crate::service;
 use crate::service::admin::AdminService;
@@ -207,6 +207,10 @@ async fn serve_peers(
         Arc::clone(&peers.store),
         target,
         peers.membership(),
+        ReplicaPlacement {
+            me: peers.me().id,
+            candidates: peers.placement_candidates(),
+        },
         !peers.insecure(),
         metrics,
     );

@@ -192,6 +192,13 @@ impl PeerTier {
         self.port
     }
 
+    /// How many placement candidates a shard's replicas are tried on (the
+    /// replicas, then fallbacks for full or unreachable ones): receivers
+    /// refuse replicas placement does not put on them.
+    pub fn placement_candidates(&self) -> usize {
+        self.replicas + FALLBACK_CANDIDATES
+    }
+
     /// Replicas wanted of each shard.
     pub fn replicas(&self) -> usize {
         self.replicas
@@ -298,7 +305,7 @@ impl PeerTier {
         let key = PlacementKey::from(&manifest.shard);
         let candidates = view
             .membership()
-            .place(&key, owner, self.replicas + FALLBACK_CANDIDATES);
+            .place(&key, owner, self.placement_candidates());
         let mut outcome = ReplicationOutcome::default();
         for node in candidates {
             if outcome.holders.len() == self.replicas {

@@ -3,12 +3,18 @@
 //!
 //! Every request is authenticated first ([`super::tls::authenticate`]) and
 //! must come from a member of the current membership view; the replicas are
-//! any tenant's, since daemons act for all the node's jobs.
+//! any tenant's, since daemons act for all the node's jobs. Peers are
+//! trusted to store and serve bytes, not to speak for other nodes: a replica
+//! is accepted only from its owner (or, for an owner that left the view,
+//! from a holder re-placing it), and only where placement puts it
+//! ([`may_store_replica`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
 
-use cairn_core::{Manifest, Member, MembershipView, NodeId, Rank, ShardKey, Step, TenantName};
+use cairn_core::{
+    Manifest, Member, MembershipView, NodeId, PlacementKey, Rank, ShardKey, Step, TenantName,
+};
 use cairn_proto::v1 as pb;
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
@@ -38,8 +44,20 @@ pub struct PeerService {
     store: Arc<ReplicaStore>,
     target: Arc<dyn PrefetchTarget>,
     membership: watch::Receiver<Arc<MembershipView>>,
+    placement: ReplicaPlacement,
     tls: bool,
     metrics: Arc<Metrics>,
+}
+
+/// Where this node sits in replica placement: its id, and how many of a
+/// shard's placement candidates a sender tries (the replicas plus the
+/// fallbacks for full or unreachable ones).
+#[derive(Clone, Debug)]
+pub struct ReplicaPlacement {
+    /// This node.
+    pub me: NodeId,
+    /// Candidates a sender may use for one shard.
+    pub candidates: usize,
 }
 
 impl PeerService {
@@ -49,6 +67,7 @@ impl PeerService {
         store: Arc<ReplicaStore>,
         target: Arc<dyn PrefetchTarget>,
         membership: watch::Receiver<Arc<MembershipView>>,
+        placement: ReplicaPlacement,
         tls: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -56,6 +75,7 @@ impl PeerService {
             store,
             target,
             membership,
+            placement,
             tls,
             metrics,
         }
@@ -161,6 +181,9 @@ impl pb::peer_server::Peer for PeerService {
             .map_err(|e| self.refuse(METHOD, Error::InvalidArgument(format!("manifest: {e}"))))?;
         let owner = owner_member(&request).map_err(|e| self.refuse(METHOD, e))?;
         let shard = manifest.shard.clone();
+        let view = Arc::clone(&self.membership.borrow());
+        may_store_replica(&view, &self.placement, &caller, &owner, &shard)
+            .map_err(|e| self.refuse(METHOD, e))?;
         self.store
             .put_manifest(manifest, owner)
             .await
@@ -261,6 +284,38 @@ impl pb::peer_server::Peer for PeerService {
 }
 
 /// The owner named in a PutManifest, validated.
+/// Whether `caller` may store a replica of `shard`, naming `owner`, on this
+/// node. The owner sends its own replicas; another member may re-send one
+/// only for an owner that is no longer in the view (the holders re-place an
+/// orphaned replica). Either way placement, over this node's view, must
+/// put the shard's replicas here. Otherwise one compromised or confused
+/// member could write any tenant's checkpoints under another node's name.
+pub fn may_store_replica(
+    view: &MembershipView,
+    placement: &ReplicaPlacement,
+    caller: &NodeId,
+    owner: &Member,
+    shard: &ShardKey,
+) -> Result<(), Error> {
+    if &owner.id != caller && view.get(&owner.id).is_some() {
+        return Err(Error::PermissionDenied(format!(
+            "node {caller} sent a replica of shard {shard} naming node {} as its owner; \
+             only a shard's owner sends its replicas while it is a member",
+            owner.id
+        )));
+    }
+    let placed = view
+        .membership()
+        .place(&PlacementKey::from(shard), owner, placement.candidates);
+    if !placed.contains(&placement.me) {
+        return Err(Error::PermissionDenied(format!(
+            "placement does not put replicas of shard {shard} (owner {}) on node {}; refused from node {caller}",
+            owner.id, placement.me
+        )));
+    }
+    Ok(())
+}
+
 fn owner_member(request: &pb::PeerPutManifestRequest) -> Result<Member, Error> {
     let id = NodeId::parse("owner", request.owner.clone())?;
     let mut member = Member::new(id);
@@ -271,4 +326,97 @@ fn owner_member(request: &pb::PeerPutManifestRequest) -> Result<Member, Error> {
         member = member.with_rack(request.owner_rack.clone());
     }
     Ok(member)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use cairn_core::{JobName, Peer};
+
+    use super::*;
+
+    fn node(i: u8) -> NodeId {
+        NodeId::parse("node", format!("node-{i}")).expect("valid")
+    }
+
+    fn view(members: &[u8]) -> MembershipView {
+        let peers = members
+            .iter()
+            .map(|&i| Peer {
+                member: Member::new(node(i)),
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)),
+                port: None,
+            })
+            .collect();
+        MembershipView::new("peers", peers).expect("valid view")
+    }
+
+    fn shard(job: &str) -> ShardKey {
+        ShardKey {
+            tenant: "team-a".parse().expect("valid"),
+            job: JobName::parse("job", job.into()).expect("valid"),
+            step: Step(999),
+            rank: Rank(0),
+        }
+    }
+
+    /// A shard of `owner` that placement (one candidate) puts on `on`, and
+    /// one it does not.
+    fn shards_placed(view: &MembershipView, owner: &Member, on: &NodeId) -> (ShardKey, ShardKey) {
+        let placed_on = |s: &ShardKey| {
+            view.membership()
+                .place(&PlacementKey::from(s), owner, 1)
+                .contains(on)
+        };
+        let all: Vec<ShardKey> = (0..200).map(|i| shard(&format!("job{i}"))).collect();
+        let here = all
+            .iter()
+            .find(|s| placed_on(s))
+            .expect("some shard placed here");
+        let elsewhere = all
+            .iter()
+            .find(|s| !placed_on(s))
+            .expect("some shard placed elsewhere");
+        (here.clone(), elsewhere.clone())
+    }
+
+    #[test]
+    fn only_the_owner_sends_its_replicas_and_only_where_placement_puts_them() {
+        let view = view(&[1, 2, 3, 4]);
+        let me = ReplicaPlacement {
+            me: node(3),
+            candidates: 1,
+        };
+        let owner = Member::new(node(1));
+        let (here, elsewhere) = shards_placed(&view, &owner, &me.me);
+        may_store_replica(&view, &me, &node(1), &owner, &here).expect("the owner, placed here");
+        // Regression: node 2 stored a replica for team-a naming node 1 as
+        // its owner, and every node's "latest" followed it.
+        let err = may_store_replica(&view, &me, &node(2), &owner, &here).expect_err("spoofed");
+        assert!(
+            matches!(&err, Error::PermissionDenied(m) if m.contains("naming node node-1")),
+            "{err}"
+        );
+        let err = may_store_replica(&view, &me, &node(1), &owner, &elsewhere)
+            .expect_err("not placed here");
+        assert!(
+            matches!(&err, Error::PermissionDenied(m) if m.contains("placement does not put")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_holder_re_places_the_replica_of_an_owner_that_left() {
+        let view = view(&[2, 3, 4]);
+        let me = ReplicaPlacement {
+            me: node(3),
+            candidates: 1,
+        };
+        let gone = Member::new(node(1));
+        let (here, elsewhere) = shards_placed(&view, &gone, &me.me);
+        may_store_replica(&view, &me, &node(2), &gone, &here).expect("orphan re-placed here");
+        may_store_replica(&view, &me, &node(2), &gone, &elsewhere)
+            .expect_err("still only where placement puts it");
+    }
 }

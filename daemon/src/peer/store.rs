@@ -150,6 +150,18 @@ impl ReplicaStore {
             // filesystem sync for the replica's chunks written unsynced.
             let root = self.root.clone();
             tokio::task::spawn_blocking(move || fsutil::sync_filesystem(&root)).await??;
+            // A different manifest for a shard held here is refused before
+            // anything changes (the owner record included), unless it
+            // supersedes the stored one (a new save of an incomplete step).
+            if let Some(stored) = self.tier.manifest(&manifest.shard).await?
+                && stored.hash() != manifest.hash()
+                && !manifest.supersedes(&stored)
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "a different replica of shard {} is already stored here",
+                    manifest.shard
+                )));
+            }
             // The owner first: a recorded owner without a manifest is
             // ignored, a manifest without its owner could not be placed
             // again once the owner leaves.
