@@ -16,10 +16,16 @@ pub enum Error {
     /// A Cairn name (job, tenant) from the volume attributes broke the rules.
     #[error(transparent)]
     Core(#[from] CoreError),
-    /// A request field was missing, malformed or unsupported.
+    /// A request field was missing or malformed.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The volume is not published here (NodeGetVolumeStats).
+    /// The volume capability asks for what a Cairn volume cannot be (block
+    /// access, a multi-node mode, an fs_type, mount flags, a mount group):
+    /// the spec's "Exceeds capabilities" condition of NodePublishVolume.
+    #[error("{0}")]
+    ExceedsCapabilities(String),
+    /// The volume is not published here, or not at the path asked about
+    /// (NodeGetVolumeStats).
     #[error("{0}")]
     NotFound(String),
     /// The volume is already published at the target with other arguments.
@@ -92,7 +98,9 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::Aborted(_) => Code::Aborted,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::FailedPrecondition(_) | Error::ExceedsCapabilities(_) => {
+                Code::FailedPrecondition
+            }
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,

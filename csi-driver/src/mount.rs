@@ -6,13 +6,13 @@
 //! inherited from the source mount (`nosuid`, `nodev`, `noexec` on
 //! `/dev/shm`) are read back with `statvfs` and kept.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::StatVfsMountFlags;
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::error::{Error, IoContext, Result};
-use crate::mountinfo;
+use crate::mountinfo::{self, MountEntry};
 
 /// Most mounts stacked on one target that an unmount loop will peel off
 /// before giving up: more means something else keeps mounting there.
@@ -62,18 +62,37 @@ fn remount_read_only(target: &Path) -> Result<()> {
         .io_context(|| format!("remounting {} read-only", target.display()))
 }
 
-/// Unmounts `target` until it is no longer a mount point (mounts can be
-/// stacked). A busy mount is an error, not a lazy detach: the CO retries,
+/// What [`unmount_owned`] did at a target.
+#[derive(Debug, Default)]
+pub struct Unmounted {
+    /// How many mounts it took off.
+    pub count: usize,
+    /// The root of the mount it found on top and left in place because it
+    /// was not the caller's; `None` when the target is no longer a mount
+    /// point.
+    pub left: Option<PathBuf>,
+}
+
+/// Unmounts the mounts stacked on `target`, last first, for as long as
+/// `owned` claims the one on top: a mount that is not the caller's (another
+/// volume published at the same path) is never taken off, and nothing under
+/// it either. A busy mount is an error, not a lazy detach: the CO retries,
 /// and the volume's directory is never deleted under a live mount.
-pub fn unmount_all(target: &Path) -> Result<()> {
+pub fn unmount_owned(target: &Path, owned: impl Fn(&MountEntry) -> bool) -> Result<Unmounted> {
+    let mut done = Unmounted::default();
     for _ in 0..MAX_STACKED_MOUNTS {
-        let mounted = mountinfo::is_mount_point(target)
-            .io_context(|| format!("reading {}", mountinfo::MOUNTINFO))?;
-        if !mounted {
-            return Ok(());
+        let entries =
+            mountinfo::read().io_context(|| format!("reading {}", mountinfo::MOUNTINFO))?;
+        let Some(top) = mountinfo::mounts_at(&entries, target).pop() else {
+            return Ok(done);
+        };
+        if !owned(top) {
+            done.left = Some(top.root.clone());
+            return Ok(done);
         }
         rustix::mount::unmount(target, UnmountFlags::empty())
             .io_context(|| format!("unmounting {}", target.display()))?;
+        done.count += 1;
     }
     Err(Error::FailedPrecondition(format!(
         "{} is still a mount point after {MAX_STACKED_MOUNTS} unmounts",

@@ -125,9 +125,16 @@ impl NodeService {
     ) -> Result<pb::NodeGetVolumeStatsResponse> {
         use pb::volume_usage::Unit;
         let id = VolumeId::parse("volume_id", &req.volume_id)?;
-        let path = parse_target_path("volume_path", &req.volume_path, &self.config.kubelet_dir)?;
+        // Only a missing path is a bad argument: any other is compared with
+        // where the volume is published, and a path it is not published at
+        // is NOT_FOUND whatever its form (the spec's error table; csi-sanity
+        // asks about `some/path`). The path is never opened.
+        if req.volume_path.is_empty() {
+            return Err(Error::InvalidArgument("volume_path is required".into()));
+        }
         Span::current().record("volume_id", id.as_str());
         let volumes = Arc::clone(&self.volumes);
+        let path = req.volume_path;
         let usage = tokio::task::spawn_blocking(move || volumes.stats(&id, &path)).await??;
         let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let entry = |used: u64, available: u64, unit: Unit| pb::VolumeUsage {

@@ -43,11 +43,11 @@ use rustix::fs::Access;
 use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::mount;
-use crate::mountinfo;
+use crate::mountinfo::{self, MountEntry};
 use crate::prefill::{self, DaemonClient};
 use crate::store::{StateStore, VolumeRecord, create_private_dir, write_atomically};
 use crate::usage::{self, Usage};
-use crate::volume::{DATA_DIR, SPEC_FILE, VolumeId, VolumeSpec, volume_dir};
+use crate::volume::{DATA_DIR, SPEC_FILE, VolumeId, VolumeSpec, shown, volume_dir};
 
 /// Test hooks: named points where the `FAILPOINTS` environment variable
 /// (the `fail` crate) can make the plugin pause, e.g.
@@ -307,8 +307,10 @@ impl Volumes {
     /// volume's own mount, removes the target only if it is an empty
     /// directory, then the volume's directory and record.
     fn undo_publish(&self, spec: &VolumeSpec) -> Result<()> {
-        if let MountState::Ours = self.mount_state(&spec.target_path, &spec.volume_id)? {
-            mount::unmount_all(&spec.target_path)?;
+        let id = &spec.volume_id;
+        let unmounted = mount::unmount_owned(&spec.target_path, |m| is_data_of(m, id))?;
+        if let Some(root) = unmounted.left {
+            tracing::debug!(other = %root.display(), "left another mount at the target");
         }
         if let Err(e) = std::fs::remove_dir(&spec.target_path) {
             tracing::debug!(error = %e, "left the target in place");
@@ -316,10 +318,24 @@ impl Volumes {
         self.forget(&spec.volume_id)
     }
 
-    /// NodeUnpublishVolume: unmounts the target (every stacked mount),
+    /// NodeUnpublishVolume: takes this volume's mounts off the target,
     /// removes the target directory, the volume's directory and its record.
-    /// Idempotent: an unknown or already unpublished volume is OK, and so is
-    /// a target the volume is not published at (nothing is touched then).
+    ///
+    /// Idempotent, and it touches only what is provably this volume's:
+    ///
+    /// - a volume recorded at another target: OK, nothing is touched;
+    /// - a mount at the target is taken off only while its source is this
+    ///   volume's `data/` (the kernel's mount table says so, not the
+    ///   record), so another volume published at the same path keeps its
+    ///   mount and its target;
+    /// - a volume with no record and no mount at the target (never
+    ///   published, already unpublished, or published elsewhere): OK, and
+    ///   the target is left as it is. Only the volume's own leftovers (a
+    ///   publish that failed before recording) are removed, and not while
+    ///   its `data/` is mounted anywhere.
+    ///
+    /// A volume whose record was lost (unreadable at start) but which is
+    /// mounted at the target is still unpublished: its mount names it.
     ///
     /// The volume's directory is deleted with everything in it. Steps the
     /// daemon ingested live on as shards (their files are hard links in the
@@ -327,25 +343,56 @@ impl Volumes {
     /// any ephemeral volume.
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
         hooks::pause_point(hooks::UNPUBLISH_START);
-        if let Some(record) = self.record(id)
+        let record = self.record(id);
+        if let Some(record) = &record
             && record.spec.target_path != target
         {
-            tracing::warn!(
+            tracing::info!(
                 published_at = %record.spec.target_path.display(),
                 "unpublish for a target the volume is not published at; nothing to do"
             );
             return Ok(());
         }
-        if self.target_exists(target)? {
-            mount::unmount_all(target)?;
-            match std::fs::remove_dir(target) {
+        let exists = self.target_exists(target)?;
+        let unmounted = if exists {
+            mount::unmount_owned(target, |m| is_data_of(m, id))?
+        } else {
+            mount::Unmounted::default()
+        };
+        if record.is_none() && unmounted.count == 0 {
+            // Not published at this target: never published, already
+            // unpublished, or mounted elsewhere. Whatever is at the target
+            // (another volume's mount, the CO's directory) is not ours.
+            let elsewhere = data_mounts(&read_mounts()?, id);
+            if !elsewhere.is_empty() {
+                tracing::info!(
+                    mounted_at = %display_paths(&elsewhere),
+                    "unpublish for a target the volume is not mounted at; nothing to do"
+                );
+                return Ok(());
+            }
+            tracing::info!("volume not published at this target; nothing to do there");
+            // The volume's own leftovers, if a publish failed before
+            // recording it.
+            return self.forget(id);
+        }
+        match &unmounted.left {
+            Some(root) => tracing::warn!(
+                other = %root.display(),
+                "the target holds a mount that is not this volume's; left it and the target in place"
+            ),
+            None if exists => match std::fs::remove_dir(target) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     return Err(e)
                         .io_context(|| format!("removing the target {}", target.display()));
                 }
-            }
+            },
+            None => {}
+        }
+        if record.is_none() {
+            tracing::warn!("unpublished a volume that was mounted at the target but had no record");
         }
         self.forget(id)?;
         tracing::info!("volume unpublished");
@@ -356,17 +403,20 @@ impl Volumes {
     /// in it) and then its record.
     fn forget(&self, id: &VolumeId) -> Result<()> {
         let dir = volume_dir(&self.volumes_dir, id);
-        let entries =
-            mountinfo::read().io_context(|| format!("reading {}", mountinfo::MOUNTINFO))?;
+        let entries = read_mounts()?;
         let busy = mountinfo::mounts_under(&entries, &dir);
         if !busy.is_empty() || !mountinfo::mounts_at(&entries, &dir).is_empty() {
             return Err(Error::FailedPrecondition(format!(
                 "{} still has mounts ({}); not deleting it",
                 dir.display(),
-                busy.iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                display_paths(&busy)
+            )));
+        }
+        let elsewhere = data_mounts(&entries, id);
+        if !elsewhere.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id}'s data is still mounted at {}; not deleting it",
+                display_paths(&elsewhere)
             )));
         }
         match std::fs::symlink_metadata(&dir) {
@@ -386,18 +436,20 @@ impl Volumes {
     }
 
     /// NodeGetVolumeStats: what the volume's `data/` uses, NOT_FOUND unless
-    /// `id` is published here at `volume_path`.
-    pub fn stats(&self, id: &VolumeId, volume_path: &Path) -> Result<Usage> {
+    /// `id` is published here at `volume_path`. The path is only compared
+    /// with the record, never validated or opened, so a path of any form
+    /// that the volume is not published at is NOT_FOUND.
+    pub fn stats(&self, id: &VolumeId, volume_path: &str) -> Result<Usage> {
         let Some(record) = self.record(id) else {
             return Err(Error::NotFound(format!(
                 "volume {id} is not published on this node"
             )));
         };
-        if record.spec.target_path != volume_path {
+        if record.spec.target_path != Path::new(volume_path) {
             return Err(Error::NotFound(format!(
                 "volume {id} is published at {}, not at {}",
                 record.spec.target_path.display(),
-                volume_path.display()
+                shown(volume_path)
             )));
         }
         let data = volume_dir(&self.volumes_dir, id).join(DATA_DIR);
@@ -419,12 +471,11 @@ impl Volumes {
     /// What is mounted at `target`: judged by the last mount stacked there,
     /// whose root must be this volume's `data/`.
     fn mount_state(&self, target: &Path, id: &VolumeId) -> Result<MountState> {
-        let entries =
-            mountinfo::read().io_context(|| format!("reading {}", mountinfo::MOUNTINFO))?;
+        let entries = read_mounts()?;
         let Some(top) = mountinfo::mounts_at(&entries, target).pop() else {
             return Ok(MountState::NotMounted);
         };
-        if top.root.ends_with(Path::new(id.as_str()).join(DATA_DIR)) {
+        if is_data_of(top, id) {
             Ok(MountState::Ours)
         } else {
             Ok(MountState::Foreign(top.root.clone()))
@@ -499,6 +550,35 @@ impl Volumes {
             ))
         })
     }
+}
+
+/// Whether `mount`'s source is volume `id`'s `data/`: its root (the
+/// source directory relative to its filesystem) ends in `<id>/data`. The
+/// mount table, not the record, is what says whose a mount is.
+fn is_data_of(mount: &MountEntry, id: &VolumeId) -> bool {
+    mount.root.ends_with(Path::new(id.as_str()).join(DATA_DIR))
+}
+
+/// Where volume `id`'s `data/` is mounted, anywhere.
+fn data_mounts(entries: &[MountEntry], id: &VolumeId) -> Vec<PathBuf> {
+    entries
+        .iter()
+        .filter(|e| is_data_of(e, id))
+        .map(|e| e.mount_point.clone())
+        .collect()
+}
+
+fn read_mounts() -> Result<Vec<MountEntry>> {
+    mountinfo::read().io_context(|| format!("reading {}", mountinfo::MOUNTINFO))
+}
+
+/// Paths for a message: comma-separated.
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The fields two specs differ in, for an ALREADY_EXISTS message.

@@ -19,6 +19,12 @@
 //!   step directory format makes names that ingest reads back as the same
 //!   step, and every attribute key is one the plugin knows.
 //!
+//! A missing or malformed argument is INVALID_ARGUMENT. A well-formed
+//! capability the plugin cannot serve (block, a multi-node mode, an fs_type,
+//! mount flags, a mount group) is FAILED_PRECONDITION, the spec's "Exceeds
+//! capabilities" condition of NodePublishVolume; it is judged last, once
+//! everything else in the request is valid.
+//!
 //! Symbolic links are the I/O layer's business: `publish.rs` re-checks the
 //! resolved target against the resolved kubelet directory before mounting.
 
@@ -207,21 +213,29 @@ pub enum AccessMode {
 }
 
 impl AccessMode {
+    /// INVALID_ARGUMENT for `UNKNOWN` (the field left unset) or a value this
+    /// plugin does not know.
+    fn check_known(self) -> Result<Self> {
+        match self {
+            AccessMode::Unknown(_) => Err(invalid(format!(
+                "volume_capability.access_mode {self} is not a valid mode; use \
+                 SINGLE_NODE_WRITER"
+            ))),
+            _ => Ok(self),
+        }
+    }
+
+    /// FAILED_PRECONDITION (the spec's "Exceeds capabilities") for the
+    /// multi-node modes: a Cairn volume lives in one node's memory tier.
     fn check_supported(self) -> Result<Self> {
         match self {
-            AccessMode::SingleNodeWriter
-            | AccessMode::SingleNodeReaderOnly
-            | AccessMode::SingleNodeSingleWriter
-            | AccessMode::SingleNodeMultiWriter => Ok(self),
             AccessMode::MultiNodeReaderOnly
             | AccessMode::MultiNodeSingleWriter
-            | AccessMode::MultiNodeMultiWriter => Err(invalid(format!(
+            | AccessMode::MultiNodeMultiWriter => Err(unsupported(format!(
                 "volume_capability.access_mode {self} is not supported: a Cairn volume lives \
                  in one node's memory tier, so only SINGLE_NODE_* modes are"
             ))),
-            AccessMode::Unknown(_) => Err(invalid(format!(
-                "volume_capability.access_mode {self} is not supported; use SINGLE_NODE_WRITER"
-            ))),
+            _ => Ok(self),
         }
     }
 }
@@ -405,7 +419,7 @@ impl VolumeSpec {
                 "publish_context must be empty: cairn-csi has no controller service".into(),
             ));
         }
-        let access_mode = check_capability(req.capability.as_ref())?;
+        let (capability, access_mode) = check_capability(req.capability.as_ref())?;
         let ctx = Attributes::check(&req.volume_context)?;
 
         match ctx.get(attr::EPHEMERAL) {
@@ -450,6 +464,7 @@ impl VolumeSpec {
                 )));
             }
         };
+        check_capability_supported(capability, access_mode)?;
         Ok(VolumeSpec {
             volume_id,
             target_path,
@@ -511,8 +526,9 @@ pub fn check_normalised_absolute(field: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks the access type and mode; returns the (supported) mode.
-fn check_capability(cap: Option<&Capability>) -> Result<AccessMode> {
+/// Checks that the capability is there and well formed: a missing part or
+/// a malformed value is INVALID_ARGUMENT. Returns it with its access mode.
+fn check_capability(cap: Option<&Capability>) -> Result<(&Capability, AccessMode)> {
     let Some(cap) = cap else {
         return Err(invalid("volume_capability is required".into()));
     };
@@ -522,8 +538,29 @@ fn check_capability(cap: Option<&Capability>) -> Result<AccessMode> {
                 "volume_capability.access_type is required (mount)".into(),
             ));
         }
+        Some(AccessType::Block) => {}
+        Some(AccessType::Mount { fs_type, .. }) => check_string(
+            "volume_capability.mount.fs_type",
+            fs_type,
+            MAX_VOLUME_ID_LEN,
+        )?,
+    }
+    match cap.access_mode {
+        None => Err(invalid("volume_capability.access_mode is required".into())),
+        Some(mode) => Ok((cap, mode.check_known()?)),
+    }
+}
+
+/// Checks that a well-formed capability asks only for what a Cairn volume
+/// is (a bind-mounted directory on one node, no fs_type, no mount options):
+/// anything more is FAILED_PRECONDITION, the spec's "Exceeds capabilities"
+/// condition of NodePublishVolume. Run after every INVALID_ARGUMENT check,
+/// so that a request is judged on its capability only once it is valid.
+fn check_capability_supported(cap: &Capability, mode: AccessMode) -> Result<()> {
+    match &cap.access_type {
+        None => {}
         Some(AccessType::Block) => {
-            return Err(invalid(
+            return Err(unsupported(
                 "volume_capability.block is not supported: a Cairn volume is a directory; \
                  use a mount (filesystem) volume"
                     .into(),
@@ -534,13 +571,8 @@ fn check_capability(cap: Option<&Capability>) -> Result<AccessMode> {
             mount_flags,
             volume_mount_group,
         }) => {
-            check_string(
-                "volume_capability.mount.fs_type",
-                fs_type,
-                MAX_VOLUME_ID_LEN,
-            )?;
             if !fs_type.is_empty() {
-                return Err(invalid(format!(
+                return Err(unsupported(format!(
                     "volume_capability.mount.fs_type {} is not supported: the volume is a \
                      bind-mounted directory of the memory tier; leave fsType unset",
                     shown(fs_type)
@@ -548,13 +580,13 @@ fn check_capability(cap: Option<&Capability>) -> Result<AccessMode> {
             }
             if !mount_flags.is_empty() {
                 // Not echoed: the spec says mount flags may be sensitive.
-                return Err(invalid(format!(
+                return Err(unsupported(format!(
                     "volume_capability.mount.mount_flags are not supported ({} given)",
                     mount_flags.len()
                 )));
             }
             if !volume_mount_group.is_empty() {
-                return Err(invalid(
+                return Err(unsupported(
                     "volume_capability.mount.volume_mount_group is not supported: cairn-csi \
                      does not advertise VOLUME_MOUNT_GROUP"
                         .into(),
@@ -562,10 +594,7 @@ fn check_capability(cap: Option<&Capability>) -> Result<AccessMode> {
             }
         }
     }
-    match cap.access_mode {
-        None => Err(invalid("volume_capability.access_mode is required".into())),
-        Some(mode) => mode.check_supported(),
-    }
+    mode.check_supported().map(|_| ())
 }
 
 /// The volume context after the generic checks: every key known, every key
@@ -785,7 +814,7 @@ fn check_string(field: &str, value: &str, max: usize) -> Result<()> {
 }
 
 /// A value as it appears in an error message: quoted, escaped, truncated.
-fn shown(value: &str) -> String {
+pub(crate) fn shown(value: &str) -> String {
     if value.len() <= MAX_SHOWN {
         return format!("{value:?}");
     }
@@ -798,6 +827,10 @@ fn shown(value: &str) -> String {
 
 fn invalid(message: String) -> Error {
     Error::InvalidArgument(message)
+}
+
+fn unsupported(message: String) -> Error {
+    Error::ExceedsCapabilities(message)
 }
 
 #[cfg(test)]
@@ -940,55 +973,120 @@ mod tests {
         rejected(&req, "at most 4096");
     }
 
+    fn unsupported(req: &PublishRequest, mentions: &str) {
+        match validate(req) {
+            Ok(spec) => panic!("accepted {req:?} as {spec:?}"),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+                assert!(
+                    e.to_string().contains(mentions),
+                    "{e:?} does not mention {mentions:?}"
+                );
+            }
+        }
+    }
+
+    fn with_mount(edit: impl FnOnce(&mut String, &mut Vec<String>, &mut String)) -> PublishRequest {
+        let mut req = request();
+        if let Some(Capability {
+            access_type:
+                Some(AccessType::Mount {
+                    fs_type,
+                    mount_flags,
+                    volume_mount_group,
+                }),
+            ..
+        }) = req.capability.as_mut()
+        {
+            edit(fs_type, mount_flags, volume_mount_group);
+        }
+        req
+    }
+
     #[test]
     fn only_single_node_mount_volumes_are_supported() {
         let mut req = request();
         req.capability = None;
         rejected(&req, "volume_capability is required");
+        let mut req = request();
+        if let Some(cap) = req.capability.as_mut() {
+            cap.access_type = None;
+        }
+        rejected(&req, "access_type is required");
+        let mut req = request();
+        if let Some(cap) = req.capability.as_mut() {
+            cap.access_mode = None;
+        }
+        rejected(&req, "access_mode is required");
 
+        // Exceeds capabilities: FAILED_PRECONDITION.
         let mut req = request();
         if let Some(cap) = req.capability.as_mut() {
             cap.access_type = Some(AccessType::Block);
         }
-        rejected(&req, "block is not supported");
+        unsupported(&req, "block is not supported");
+        unsupported(
+            &with_mount(|fs, _, _| *fs = "ext4".into()),
+            "fs_type \"ext4\"",
+        );
+        unsupported(
+            &with_mount(|_, _, group| *group = "1000".into()),
+            "volume_mount_group",
+        );
+        // A malformed fs_type is still a bad argument.
+        rejected(&with_mount(|fs, _, _| *fs = "x".repeat(200)), "fs_type");
+        rejected(&with_mount(|fs, _, _| *fs = "ext\0".into()), "NUL");
 
-        for (mode, ok) in [
-            (AccessMode::SingleNodeWriter, true),
-            (AccessMode::SingleNodeReaderOnly, true),
-            (AccessMode::SingleNodeSingleWriter, true),
-            (AccessMode::SingleNodeMultiWriter, true),
-            (AccessMode::MultiNodeReaderOnly, false),
-            (AccessMode::MultiNodeSingleWriter, false),
-            (AccessMode::MultiNodeMultiWriter, false),
-            (AccessMode::Unknown(0), false),
-            (AccessMode::Unknown(42), false),
+        for (mode, expected) in [
+            (AccessMode::SingleNodeWriter, None),
+            (AccessMode::SingleNodeReaderOnly, None),
+            (AccessMode::SingleNodeSingleWriter, None),
+            (AccessMode::SingleNodeMultiWriter, None),
+            (
+                AccessMode::MultiNodeReaderOnly,
+                Some(tonic::Code::FailedPrecondition),
+            ),
+            (
+                AccessMode::MultiNodeSingleWriter,
+                Some(tonic::Code::FailedPrecondition),
+            ),
+            (
+                AccessMode::MultiNodeMultiWriter,
+                Some(tonic::Code::FailedPrecondition),
+            ),
+            (AccessMode::Unknown(0), Some(tonic::Code::InvalidArgument)),
+            (AccessMode::Unknown(42), Some(tonic::Code::InvalidArgument)),
         ] {
             let mut req = request();
             if let Some(cap) = req.capability.as_mut() {
                 cap.access_mode = Some(mode);
             }
-            match validate(&req) {
-                Ok(spec) => {
-                    assert!(ok, "{mode} accepted");
+            match (validate(&req), expected) {
+                (Ok(spec), None) => {
                     assert_eq!(spec.read_only, mode == AccessMode::SingleNodeReaderOnly);
                 }
-                Err(e) => {
-                    assert!(!ok, "{mode} rejected: {e}");
+                (Ok(_), Some(code)) => panic!("{mode} accepted, expected {code:?}"),
+                (Err(e), None) => panic!("{mode} rejected: {e}"),
+                (Err(e), Some(code)) => {
+                    assert_eq!(e.code(), code, "{mode}: {e}");
                     assert!(e.to_string().contains(&mode.to_string()), "{e}");
                 }
             }
         }
 
-        let mut req = request();
-        if let Some(Capability {
-            access_type: Some(AccessType::Mount { mount_flags, .. }),
-            ..
-        }) = req.capability.as_mut()
-        {
-            mount_flags.push("password=hunter2".into());
-        }
+        let req = with_mount(|_, flags, _| flags.push("password=hunter2".into()));
         let err = validate(&req).expect_err("mount flags");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn bad_arguments_are_reported_before_unsupported_capabilities() {
+        let mut req = with_attr(attr::JOB, Some("../job"));
+        if let Some(cap) = req.capability.as_mut() {
+            cap.access_type = Some(AccessType::Block);
+        }
+        rejected(&req, "job");
     }
 
     #[test]
