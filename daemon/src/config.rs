@@ -40,6 +40,9 @@ pub const DEFAULT_DISK_REVERIFY_AFTER_SECS: u64 = 600;
 pub const DEFAULT_DISK_KEEP_LAST: usize = 3;
 /// Default share of the memory tier's filesystem Cairn may use.
 pub const DEFAULT_MEMORY_FRACTION: f64 = 0.5;
+/// Default share of the disk tier's filesystem Cairn may use for its own
+/// shards (the rest is headroom for replicas, indexes and other users).
+pub const DEFAULT_DISK_FRACTION: f64 = 0.8;
 /// Default share of the memory tier's capacity kept as recycled files.
 pub const DEFAULT_POOL_FRACTION: u64 = 4;
 /// Default time after which an idle save session is aborted.
@@ -124,6 +127,9 @@ pub struct Args {
     /// Disk tier (T1) directory.
     #[arg(long, env = "CAIRN_DISK_DIR")]
     pub disk_dir: Option<PathBuf>,
+    /// Disk tier capacity in bytes.
+    #[arg(long, env = "CAIRN_DISK_CAPACITY")]
+    pub disk_capacity: Option<u64>,
     /// Steps per job kept in the disk tier.
     #[arg(long, env = "CAIRN_DISK_KEEP_LAST")]
     pub disk_keep_last: Option<usize>,
@@ -327,6 +333,7 @@ struct RawMemory {
 #[serde(deny_unknown_fields)]
 struct RawDisk {
     dir: Option<PathBuf>,
+    capacity_bytes: Option<u64>,
     keep_last: Option<usize>,
     writeback_concurrency: Option<usize>,
     reverify_after_secs: Option<u64>,
@@ -361,6 +368,8 @@ pub struct Config {
     pub memory_retention: RetentionPolicy,
     /// Disk tier directory.
     pub disk_dir: PathBuf,
+    /// Disk tier byte limit (stored chunks plus copies in flight).
+    pub disk_capacity: u64,
     /// Disk tier retention.
     pub disk_retention: RetentionPolicy,
     /// Chunks copied concurrently by a write-back.
@@ -457,7 +466,16 @@ impl Config {
                 ));
             }
             Some(bytes) => bytes,
-            None => default_memory_capacity(&memory_dir),
+            None => default_capacity(&memory_dir, DEFAULT_MEMORY_FRACTION),
+        };
+        let disk_capacity = match args.disk_capacity.or(raw.disk.capacity_bytes) {
+            Some(0) => {
+                return Err(Error::InvalidArgument(
+                    "disk.capacity_bytes must be above 0".into(),
+                ));
+            }
+            Some(bytes) => bytes,
+            None => default_capacity(&disk_dir, DEFAULT_DISK_FRACTION),
         };
         let writeback_concurrency = raw
             .disk
@@ -510,6 +528,7 @@ impl Config {
                 .min(memory_capacity),
             memory_retention: RetentionPolicy::keep_last(memory_keep),
             disk_dir,
+            disk_capacity,
             disk_retention: RetentionPolicy::keep_last(disk_keep),
             writeback_concurrency,
             disk_reverify_after: Duration::from_secs(
@@ -747,13 +766,14 @@ fn hostname() -> String {
 
 /// Half of the filesystem that will hold the memory tier (its nearest
 /// existing ancestor), so that a default install cannot fill the node's RAM.
-fn default_memory_capacity(dir: &Path) -> u64 {
+/// `fraction` of the size of the filesystem that holds (or will hold) `dir`.
+fn default_capacity(dir: &Path, fraction: f64) -> u64 {
     let existing = dir
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     let total = crate::fsutil::filesystem_size(existing).unwrap_or(0);
-    (total as f64 * DEFAULT_MEMORY_FRACTION) as u64
+    (total as f64 * fraction) as u64
 }
 
 #[cfg(test)]

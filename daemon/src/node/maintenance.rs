@@ -353,7 +353,7 @@ impl Node {
                 tier: TierKind::Disk,
                 path: self.disk.root().to_path_buf(),
                 used: self.disk.used_bytes(),
-                capacity: 0,
+                capacity: self.disk.capacity(),
                 shards: self.disk.shards().len() as u64,
             },
         ];

@@ -50,6 +50,9 @@ use upload::UploadJournal;
 
 /// Write-back attempts before a shard is marked failed.
 const WRITEBACK_ATTEMPTS: u32 = 3;
+/// How long a write-back that found the disk tier full waits before it is
+/// tried again.
+const DISK_FULL_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// First delay between write-back attempts; doubles each time.
 const WRITEBACK_RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -289,7 +292,9 @@ impl Node {
             config.memory_pool_bytes,
         )?);
         let disk = Arc::new(
-            DiskTier::open(&config.disk_dir)?.with_reverify_after(config.disk_reverify_after),
+            DiskTier::open(&config.disk_dir)?
+                .with_reverify_after(config.disk_reverify_after)
+                .with_capacity(config.disk_capacity),
         );
         let (object, upload_journal) = match &config.object_store {
             Some(o) => {

@@ -5,12 +5,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_core::{JobName, Manifest, ShardKey, Step, StepResidency, TenantName};
+use cairn_core::{ChunkId, JobName, Manifest, ShardKey, Step, StepResidency, TenantName};
 use tokio::sync::mpsc;
 
-use super::{CopyState, Node, WRITEBACK_ATTEMPTS, WRITEBACK_RETRY_DELAY, lock};
+use super::{
+    CopyState, DISK_FULL_RETRY_DELAY, Node, WRITEBACK_ATTEMPTS, WRITEBACK_RETRY_DELAY, lock,
+};
+use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::tier::ShardSource;
+use crate::tier::disk::DiskReservation;
 use crate::transfer;
 
 impl Node {
@@ -32,23 +36,133 @@ impl Node {
                 () = self.cancel.cancelled() => return,
                 key = rx.recv() => match key { Some(k) => k, None => return },
             };
-            self.write_back(&key).await;
+            let disk_full = self.write_back(&key).await;
             self.metrics.writeback_pending.dec();
             self.apply_retention(&key.tenant, &key.job).await;
+            if disk_full {
+                // Space may come back (retention, uploads, an operator):
+                // try again later; the shard stays in memory meanwhile.
+                let node = Arc::clone(&self);
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = node.cancel.cancelled() => {}
+                        () = tokio::time::sleep(DISK_FULL_RETRY_DELAY) => node.queue_writeback(key),
+                    }
+                });
+            }
         }
     }
 
+    /// Reserves room in the disk tier for the chunks of `manifest` it lacks,
+    /// evicting the oldest shards the object store already holds when the
+    /// tier is full (a shard leaves the disk only once a slower tier holds
+    /// it, and never while the memory tier relies on it).
+    async fn reserve_disk(&self, manifest: &Manifest) -> Result<DiskReservation<'_>> {
+        let chunks = manifest.unique_chunks();
+        let ids: Vec<ChunkId> = chunks.keys().copied().collect();
+        let needed = self
+            .disk
+            .absent_chunks(&manifest.shard.tenant, &ids)
+            .await?
+            .iter()
+            .filter_map(|id| chunks.get(id))
+            .fold(0u64, |total, len| total.saturating_add(*len));
+        for _ in 0..3 {
+            match self.disk.try_reserve(needed) {
+                Ok(reservation) => return Ok(reservation),
+                Err(shortfall) => {
+                    if !self.evict_from_disk(shortfall).await? {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(Error::ResourceExhausted(self.disk_full_message(needed)))
+    }
+
+    /// Drops the oldest disk shards the bucket holds (identical manifest)
+    /// until about `shortfall` bytes are freed, then collects the chunks no
+    /// manifest names. Returns whether anything was dropped.
+    async fn evict_from_disk(&self, shortfall: u64) -> Result<bool> {
+        let Some(object) = &self.object else {
+            return Ok(false);
+        };
+        let _gc = self.gc_lock.write().await;
+        let mut shards = self.disk.shards();
+        shards.sort_by_key(|m| m.committed_unix_ms);
+        let mut freed = 0u64;
+        let mut dropped = false;
+        for m in shards {
+            if freed >= shortfall {
+                break;
+            }
+            if self.memory.contains(&m.shard) {
+                continue;
+            }
+            let in_bucket =
+                matches!(object.manifest(&m.shard).await, Ok(Some(b)) if b.hash() == m.hash());
+            if in_bucket && self.disk.remove_shard(&m.shard)? {
+                tracing::info!(shard = %m.shard, "evicted from disk tier to make room (the object store holds it)");
+                self.metrics
+                    .shards_evicted
+                    .with_label_values(&["disk", "pressure"])
+                    .inc();
+                freed = freed.saturating_add(m.total_bytes());
+                dropped = true;
+            }
+        }
+        if dropped {
+            let disk = Arc::clone(&self.disk);
+            tokio::task::spawn_blocking(move || disk.collect_garbage(false)).await??;
+        }
+        Ok(dropped)
+    }
+
+    fn disk_full_message(&self, needed: u64) -> String {
+        let mut by_job: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for m in self.disk.shards() {
+            let entry = by_job
+                .entry(format!("{}/{}", m.shard.tenant, m.shard.job))
+                .or_default();
+            entry.0 = entry.0.saturating_add(m.total_bytes());
+            if self.upload_state(&m.shard).is_some() || self.object.is_none() {
+                entry.1 = entry.1.saturating_add(m.total_bytes());
+            }
+        }
+        let jobs: Vec<String> = by_job
+            .iter()
+            .map(|(job, (bytes, unsafe_bytes))| {
+                format!("{job}: {bytes} bytes ({unsafe_bytes} not yet in the object store)")
+            })
+            .collect();
+        format!(
+            "disk tier is full: this write-back needs {needed} bytes but {} of {} bytes are in use \
+             ({} reserved by copies in flight; shards: {}); nothing more can be evicted until the object store holds it",
+            self.disk.used_bytes(),
+            self.disk.capacity(),
+            self.disk.reserved_bytes(),
+            if jobs.is_empty() {
+                "none".into()
+            } else {
+                jobs.join(", ")
+            }
+        )
+    }
+
+    /// Copies one shard to the disk tier, with retries. Returns true when
+    /// it failed because the disk tier is full (the caller retries later).
     #[tracing::instrument(skip_all, fields(shard = %key))]
-    async fn write_back(&self, key: &ShardKey) {
+    async fn write_back(&self, key: &ShardKey) -> bool {
         let Ok(Some(manifest)) = self.memory.manifest(key).await else {
             lock(&self.writeback).remove(key);
-            return;
+            return false;
         };
         let started = Instant::now();
         let mut delay = WRITEBACK_RETRY_DELAY;
         let mut attempt = 1;
         let outcome = loop {
-            let result = {
+            let result = async {
+                let _room = self.reserve_disk(&manifest).await?;
                 let _gc = self.gc_lock.read().await;
                 transfer::copy_shard(
                     &manifest,
@@ -59,7 +173,8 @@ impl Node {
                     &self.metrics,
                 )
                 .await
-            };
+            }
+            .await;
             match result {
                 Ok(report) => break Ok(report),
                 Err(e) if attempt < WRITEBACK_ATTEMPTS && !self.cancel.is_cancelled() => {
@@ -71,6 +186,7 @@ impl Node {
                 Err(e) => break Err(e),
             }
         };
+        let disk_full = matches!(outcome, Err(Error::ResourceExhausted(_)));
         match outcome {
             Ok(report) => {
                 crash_point("writeback.after_manifest");
@@ -107,6 +223,7 @@ impl Node {
         }
         self.update_usage_metrics();
         self.notify();
+        disk_full
     }
 
     /// Whether shards are queued for upload at this point of their life.

@@ -139,7 +139,26 @@ pub struct DiskTier {
     index: Mutex<Index>,
     trusted: Mutex<TrustedChunks>,
     reverify_after: Duration,
+    /// Byte limit: stored chunks plus `reserved` (`u64::MAX`: none).
+    capacity: u64,
+    /// Bytes reserved by copies into the tier that are in flight.
+    reserved: Mutex<u64>,
     _lock: File,
+}
+
+/// Space a copy into the disk tier holds until it is done (see
+/// [`DiskTier::try_reserve`]); released on drop, when the copied chunks
+/// count as stored instead.
+pub struct DiskReservation<'a> {
+    tier: &'a DiskTier,
+    bytes: u64,
+}
+
+impl Drop for DiskReservation<'_> {
+    fn drop(&mut self) {
+        let mut reserved = self.tier.lock_reserved();
+        *reserved = reserved.saturating_sub(self.bytes);
+    }
 }
 
 impl DiskTier {
@@ -155,6 +174,8 @@ impl DiskTier {
             index: Mutex::new(Index::default()),
             trusted: Mutex::new(TrustedChunks::default()),
             reverify_after: DEFAULT_REVERIFY_AFTER,
+            capacity: u64::MAX,
+            reserved: Mutex::new(0),
             _lock: lock,
         };
         tier.load_manifests()?;
@@ -166,6 +187,41 @@ impl DiskTier {
     pub fn with_reverify_after(mut self, window: Duration) -> Self {
         self.reverify_after = window;
         self
+    }
+
+    /// Sets the tier's byte limit.
+    pub fn with_capacity(mut self, bytes: u64) -> Self {
+        self.capacity = bytes;
+        self
+    }
+
+    /// The byte limit (`u64::MAX`: none).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes reserved by copies in flight.
+    pub fn reserved_bytes(&self) -> u64 {
+        *self.lock_reserved()
+    }
+
+    fn lock_reserved(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.reserved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves `bytes` for a copy into the tier, or says how many bytes
+    /// short the tier is (stored chunks and other copies in flight count).
+    pub fn try_reserve(&self, bytes: u64) -> std::result::Result<DiskReservation<'_>, u64> {
+        let mut reserved = self.lock_reserved();
+        let need = self
+            .used_bytes()
+            .saturating_add(*reserved)
+            .saturating_add(bytes);
+        if need > self.capacity {
+            return Err(need - self.capacity);
+        }
+        *reserved += bytes;
+        Ok(DiskReservation { tier: self, bytes })
     }
 
     fn lock_trusted(&self) -> std::sync::MutexGuard<'_, TrustedChunks> {
