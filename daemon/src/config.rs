@@ -47,6 +47,12 @@ pub const DEFAULT_DISK_FRACTION: f64 = 0.8;
 pub const DEFAULT_POOL_FRACTION: u64 = 4;
 /// Default time after which an idle save session is aborted.
 pub const DEFAULT_SESSION_TIMEOUT_SECS: u64 = 600;
+/// Default time a save session may go without a write to its files.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Open save sessions one client process may hold at once.
+pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
+/// Open save sessions one tenant may hold at once, over all its clients.
+pub const MAX_SESSIONS_PER_TENANT: usize = 512;
 /// Default chunks copied at once by a write-back.
 pub const DEFAULT_WRITEBACK_CONCURRENCY: usize = 4;
 /// Default chunks uploaded at once per shard: object stores answer each
@@ -175,6 +181,7 @@ struct RawConfig {
     metrics_addr: Option<String>,
     chunk_size: Option<u64>,
     session_timeout_secs: Option<u64>,
+    session_idle_timeout_secs: Option<u64>,
     #[serde(default)]
     memory: RawMemory,
     #[serde(default)]
@@ -356,8 +363,11 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Chunk size for new shards.
     pub chunk_size: ChunkSize,
-    /// Idle save sessions older than this are aborted.
+    /// Save sessions older than this are aborted.
     pub session_timeout: Duration,
+    /// Save sessions whose files saw no write for this long are aborted
+    /// (their reservation would otherwise block other saves).
+    pub session_idle_timeout: Duration,
     /// Memory tier directory.
     pub memory_dir: PathBuf,
     /// Memory tier byte limit.
@@ -518,6 +528,10 @@ impl Config {
             session_timeout: Duration::from_secs(
                 raw.session_timeout_secs
                     .unwrap_or(DEFAULT_SESSION_TIMEOUT_SECS),
+            ),
+            session_idle_timeout: Duration::from_secs(
+                raw.session_idle_timeout_secs
+                    .unwrap_or(DEFAULT_SESSION_IDLE_TIMEOUT_SECS),
             ),
             memory_dir,
             memory_capacity,

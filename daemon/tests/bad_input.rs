@@ -518,3 +518,86 @@ async fn a_shard_of_more_files_than_descriptors_commits_and_restores() {
         "restored bytes differ"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_limited_per_client_and_idle_reservations_age_out() {
+    // Regression: 2,000 sessions opened with no limit, and one client that
+    // reserved the whole memory tier blocked every other save until its
+    // session timed out (600 s).
+    let work = tempfile::tempdir().expect("temp dir");
+    let config = work.path().join("cairnd.toml");
+    std::fs::write(&config, "session_idle_timeout_secs = 2\n").expect("config");
+    let d = Daemon::start(&[
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--memory-capacity",
+        "1048576",
+    ])
+    .await;
+    let mut c = d.clients().await;
+    for step in 0..64 {
+        c.checkpoint
+            .begin_shard(begin_request(shard("many", step, 0), &[("a", b"x")]))
+            .await
+            .expect("within the limit");
+    }
+    let err = c
+        .checkpoint
+        .begin_shard(begin_request(shard("many", 64, 0), &[("a", b"x")]))
+        .await
+        .expect_err("over the limit");
+    assert_status(&err, tonic::Code::ResourceExhausted, "(64)");
+
+    // The 64 sessions write nothing and go after the idle timeout; so does
+    // a reservation of most of the tier.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let hog = loop {
+        match c
+            .checkpoint
+            .begin_shard(begin_request(
+                shard("hog", 1, 0),
+                &[("a", &bytes(1, 900_000))],
+            ))
+            .await
+        {
+            Ok(begun) => break begun.into_inner(),
+            Err(e) => {
+                assert_status(&e, tonic::Code::ResourceExhausted, "open save sessions");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "idle sessions never aged out"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let blocked = save(&mut c, shard("next", 1, 0), &[("a", &bytes(2, 500_000))]).await;
+    assert_status(
+        &blocked.expect_err("no room yet"),
+        tonic::Code::ResourceExhausted,
+        "memory tier is full",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match save(&mut c, shard("next", 1, 0), &[("a", &bytes(2, 500_000))]).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the idle reservation never aged out"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
+    let late = c
+        .checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: hog.session_id,
+        })
+        .await
+        .expect_err("the idle session was aborted");
+    assert_status(&late, tonic::Code::FailedPrecondition, "not open");
+    assert!(d.log_text().contains("nothing was written to its files"));
+}

@@ -1,14 +1,14 @@
 //! The save path: sessions, space in the memory tier, commit.
 
-use crate::config::UploadAfter;
+use crate::config::{MAX_SESSIONS_PER_CLIENT, MAX_SESSIONS_PER_TENANT, UploadAfter};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use cairn_core::{
     Attempt, EvictionCandidate, FileEntry, FileName, MANIFEST_VERSION, Manifest, ShardKey,
-    ShardPresence, choose_pressure_victims, latest_complete_step,
+    ShardPresence, TenantName, choose_pressure_victims, latest_complete_step,
 };
 
 use super::attempts::Admission;
@@ -75,6 +75,7 @@ impl Node {
                 self.abort(&id)?;
             }
         }
+        self.check_session_limits(&key.tenant, owner_pid)?;
         let total = request.total_bytes()?;
         self.reserve_memory(&session_id, total)?;
         let specs: Vec<(FileName, u64)> = request
@@ -420,31 +421,102 @@ impl Node {
         Ok(())
     }
 
+    /// Aborts sessions whose writer exited, that outlived
+    /// `session_timeout_secs`, or whose files saw no write for
+    /// `session_idle_timeout_secs` (a reservation nobody fills must not block
+    /// every other save for long).
     pub(super) async fn reap_sessions(self: Arc<Self>) {
-        let period = (self.config.session_timeout / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let shortest = self
+            .config
+            .session_timeout
+            .min(self.config.session_idle_timeout);
+        let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let idle_limit = self.config.session_idle_timeout;
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
                 () = tokio::time::sleep(period) => {}
             }
-            let stale: Vec<String> = lock(&self.sessions)
-                .iter()
-                .filter(|(_, s)| {
-                    !s.committing
-                        && (s.opened.elapsed() > self.config.session_timeout
-                            || s.owner_pid.is_some_and(|p| !process_alive(p)))
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in stale {
-                tracing::warn!(session = %id, "aborting save session: its writer exited or it outlived session_timeout_secs");
+            let mut stale = Vec::new();
+            let mut maybe_idle = Vec::new();
+            for (id, s) in lock(&self.sessions).iter() {
+                if s.committing {
+                    continue;
+                }
+                if s.opened.elapsed() > self.config.session_timeout {
+                    stale.push((id.clone(), "it outlived session_timeout_secs"));
+                } else if s.owner_pid.is_some_and(|p| !process_alive(p)) {
+                    stale.push((id.clone(), "its writer exited"));
+                } else if s.opened.elapsed() > idle_limit {
+                    maybe_idle.push((id.clone(), s.paths.clone()));
+                }
+            }
+            let idle = tokio::task::spawn_blocking(move || {
+                maybe_idle
+                    .into_iter()
+                    .filter(|(_, paths)| {
+                        last_write(paths)
+                            .is_none_or(|at| at.elapsed().unwrap_or_default() > idle_limit)
+                    })
+                    .map(|(id, _)| id)
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            stale.extend(idle.into_iter().map(|id| {
+                (
+                    id,
+                    "nothing was written to its files for session_idle_timeout_secs",
+                )
+            }));
+            for (id, why) in stale {
+                tracing::warn!(session = %id, reason = why, "aborting save session");
                 if let Err(e) = self.abort(&id) {
                     tracing::warn!(session = %id, error = %e, "aborting stale session failed");
                 }
             }
         }
     }
+
+    /// Refuses a new session beyond the open-session limits of its client
+    /// process and of its tenant.
+    fn check_session_limits(&self, tenant: &TenantName, owner_pid: Option<i32>) -> Result<()> {
+        let sessions = lock(&self.sessions);
+        if let Some(pid) = owner_pid {
+            let by_client = sessions
+                .values()
+                .filter(|s| s.owner_pid == Some(pid))
+                .count();
+            if by_client >= MAX_SESSIONS_PER_CLIENT {
+                return Err(Error::ResourceExhausted(format!(
+                    "client pid {pid} has {by_client} open save sessions, the most one client may hold \
+                     ({MAX_SESSIONS_PER_CLIENT}); commit or abort some first"
+                )));
+            }
+        }
+        let by_tenant = sessions
+            .values()
+            .filter(|s| &s.request.key.tenant == tenant)
+            .count();
+        if by_tenant >= MAX_SESSIONS_PER_TENANT {
+            return Err(Error::ResourceExhausted(format!(
+                "tenant {tenant} has {by_tenant} open save sessions, the most one tenant may hold \
+                 ({MAX_SESSIONS_PER_TENANT}); commit or abort some first"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The newest modification time among a session's files (up to about
+/// 4,096 of them, evenly spread): when its writer last wrote.
+fn last_write(paths: &[PathBuf]) -> Option<SystemTime> {
+    let step = (paths.len() / 4096).max(1);
+    paths
+        .iter()
+        .step_by(step)
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max()
 }
 
 /// Rejects a file list that names a file twice, or names a file and also a
