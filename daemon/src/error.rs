@@ -80,6 +80,22 @@ pub enum Error {
     ShuttingDown,
 }
 
+impl Error {
+    /// Whether the error says a filesystem or tier ran out of space
+    /// (`RESOURCE_EXHAUSTED`, or `ENOSPC`/`EDQUOT` from the OS): worth trying
+    /// again once space comes back, unlike most local errors.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            Self::ResourceExhausted(_) => true,
+            Self::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// The daemon's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

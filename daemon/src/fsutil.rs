@@ -21,15 +21,28 @@ pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<
         .create_new(true)
         .open(tmp)
         .io_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(data)
-        .io_context(|| format!("writing {}", tmp.display()))?;
-    if sync {
-        file.sync_all()
-            .io_context(|| format!("syncing {}", tmp.display()))?;
+    let written = file
+        .write_all(data)
+        .io_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            if sync {
+                file.sync_all()
+                    .io_context(|| format!("syncing {}", tmp.display()))?;
+            }
+            Ok(())
+        })
+        .and_then(|()| {
+            fs::rename(tmp, path)
+                .io_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if let Err(e) = written {
+        // A full disk fails here: leave no temporary file behind to fill it
+        // further (the start-up scan would only find it after a restart).
+        drop(file);
+        let _ = fs::remove_file(tmp);
+        return Err(e);
     }
     drop(file);
-    fs::rename(tmp, path)
-        .io_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if sync {
         sync_dir(parent)?;
     }

@@ -601,3 +601,21 @@ async fn sessions_are_limited_per_client_and_idle_reservations_age_out() {
     assert_status(&late, tonic::Code::FailedPrecondition, "not open");
     assert!(d.log_text().contains("nothing was written to its files"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_session_id_is_not_echoed_whole() {
+    // Found by reading the code for the fuzz targets: the id came back whole
+    // in the FAILED_PRECONDITION message, so a megabyte-long one broke the
+    // reply instead of naming the problem.
+    let d = Daemon::start(&[]).await;
+    let mut c = d.clients().await;
+    let err = c
+        .checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: "s".repeat(1 << 20),
+        })
+        .await
+        .expect_err("unknown session");
+    assert_status(&err, tonic::Code::FailedPrecondition, "is not open");
+    assert!(err.message().len() < 1000, "{} bytes", err.message().len());
+}

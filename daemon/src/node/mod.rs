@@ -52,7 +52,7 @@ use upload::UploadJournal;
 const WRITEBACK_ATTEMPTS: u32 = 3;
 /// How long a write-back that found the disk tier full waits before it is
 /// tried again.
-const DISK_FULL_RETRY_DELAY: Duration = Duration::from_secs(30);
+const DISK_FULL_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// First delay between write-back attempts; doubles each time.
 const WRITEBACK_RETRY_DELAY: Duration = Duration::from_secs(1);
 

@@ -560,7 +560,10 @@ fn superseded(key: &ShardKey, attempt: &Attempt, by: &Attempt) -> Error {
 }
 
 fn unknown_session(id: &str) -> Error {
+    // Cut: the id comes from the request, and a message of any length would
+    // not fit the reply's metadata.
+    let shown: String = id.chars().take(80).collect();
     Error::FailedPrecondition(format!(
-        "session {id:?} is not open (never begun, already committed, or aborted)"
+        "session {shown:?} is not open (never begun, already committed, or aborted)"
     ))
 }

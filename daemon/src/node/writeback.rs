@@ -186,7 +186,7 @@ impl Node {
                 Err(e) => break Err(e),
             }
         };
-        let disk_full = matches!(outcome, Err(Error::ResourceExhausted(_)));
+        let disk_full = outcome.as_ref().is_err_and(Error::is_out_of_space);
         match outcome {
             Ok(report) => {
                 crash_point("writeback.after_manifest");

@@ -325,6 +325,10 @@ fn owner_member(request: &pb::PeerPutManifestRequest) -> Result<Member, Error> {
     if !request.owner_rack.is_empty() {
         member = member.with_rack(request.owner_rack.clone());
     }
+    // The labels are kept in `owners.json`: checked like a view's, so no
+    // request can store anything but a short label value there.
+    cairn_core::Membership::new(vec![member.clone()])
+        .map_err(|e| Error::InvalidArgument(format!("owner_zone/owner_rack: {e}")))?;
     Ok(member)
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
 
+pub mod faultproxy;
 pub mod netns;
 pub mod pki;
 
