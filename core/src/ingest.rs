@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
 use crate::names::{FileName, JobName, Rank, Step, TenantName};
+use crate::tenancy::{TenantMap, VolumeTenantError, volume_tenant};
 
 /// The file in a volume's directory that lists the steps already ingested
 /// from it or prefilled into it.
@@ -502,8 +503,14 @@ pub struct VolumeInfo {
     pub format: u32,
     /// The CSI volume id (the directory's own name).
     pub volume_id: String,
-    /// Whose checkpoints these are.
-    pub tenant: TenantName,
+    /// The pod's `tenant` attribute, if it set one: the pod's word, only
+    /// ever checked against [`VolumeInfo::tenant`], never used as the
+    /// tenant. (The record's `tenant` field is ignored for the same reason.)
+    #[serde(default)]
+    pub tenant_attribute: Option<TenantName>,
+    /// The pod, as the kubelet described it.
+    #[serde(default)]
+    pub pod: VolumePod,
     /// The job.
     pub job: JobName,
     /// The pod's rank.
@@ -513,7 +520,31 @@ pub struct VolumeInfo {
     pub commit_marker: Option<CommitPolicy>,
 }
 
+/// What the kubelet said about a volume's pod (CSIDriver `podInfoOnMount`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct VolumePod {
+    /// The pod's namespace: decides the tenant (`crate::tenancy`).
+    #[serde(default)]
+    pub namespace: Option<TenantName>,
+    /// The pod's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The pod's UID.
+    #[serde(default)]
+    pub uid: Option<String>,
+}
+
 impl VolumeInfo {
+    /// The tenant the volume acts for: its pod's namespace through the
+    /// operator's `map` (see [`crate::tenancy`]).
+    pub fn tenant(&self, map: &TenantMap) -> Result<TenantName, VolumeTenantError> {
+        volume_tenant(
+            map,
+            self.pod.namespace.as_ref(),
+            self.tenant_attribute.as_ref(),
+        )
+    }
+
     /// Decodes `volume.json`, refusing another format version.
     pub fn decode(bytes: &[u8]) -> Result<Self, CoreError> {
         let info: Self = serde_json::from_slice(bytes).map_err(|e| CoreError::InvalidValue {
@@ -731,6 +762,19 @@ mod tests {
             info.commit_marker,
             Some(CommitPolicy::Marker(".metadata".into()))
         );
+        // No namespace: no tenant, whatever the record's `tenant` says.
+        assert_eq!(
+            info.tenant(&TenantMap::default()),
+            Err(VolumeTenantError::NoNamespace)
+        );
+        let json = br#"{"format": 1, "volume_id": "csi-1", "tenant": "team-b",
+            "tenant_attribute": "team-b", "job": "llama", "rank": 3,
+            "pod": {"namespace": "team-a", "name": "p-0", "uid": "u"}}"#;
+        let info = VolumeInfo::decode(json).expect("decode");
+        assert!(matches!(
+            info.tenant(&TenantMap::default()),
+            Err(VolumeTenantError::Mismatch { .. })
+        ));
         assert!(
             VolumeInfo::decode(
                 br#"{"format": 1, "volume_id": "v", "tenant": "ml", "job": "../x", "rank": 0}"#

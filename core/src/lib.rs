@@ -18,6 +18,7 @@ pub mod names;
 pub mod placement;
 pub mod restore_plan;
 pub mod retention;
+pub mod tenancy;
 
 pub use chunk::{ChunkId, ChunkSize, DEFAULT_CHUNK_SIZE, chunk_ranges};
 pub use error::CoreError;

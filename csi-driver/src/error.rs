@@ -38,6 +38,10 @@ pub enum Error {
     /// target that is not a directory the plugin may use).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The volume asks for what its pod may not have (a tenant its
+    /// namespace is not), as cairnd decided when binding it.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The node's cairnd, needed to pre-fill the volume, did not answer:
     /// the CO retries, and the daemon is usually back by then.
     #[error("{0}")]
@@ -103,6 +107,7 @@ impl Error {
             }
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Internal(_) => Code::Internal,
             Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
             Error::Io { .. } => Code::Internal,

@@ -28,23 +28,27 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cairn_core::FileName;
 use cairn_core::ingest::{INGESTED_FILE, IngestSource, IngestedSteps, original_file_name};
 use cairn_core::names::Step;
+use cairn_core::{FileName, TenantName};
 use cairn_proto::v1 as pb;
+use cairn_proto::v1::admin_client::AdminClient;
 use cairn_proto::v1::checkpoint_client::CheckpointClient;
 use tokio::runtime::Handle;
 
 use crate::client;
 use crate::error::{Error, IoContext, Result};
 use crate::store::write_atomically;
-use crate::volume::{DATA_DIR, Restore, VolumeSpec};
+use crate::volume::{DATA_DIR, Restore, VolumeId, VolumeSpec};
 
 /// How long connecting to cairnd's socket may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer accepted from cairnd: a restore's manifest lists every
 /// chunk of the shard (tens of bytes each).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Where cairnd puts the volume's socket in `data/` (it binds the volume
+/// before prefill runs).
+pub const VOLUME_SOCKET_DIR: &str = ".cairn";
 /// Prefix of the hidden directory a step is assembled in.
 const TEMP_PREFIX: &str = ".cairn-prefill-";
 /// Mode of `ingested.json`, like `volume.json`.
@@ -90,6 +94,75 @@ impl DaemonClient {
             timeout,
             runtime,
         })
+    }
+
+    /// Runs one call to cairnd's Admin service over its socket; the error
+    /// says what `doing` was, and UNAVAILABLE when cairnd is not there.
+    fn admin<T>(
+        &self,
+        doing: &str,
+        call: impl AsyncFnOnce(
+            AdminClient<tonic::transport::Channel>,
+        ) -> std::result::Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T> {
+        let socket = self.socket.clone();
+        let unavailable = |detail: String| {
+            Error::Unavailable(format!(
+                "cairnd is not reachable at {} ({detail}) for {doing}: every volume is served \
+                 by the node's cairnd; start it, and the kubelet retries",
+                socket.display()
+            ))
+        };
+        let answer = self.runtime.block_on(async {
+            let channel =
+                match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(&socket)).await {
+                    Ok(Ok(channel)) => channel,
+                    Ok(Err(e)) => return Err(unavailable(error_chain(&e))),
+                    Err(_) => return Err(unavailable("connecting timed out".into())),
+                };
+            match tokio::time::timeout(CONNECT_TIMEOUT * 6, call(AdminClient::new(channel))).await {
+                Ok(answer) => Ok(answer),
+                Err(_) => Err(unavailable("no answer within 30 s".into())),
+            }
+        })?;
+        match answer {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(match status.code() {
+                tonic::Code::PermissionDenied => Error::PermissionDenied(status.message().into()),
+                tonic::Code::Unavailable => unavailable(status.message().into()),
+                tonic::Code::InvalidArgument => Error::InvalidArgument(status.message().into()),
+                code => Error::Internal(format!(
+                    "cairnd refused {doing}: {code:?}: {}",
+                    status.message()
+                )),
+            }),
+        }
+    }
+
+    /// Asks cairnd to serve the volume's own socket; the tenant cairnd
+    /// decided the volume acts for (its pod's namespace, or what the
+    /// operator maps it to). PERMISSION_DENIED: the volume's `tenant`
+    /// attribute names another.
+    pub fn bind_volume(&self, volume_id: &VolumeId) -> Result<TenantName> {
+        let request = pb::BindVolumeRequest {
+            volume_id: volume_id.as_str().to_owned(),
+        };
+        let doing = format!("binding volume {volume_id}");
+        let answer = self.admin(&doing, async |mut admin| admin.bind_volume(request).await)?;
+        TenantName::parse("BindVolume.tenant", answer.tenant)
+            .map_err(|e| Error::Internal(format!("cairnd's answer to {doing} is unusable: {e}")))
+    }
+
+    /// Asks cairnd to stop serving the volume's socket.
+    pub fn unbind_volume(&self, volume_id: &VolumeId) -> Result<()> {
+        let request = pb::UnbindVolumeRequest {
+            volume_id: volume_id.as_str().to_owned(),
+        };
+        self.admin(
+            &format!("unbinding volume {volume_id}"),
+            async |mut admin| admin.unbind_volume(request).await,
+        )
+        .map(drop)
     }
 
     /// Asks cairnd to restore what `spec` asks for. `Ok(None)`: `latest`
@@ -249,9 +322,11 @@ pub fn prefill(volume_dir: &Path, spec: &VolumeSpec, daemon: &DaemonClient) -> R
     let mut holds_data = false;
     for entry in fs::read_dir(&data).io_context(|| format!("listing {}", data.display()))? {
         let entry = entry.io_context(|| format!("listing {}", data.display()))?;
-        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(TEMP_PREFIX) {
             remove_tree(&entry.path())?;
-        } else {
+        } else if name != VOLUME_SOCKET_DIR {
+            // The volume's socket (cairnd's, made at bind) is not the pod's data.
             holds_data = true;
         }
     }
@@ -394,6 +469,7 @@ mod tests {
                 ("job", "j"),
                 ("rank", "0"),
                 ("tenant", "t"),
+                ("csi.storage.k8s.io/pod.namespace", "t"),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -276,6 +276,14 @@ impl Volumes {
         write_atomically(&dir.join(SPEC_FILE), &record.to_json(), SPEC_FILE_MODE)?;
         self.store.save(record)?;
         lock(&self.records).insert(spec.volume_id.clone(), record.clone());
+        // cairnd decides the tenant (the pod's namespace, through the
+        // operator's map) and serves the volume's socket before the pod
+        // starts; prefill then restores for that tenant alone.
+        let bound = VolumeSpec {
+            tenant: self.daemon.bind_volume(&spec.volume_id)?,
+            ..spec.clone()
+        };
+        let spec = &bound;
         match self.mount_state(&spec.target_path, &spec.volume_id)? {
             MountState::NotMounted => {
                 prefill::prefill(&dir, spec, &self.daemon)?;
@@ -418,6 +426,13 @@ impl Volumes {
                 "volume {id}'s data is still mounted at {}; not deleting it",
                 display_paths(&elsewhere)
             )));
+        }
+        // Best effort: a cairnd that is down serves no socket, and does not
+        // serve this one again once the directory is gone.
+        if dir.exists()
+            && let Err(e) = self.daemon.unbind_volume(id)
+        {
+            tracing::warn!(error = %e, "cairnd did not stop serving the volume's socket");
         }
         match std::fs::symlink_metadata(&dir) {
             Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&dir)

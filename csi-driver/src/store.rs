@@ -224,6 +224,7 @@ mod tests {
                 (attr::JOB.to_string(), "job".to_string()),
                 (attr::RANK.to_string(), "2".to_string()),
                 (attr::TENANT.to_string(), "team".to_string()),
+                (attr::POD_NAMESPACE.to_string(), "team".to_string()),
             ]),
             ..PublishRequest::default()
         };
@@ -272,7 +273,11 @@ mod tests {
         assert_eq!(info.volume_id, "vol-a");
         assert_eq!(info.job.as_str(), "job");
         assert_eq!(info.rank.0, 2);
-        assert_eq!(info.tenant.as_str(), "team");
+        assert_eq!(
+            info.pod.namespace.as_ref().map(|n| n.as_str()),
+            record.spec.pod.namespace.as_deref()
+        );
+        assert_eq!(info.tenant_attribute, record.spec.tenant_attribute);
         assert_eq!(info.commit_marker, None);
         record.spec.commit_marker = Some(CommitPolicy::Marker(".metadata".into()));
         let info = VolumeInfo::decode(&record.to_json()).expect("decode");

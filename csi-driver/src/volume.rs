@@ -81,7 +81,9 @@ pub mod attr {
     /// is finished (`.metadata` for DCP), or `none` (the rename of the
     /// directory is the commit); default: the daemon's `ingest.commit_marker`.
     pub const COMMIT_MARKER: &str = "commitMarker";
-    /// The Cairn tenant; defaults to the pod's namespace.
+    /// The Cairn tenant the pod expects. Never decides it: the tenant is
+    /// the pod's namespace (or what cairnd's `[tenants]` maps it to), and a
+    /// publish whose attribute names another is refused by cairnd.
     pub const TENANT: &str = "tenant";
 
     /// Prefix of every attribute kubelet adds on its own.
@@ -375,8 +377,13 @@ pub struct VolumeSpec {
     pub volume_id: VolumeId,
     /// Where the volume is mounted; strictly under the kubelet directory.
     pub target_path: PathBuf,
-    /// The Cairn tenant.
+    /// The Cairn tenant: the pod's namespace until cairnd, binding the
+    /// volume at publish, says which tenant that namespace is.
     pub tenant: TenantName,
+    /// The pod's `tenant` attribute, if any: checked by cairnd against the
+    /// namespace's tenant, never used as the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_attribute: Option<TenantName>,
     /// The Cairn job.
     pub job: JobName,
     /// This pod's rank in the job.
@@ -450,16 +457,22 @@ impl VolumeSpec {
             Some(value) => Some(CommitPolicy::parse("volume_context.commitMarker", value)?),
             None => None,
         };
-        let tenant = match (ctx.get(attr::TENANT), &pod.namespace) {
-            (Some(tenant), _) => TenantName::parse("volume_context.tenant", tenant.to_owned())?,
-            (None, Some(namespace)) => TenantName::parse(
+        let tenant_attribute = match ctx.get(attr::TENANT) {
+            Some(tenant) => Some(TenantName::parse(
+                "volume_context.tenant",
+                tenant.to_owned(),
+            )?),
+            None => None,
+        };
+        let tenant = match &pod.namespace {
+            Some(namespace) => TenantName::parse(
                 "volume_context.csi.storage.k8s.io/pod.namespace",
                 namespace.clone(),
             )?,
-            (None, None) => {
+            None => {
                 return Err(invalid(format!(
-                    "volume_context.tenant is not set and {} is missing: set the tenant \
-                     attribute, or podInfoOnMount: true on the CSIDriver",
+                    "{} is missing: the tenant is the pod's namespace, so the CSIDriver \
+                     must set podInfoOnMount: true",
                     attr::POD_NAMESPACE
                 )));
             }
@@ -469,6 +482,7 @@ impl VolumeSpec {
             volume_id,
             target_path,
             tenant,
+            tenant_attribute,
             job,
             rank,
             rank_source,
@@ -1187,17 +1201,25 @@ mod tests {
             );
         }
 
+        // The attribute is recorded for cairnd to check; the namespace is
+        // the tenant until cairnd says what it maps to.
         let spec = validate(&with_attr(attr::TENANT, Some("team-b"))).expect("tenant");
-        assert_eq!(spec.tenant.as_str(), "team-b");
+        assert_eq!(spec.tenant.as_str(), "ml-team");
+        assert_eq!(
+            spec.tenant_attribute.as_ref().map(|t| t.as_str()),
+            Some("team-b")
+        );
         rejected(
             &with_attr(attr::TENANT, Some("Team_B")),
             "volume_context.tenant",
         );
+        // Without the kubelet's namespace there is no tenant, whatever the
+        // pod says.
         let mut req = with_attr(attr::POD_NAMESPACE, None);
-        rejected(&req, "tenant is not set");
+        rejected(&req, "pod.namespace is missing");
         req.volume_context
             .insert(attr::TENANT.into(), "team-c".into());
-        assert_eq!(validate(&req).expect("tenant").tenant.as_str(), "team-c");
+        rejected(&req, "pod.namespace is missing");
 
         rejected(&with_attr(attr::POD_NAME, Some("Bad_Name")), "pod name");
         rejected(&with_attr(attr::POD_UID, Some("x/y")), "pod UID");

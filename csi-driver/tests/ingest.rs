@@ -13,19 +13,13 @@ mod common;
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use cairn_csi::mountinfo;
-use cairn_proto::v1 as cpb;
-use cairn_proto::v1::admin_client::AdminClient;
-use cairn_proto::v1::checkpoint_client::CheckpointClient;
+use common::daemon::{Daemon, RESCAN_SECS};
 use common::{Plugin, assert_code, can_mount, mounts_at, publish_request, unpublish_request};
-use tonic::transport::Channel;
 
-/// Rescan interval of the test daemon: short, so restarts are caught fast.
-const RESCAN_SECS: u64 = 1;
-const TENANT: &str = "ml";
 const ORBAX_JOB: &str = "llama";
 const DCP_JOB: &str = "llama-dcp";
 
@@ -51,212 +45,6 @@ fn python(test: &str) -> Option<PathBuf> {
         python.display()
     );
     Some(python)
-}
-
-/// `CAIRND_BIN`, else `cairnd` in the target directory holding this test.
-fn cairnd_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("CAIRND_BIN") {
-        return PathBuf::from(bin);
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/ingest-<hash> -> target/<profile>/cairnd
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .join("cairnd");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p cairn-daemon` (or set CAIRND_BIN)",
-        bin.display()
-    );
-    bin
-}
-
-/// A `cairnd` whose memory tier is the plugin's tmpfs directory, so the
-/// plugin's volumes (`<memory_dir>/volumes`) are inside it.
-struct Daemon {
-    memory_dir: PathBuf,
-    disk_dir: PathBuf,
-    socket: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    async fn start(memory_dir: &Path, work: &Path) -> Daemon {
-        let config = work.join("cairnd.toml");
-        std::fs::write(&config, format!("[ingest]\nrescan_secs = {RESCAN_SECS}\n"))
-            .expect("daemon config");
-        let mut daemon = Daemon {
-            memory_dir: memory_dir.to_path_buf(),
-            disk_dir: work.join("disk"),
-            socket: work.join("cairn.sock"),
-            config,
-            log: work.join("cairnd.log"),
-            child: None,
-        };
-        daemon.spawn().await;
-        daemon
-    }
-
-    async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let child = Command::new(cairnd_binary())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--memory-dir")
-            .arg(&self.memory_dir)
-            .arg("--disk-dir")
-            .arg(&self.disk_dir)
-            .arg("--metrics-addr")
-            .arg("off")
-            .arg("--chunk-size")
-            .arg("65536")
-            .env("CAIRN_LOG", "info")
-            .env_remove("FAILPOINTS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn cairnd");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!(
-                    "cairnd exited during start ({status}); log:\n{}",
-                    self.log_text()
-                );
-            }
-            if let Ok(channel) = cairn_csi::client::connect(&self.socket).await
-                && AdminClient::new(channel)
-                    .status(cpb::StatusRequest {})
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cairnd did not start; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM, and wait for the exit. Async, so this test's client
-    /// connections keep being driven (they answer the daemon's graceful
-    /// GOAWAY) while it drains.
-    async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("cairnd did not stop on SIGTERM; log:\n{}", self.log_text());
-    }
-
-    async fn checkpoint(&self) -> CheckpointClient<Channel> {
-        CheckpointClient::new(
-            cairn_csi::client::connect(&self.socket)
-                .await
-                .expect("connect to cairnd"),
-        )
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn count_in_log(&self, needle: &str) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    /// The steps the daemon lists for `job`.
-    async fn steps(&self, job: &str) -> BTreeSet<u64> {
-        let response = self
-            .checkpoint()
-            .await
-            .list_steps(cpb::ListStepsRequest {
-                tenant: TENANT.into(),
-                job: job.into(),
-            })
-            .await
-            .expect("ListSteps")
-            .into_inner();
-        response
-            .jobs
-            .iter()
-            .flat_map(|j| j.steps.iter().map(|s| s.step))
-            .collect()
-    }
-
-    /// Polls ListSteps until `job` lists at least `want`.
-    async fn wait_for_steps(&self, job: &str, want: &[u64]) {
-        let want: BTreeSet<u64> = want.iter().copied().collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let have = self.steps(job).await;
-            if want.is_subset(&have) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{job}: waited for steps {want:?}, have {have:?}; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_durable_on_disk(&self, job: &str, step: u64) {
-        self.checkpoint()
-            .await
-            .wait_durable(cpb::WaitDurableRequest {
-                tenant: TENANT.into(),
-                job: job.into(),
-                step,
-                rank: None,
-                tier: cpb::Tier::Disk as i32,
-                timeout_ms: 60_000,
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{job} step {step} durable on disk: {e}"));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Runs `tests/frameworks.py` in the virtualenv; panics with its output on
@@ -357,10 +145,18 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
     ))
     .await
     .expect("publish the DCP volume");
+    let listed: Vec<_> = std::fs::read_dir(&orbax_target)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
     assert_eq!(
-        std::fs::read_dir(&orbax_target).expect("list").count(),
-        0,
-        "nothing to restore yet"
+        listed,
+        [".cairn"],
+        "nothing to restore yet, only the volume's socket"
+    );
+    assert!(
+        orbax_target.join(".cairn/cairn.sock").exists(),
+        "the volume's socket is there before the pod starts"
     );
 
     // Real frameworks save through the mounts.
@@ -507,8 +303,8 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
         names.sort();
         names
     };
-    assert_eq!(names(&orbax_target), vec!["2"]);
-    assert_eq!(names(&dcp_target), vec!["step_5"]);
+    assert_eq!(names(&orbax_target), vec![".cairn", "2"]);
+    assert_eq!(names(&dcp_target), vec![".cairn", "step_5"]);
     let orbax_volume = plugin.volume_dir("vol-orbax-2");
     assert_eq!(
         ingested_steps(&orbax_volume),

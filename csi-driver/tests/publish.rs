@@ -105,7 +105,10 @@ async fn publish_bind_mounts_the_volume_and_unpublish_removes_everything() {
         .iter()
         .find(|u| u.unit() == pb::volume_usage::Unit::Inodes)
         .expect("inode usage");
-    assert_eq!(inodes.used, 3, "data/, step-100/, shard.bin");
+    assert_eq!(
+        inodes.used, 5,
+        "data/, .cairn/ and its socket, step-100/, shard.bin"
+    );
     assert_code(
         node.node_get_volume_stats(stats_request("csi-unknown", &target))
             .await,
@@ -164,6 +167,7 @@ async fn a_read_only_publish_refuses_writes() {
         c"size=16m",
     )
     .expect("mount a tmpfs for the volumes");
+    plugin.start_daemon().await;
     plugin.spawn();
     plugin.wait_ready().await;
     let mut node = plugin.node().await;
@@ -556,4 +560,43 @@ async fn concurrent_calls_on_one_volume_are_aborted_others_proceed() {
             .expect("unpublish");
         assert_eq!(mounts_at(target), 0);
     }
+}
+
+/// A pod cannot choose its tenant: a `tenant` attribute naming another
+/// tenant than the pod's namespace is PERMISSION_DENIED at publish, and
+/// nothing is left behind; one naming its own is accepted.
+#[tokio::test]
+async fn a_pod_naming_another_tenant_is_refused_at_publish() {
+    if !can_mount("a_pod_naming_another_tenant_is_refused_at_publish") {
+        return;
+    }
+    let plugin = Plugin::start().await;
+    let mut node = plugin.node().await;
+    let target = plugin.target("pod-liar", "ckpt");
+    let before = plugin.listing();
+    let mut req = publish_request("csi-liar", &target, 0);
+    req.volume_context.insert("tenant".into(), "team-b".into());
+    assert_code(
+        node.node_publish_volume(req).await,
+        tonic::Code::PermissionDenied,
+        "\"team-b\"",
+    );
+    assert_eq!(mounts_at(&target), 0);
+    assert!(!plugin.volume_dir("csi-liar").exists());
+    assert_eq!(plugin.listing(), before, "a refused publish left something");
+
+    let mut req = publish_request("csi-honest", &target, 0);
+    req.volume_context.insert("tenant".into(), "ml".into());
+    node.node_publish_volume(req)
+        .await
+        .expect("a tenant attribute naming the pod's own namespace");
+    assert!(
+        plugin
+            .volume_dir("csi-honest")
+            .join("data/.cairn/cairn.sock")
+            .exists()
+    );
+    node.node_unpublish_volume(unpublish_request("csi-honest", &target))
+        .await
+        .expect("unpublish");
 }

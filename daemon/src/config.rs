@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use cairn_core::codec::CompressionPolicy;
 use cairn_core::ingest::CommitPolicy;
+use cairn_core::tenancy::TenantMap;
 use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, NodeId, RetentionPolicy, TenantName};
 use clap::Parser;
 use serde::Deserialize;
@@ -193,6 +194,16 @@ struct RawConfig {
     #[serde(default)]
     peers: RawPeers,
     membership: Option<MembershipConfig>,
+    #[serde(default)]
+    tenants: RawTenants,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenants {
+    /// Namespace → tenant, for namespaces that share another's checkpoints.
+    #[serde(default)]
+    namespaces: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -351,8 +362,11 @@ struct RawDisk {
 pub struct Config {
     /// This node's name, reported in status and logs.
     pub node_name: String,
-    /// Tenant for requests that name none.
+    /// Tenant for requests on the host socket that name none.
     pub default_tenant: TenantName,
+    /// Which tenant each Kubernetes namespace's volumes act for (a
+    /// namespace not listed is its own tenant).
+    pub tenants: TenantMap,
     /// Client API socket.
     pub socket: PathBuf,
     /// Group given access to the socket, if any.
@@ -513,16 +527,28 @@ impl Config {
             object_store_config(args.object_store_url.clone(), raw.object_store, &disk_dir)?;
         let ingest = ingest_config(raw.ingest, &memory_dir)?;
         let peers = peer_config(args, raw.peers, raw.membership, &node_name, &disk_dir)?;
+        let tenants = tenant_map(raw.tenants)?;
+        let tcp_addr = args.tcp_addr.or(raw.tcp_addr);
+        if let Some(addr) = tcp_addr
+            && !addr.ip().is_loopback()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "tcp_addr {addr}: the TCP listener has no authentication, so it binds to a \
+                 loopback address only (127.0.0.1 or ::1); pods reach cairnd through their \
+                 volume's socket, other nodes through the peer port (mutual TLS)"
+            )));
+        }
         Ok(Self {
             node_name,
             default_tenant,
+            tenants,
             socket: args
                 .socket
                 .clone()
                 .or(raw.socket)
                 .unwrap_or_else(|| DEFAULT_SOCKET.into()),
             socket_group: args.socket_group.clone().or(raw.socket_group),
-            tcp_addr: args.tcp_addr.or(raw.tcp_addr),
+            tcp_addr,
             metrics_addr,
             chunk_size,
             session_timeout: Duration::from_secs(
@@ -653,6 +679,20 @@ fn peer_config(
         tls,
         membership,
     }))
+}
+
+/// The `[tenants] namespaces` table, every name validated.
+fn tenant_map(raw: RawTenants) -> Result<TenantMap> {
+    let entries = raw
+        .namespaces
+        .into_iter()
+        .map(|(namespace, tenant)| {
+            let namespace = TenantName::parse("tenants.namespaces key", namespace)?;
+            let tenant = TenantName::parse(&format!("tenants.namespaces.{namespace}"), tenant)?;
+            Ok((namespace, tenant))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TenantMap::new(entries))
 }
 
 /// Validates the `[ingest]` section.
@@ -816,6 +856,33 @@ mod tests {
         assert_eq!(c.memory_retention.keep_last, 7);
         assert_eq!(c.disk_retention.keep_last, DEFAULT_DISK_KEEP_LAST);
         assert_eq!(c.memory_capacity, 1000);
+    }
+
+    #[test]
+    fn namespaces_map_to_tenants_and_tcp_stays_on_loopback() {
+        let raw: RawConfig =
+            toml::from_str("[tenants]\nnamespaces = { ml-dev = \"ml\", ml-prod = \"ml\" }\n")
+                .expect("parses");
+        let c = Config::from_parts(&args(), raw).expect("valid");
+        let ns = |n: &str| TenantName::parse("t", n.into()).expect("name");
+        assert_eq!(c.tenants.tenant_of(&ns("ml-dev")).as_str(), "ml");
+        assert_eq!(c.tenants.tenant_of(&ns("other")).as_str(), "other");
+        let raw: RawConfig =
+            toml::from_str("[tenants]\nnamespaces = { ml-dev = \"ML\" }\n").expect("parses");
+        let err = Config::from_parts(&args(), raw).expect_err("bad tenant");
+        assert!(
+            err.to_string().contains("tenants.namespaces.ml-dev"),
+            "{err}"
+        );
+
+        let mut a = args();
+        a.tcp_addr = Some("127.0.0.1:7000".parse().expect("addr"));
+        assert!(Config::from_parts(&a, RawConfig::default()).is_ok());
+        for open in ["0.0.0.0:7000", "10.0.0.5:7000", "[::]:7000"] {
+            a.tcp_addr = Some(open.parse().expect("addr"));
+            let err = Config::from_parts(&a, RawConfig::default()).expect_err(open);
+            assert!(err.to_string().contains("loopback"), "{err}");
+        }
     }
 
     #[test]

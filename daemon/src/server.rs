@@ -1,5 +1,7 @@
 //! Starting and stopping the daemon: listeners, services, metrics endpoint.
 
+pub mod volumes;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use crate::node::Node;
 use crate::peer::service::{PeerService, PrefetchTarget, ReplicaPlacement};
 use crate::peer::{self, PeerTier};
 use crate::service;
+use crate::service::access::{Access, VolumeSockets};
 use crate::service::admin::AdminService;
 use crate::service::checkpoint::CheckpointService;
 
@@ -83,6 +86,10 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
         "cairnd ready"
     );
 
+    let volumes = volumes::VolumeServer::new(Arc::clone(&node), cancel.clone());
+    volumes.bind_published().await;
+    let volumes = volumes as Arc<dyn VolumeSockets>;
+
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(listener) = metrics_listener {
         let metrics = Arc::clone(&metrics);
@@ -108,12 +115,16 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
     }
     tasks.spawn(serve(
         Arc::clone(&node),
+        Access::Operator,
+        Arc::clone(&volumes),
         UnixListenerStream::new(unix),
         cancel.clone(),
     ));
     if let Some(listener) = tcp {
         tasks.spawn(serve(
             Arc::clone(&node),
+            Access::Operator,
+            Arc::clone(&volumes),
             TcpListenerStream::new(listener),
             cancel.clone(),
         ));
@@ -141,7 +152,14 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
     result
 }
 
-async fn serve<S, IO, E>(node: Arc<Node>, incoming: S, cancel: CancellationToken) -> Result<()>
+/// Serves the client API on `incoming`, allowing what `access` allows.
+async fn serve<S, IO, E>(
+    node: Arc<Node>,
+    access: Access,
+    volumes: Arc<dyn VolumeSockets>,
+    incoming: S,
+    cancel: CancellationToken,
+) -> Result<()>
 where
     S: futures::Stream<Item = std::result::Result<IO, E>> + Send + 'static,
     IO: tokio::io::AsyncRead
@@ -170,11 +188,11 @@ where
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            CheckpointServer::new(CheckpointService::new(Arc::clone(&node)))
+            CheckpointServer::new(CheckpointService::new(Arc::clone(&node), access.clone()))
                 .max_decoding_message_size(service::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(service::MAX_MESSAGE_BYTES),
         )
-        .add_service(AdminServer::new(AdminService::new(node)))
+        .add_service(AdminServer::new(AdminService::new(node, access, volumes)))
         .serve_with_incoming_shutdown(incoming, async move { cancel.cancelled().await })
         .await
         .map_err(|e| Error::Io {

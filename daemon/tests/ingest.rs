@@ -25,6 +25,7 @@ fn volume(daemon: &Daemon, id: &str, job: &str, commit_marker: Option<&str>) -> 
         "job": job,
         "rank": 0,
         "restore": "none",
+        "pod": {"namespace": "default"},
     });
     if let Some(marker) = commit_marker {
         spec["commit_marker"] = marker.into();
@@ -215,4 +216,72 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     daemon.restart().await;
     let mut c = daemon.clients().await;
     wait_for_step(&daemon, &mut c, "job-r", 60).await;
+}
+
+/// The ingest race of issue 14: after ingest lists a step directory, the
+/// pod swaps one of its directories for a symbolic link to somewhere else
+/// (another tenant's shard, a secret). The failpoint holds ingest right
+/// after each listing so the swap lands in that window every time. Ingest
+/// must refuse the step, never take a file from outside the volume.
+#[tokio::test]
+async fn a_directory_swapped_for_a_link_after_listing_never_brings_in_a_file_from_outside() {
+    let config = tempfile::tempdir().expect("config dir");
+    let config_file = config.path().join("cairnd.toml");
+    std::fs::write(&config_file, "[ingest]\nrescan_secs = 1\n").expect("config");
+    let daemon = Daemon::start_with_env(
+        &["--config", config_file.to_str().expect("utf-8")],
+        &[("FAILPOINTS", "ingest.after_listing=sleep(1500)")],
+    )
+    .await;
+    let mut c = daemon.clients().await;
+    let data = volume(&daemon, "vol-race", "job-race", None);
+    // Let ingest find the volume (its first scan lists nothing yet).
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+
+    // Somewhere outside the volume, laid out like the pod's own directory.
+    let outside = tempfile::tempdir().expect("outside");
+    let secret = b"another tenant's weights".to_vec();
+    std::fs::create_dir_all(outside.path().join("sub")).expect("outside dir");
+    std::fs::write(outside.path().join("sub/w.bin"), &secret).expect("secret");
+
+    let step = data.join("7");
+    write_step(&step, &[("sub/w.bin", b"the pod's own bytes")]);
+    std::fs::write(step.join("commit_success.txt"), b"ok").expect("marker");
+    // Ingest lists the step and sleeps; the pod swaps `sub` meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::rename(step.join("sub"), data.join("sub-moved")).expect("move sub away");
+    std::os::unix::fs::symlink(outside.path().join("sub"), step.join("sub")).expect("swap");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log_text().contains("step directory refused") {
+        assert!(
+            !steps(&mut c, "job-race").await.contains(&7),
+            "step 7 was ingested through a swapped link; log:\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "ingest neither refused nor took step 7; log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        daemon.log_text().contains("sub is a symbolic link"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(!steps(&mut c, "job-race").await.contains(&7));
+    // Nothing in the memory tier holds the secret.
+    let mut stack = vec![daemon.memory_dir.join("shards")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                assert_ne!(std::fs::read(&path).unwrap_or_default(), secret, "{path:?}");
+            }
+        }
+    }
 }

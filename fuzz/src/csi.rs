@@ -184,7 +184,11 @@ fn check_spec(spec: &VolumeSpec, secrets_checked: bool) {
     let info = VolumeInfo::decode(&json).expect("ingest reads the plugin's volume.json");
     assert_eq!(info.format, FORMAT_VERSION);
     assert_eq!(info.volume_id, spec.volume_id.as_str());
-    assert_eq!(info.tenant, spec.tenant);
+    assert_eq!(info.tenant_attribute, spec.tenant_attribute);
+    assert_eq!(
+        info.pod.namespace.as_ref().map(|n| n.as_str()),
+        spec.pod.namespace.as_deref()
+    );
     assert_eq!(info.job, spec.job);
     assert_eq!(info.rank, spec.rank);
     assert_eq!(info.commit_marker, spec.commit_marker);

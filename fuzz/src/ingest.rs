@@ -27,7 +27,7 @@ pub fn ingest_json(data: &[u8]) {
         let back: VolumeRecord = serde_json::from_slice(&json).expect("a record re-encodes");
         assert_eq!(back, record);
         if let Ok(info) = VolumeInfo::decode(&json) {
-            assert_eq!(info.tenant, record.spec.tenant);
+            assert_eq!(info.tenant_attribute, record.spec.tenant_attribute);
             assert_eq!(info.job, record.spec.job);
             assert_eq!(info.rank, record.spec.rank);
         }

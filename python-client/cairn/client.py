@@ -88,6 +88,7 @@ __all__ = [
     "CALL_TIMEOUT",
     "DEFAULT_RETRY_FOR",
     "DEFAULT_SOCKET",
+    "VOLUME_ENV",
     "DEFAULT_STALL_TIMEOUT",
     "Client",
     "RestoredShard",
@@ -99,10 +100,15 @@ __all__ = [
     "Tier",
 ]
 
-#: Where the daemon listens when neither an argument nor CAIRN_SOCKET says.
+#: Where the daemon listens on the host (the operator's socket), used when
+#: nothing else is named and it exists.
 DEFAULT_SOCKET = "/run/cairn/cairn.sock"
 #: Environment variable naming the daemon's socket (or ``host:port``).
 SOCKET_ENV = "CAIRN_SOCKET"
+#: Environment variable naming the mount path of the pod's Cairn CSI volume.
+VOLUME_ENV = "CAIRN_VOLUME"
+#: A Cairn CSI volume's own socket, relative to where the volume is mounted.
+VOLUME_SOCKET = os.path.join(".cairn", "cairn.sock")
 #: Bytes per ``FileData`` message on the streaming paths (about 1 MiB keeps
 #: HTTP/2 framing cheap without large transient copies).
 STREAM_MESSAGE_BYTES = 1 << 20
@@ -500,10 +506,38 @@ class _Target:
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
-def _resolve_target(socket: str | os.PathLike[str] | None) -> _Target:
-    value = os.fspath(socket) if socket is not None else os.environ.get(SOCKET_ENV)
-    if not value:
+def _volume_socket(volume: str, source: str) -> str:
+    path = os.path.join(os.path.abspath(volume), VOLUME_SOCKET)
+    if not os.path.exists(path):
+        raise InvalidArgument(
+            f"{source} {volume!r}: there is no Cairn socket at {path}; is a Cairn CSI volume "
+            "mounted there (a volume of driver csi.cairn.dev in the pod spec)?"
+        )
+    return path
+
+
+def _resolve_target(
+    socket: str | os.PathLike[str] | None, volume: str | os.PathLike[str] | None
+) -> _Target:
+    """The daemon to talk to: ``socket``, else the socket of the CSI volume
+    ``volume`` (or ``$CAIRN_VOLUME``) is mounted at, else ``$CAIRN_SOCKET``,
+    else the host's :data:`DEFAULT_SOCKET` when it exists."""
+    if socket is not None:
+        value = os.fspath(socket)
+    elif volume is not None:
+        value = _volume_socket(os.fspath(volume), "volume")
+    elif os.environ.get(VOLUME_ENV):
+        value = _volume_socket(os.environ[VOLUME_ENV], VOLUME_ENV)
+    elif os.environ.get(SOCKET_ENV):
+        value = os.environ[SOCKET_ENV]
+    elif os.path.exists(DEFAULT_SOCKET):
         value = DEFAULT_SOCKET
+    else:
+        raise InvalidArgument(
+            "no Cairn daemon named: pass volume= (where the pod's Cairn CSI volume is "
+            f"mounted), or set {VOLUME_ENV} (the same), or {SOCKET_ENV} (a socket path or "
+            f"host:port); the host's {DEFAULT_SOCKET} does not exist either"
+        )
     for prefix in ("tcp://", "http://", "grpc://"):
         if value.startswith(prefix):
             host_port = value[len(prefix) :].rstrip("/")
@@ -543,10 +577,14 @@ class _PendingSave:
 class Client:
     """A connection to the node's Cairn daemon.
 
-    ``socket`` is a Unix socket path (or ``unix:PATH``) or ``host:port`` for
-    TCP; without it the client reads ``CAIRN_SOCKET``, then falls back to
-    ``/run/cairn/cairn.sock``. ``tenant`` is sent with every call (empty: the
-    daemon's default). ``transport`` forces the local file path (``"local"``)
+    In a pod, name the mount path of its Cairn CSI volume: ``volume``, else
+    ``$CAIRN_VOLUME``. The client talks to the volume's own socket
+    (``<volume>/.cairn/cairn.sock``), which acts for the volume's tenant
+    (its namespace) and job only. Otherwise ``socket`` is a Unix socket
+    path (or ``unix:PATH``) or ``host:port`` for TCP; without it the client
+    reads ``$CAIRN_SOCKET``, then uses the host's ``/run/cairn/cairn.sock``
+    if it exists. ``tenant`` is sent with every call (empty: the volume's,
+    or the daemon's default on the host socket). ``transport`` forces the local file path (``"local"``)
     or the gRPC streams (``"stream"``); ``"auto"`` uses local files over a
     Unix socket when they are visible, streams otherwise.
 
@@ -578,6 +616,7 @@ class Client:
         self,
         socket: str | os.PathLike[str] | None = None,
         *,
+        volume: str | os.PathLike[str] | None = None,
         tenant: str = "",
         transport: Transport = "auto",
         timeout: float | None | _Default = _DEFAULT,
@@ -586,7 +625,7 @@ class Client:
     ) -> None:
         if transport not in ("auto", "local", "stream"):
             raise InvalidArgument(f"transport: expected auto, local or stream, got {transport!r}")
-        self._target = _resolve_target(socket)
+        self._target = _resolve_target(socket, volume)
         if transport == "local" and self._target.unix_path is None:
             raise InvalidArgument(
                 f"transport: 'local' needs a Unix socket, got TCP address {self._target.display}"
@@ -1387,8 +1426,10 @@ class Client:
         """Whether the daemon answers within ``timeout`` seconds."""
         try:
             self._stubs.admin.Status(pb.StatusRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return False
+        except grpc.RpcError as e:
+            # A volume's socket answers Status with PERMISSION_DENIED (it is
+            # for operators): the daemon is there all the same.
+            return e.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
         return True
 
     # -- helpers ---------------------------------------------------------

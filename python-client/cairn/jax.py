@@ -71,6 +71,7 @@ from cairn._proto.cairn.v1 import cairn_pb2 as pb
 from cairn.client import (
     FORMAT_KEY,
     SOCKET_ENV,
+    VOLUME_ENV,
     Client,
     SaveHandle,
     SaveResult,
@@ -313,16 +314,16 @@ def _write(
 
 # One client per daemon address for save_async calls that name none: a save
 # in flight needs its client until it ends, and saves stay in order.
-_shared_clients: dict[str | None, Client] = {}
+_shared_clients: dict[tuple[str | None, str | None], Client] = {}
 _shared_lock = threading.Lock()
 
 
 def _shared_client() -> Client:
-    key = os.environ.get(SOCKET_ENV)
+    key = (os.environ.get(VOLUME_ENV), os.environ.get(SOCKET_ENV))
     with _shared_lock:
         client = _shared_clients.get(key)
         if client is None or client._closed:
-            client = _shared_clients[key] = Client(key)
+            client = _shared_clients[key] = Client()
         return client
 
 

@@ -124,7 +124,16 @@ def _rank_main(rank: int, port: int, socket: str, job: str, phase: str, out: str
     assert reader.resolved_step is not None
     _train_step(model, optim, reader.resolved_step + 1, rank)
     checkpoint(reader.resolved_step + 1)  # default arguments: no overwrite
+    # Both ranks leave together, then skip interpreter finalisation: gloo's
+    # worker threads can abort the process there ("terminate called without
+    # an active exception", SIGABRT) when its peer is already gone, which is
+    # torch's teardown, not the checkpoint. Everything the test checks is
+    # written by now.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(phase: str, port: int, daemon: Daemon, job: str, out: Path) -> list[multiprocessing.Process]:

@@ -9,6 +9,8 @@
 
 #![allow(dead_code, missing_docs)]
 
+pub mod daemon;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,6 +45,8 @@ pub struct Plugin {
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The node's cairnd, which every publish binds its volume through.
+    pub daemon: Option<daemon::Daemon>,
     child: Option<Child>,
 }
 
@@ -51,8 +55,11 @@ impl Plugin {
         Self::start_with(&[], &[]).await
     }
 
+    /// Starts a cairnd on the plugin's tmpfs directory, then the plugin
+    /// talking to it.
     pub async fn start_with(extra_args: &[&str], env: &[(&str, &str)]) -> Plugin {
         let mut plugin = Self::new(extra_args, env);
+        plugin.start_daemon().await;
         plugin.spawn();
         plugin.wait_ready().await;
         plugin
@@ -78,8 +85,22 @@ impl Plugin {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            daemon: None,
             child: None,
         }
+    }
+
+    /// Starts the node's cairnd (memory tier: the plugin's tmpfs directory)
+    /// and points the plugin at its socket.
+    pub async fn start_daemon(&mut self) -> &mut daemon::Daemon {
+        let work = self.dir.path().join("cairnd");
+        std::fs::create_dir_all(&work).expect("daemon dir");
+        let started = daemon::Daemon::start(&self.shm_dir, &work).await;
+        self.extra_args.extend([
+            "--daemon-socket".into(),
+            started.socket.display().to_string(),
+        ]);
+        self.daemon.insert(started)
     }
 
     pub fn command(&self) -> Command {

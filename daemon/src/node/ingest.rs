@@ -43,6 +43,7 @@ mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -53,13 +54,16 @@ use cairn_core::ingest::{
     VOLUME_FILE, Verdict, VolumeInfo, classify_dir_name, decide, stored_file_name,
 };
 use cairn_core::names::MAX_FILE_DEPTH;
-use cairn_core::{FileName, Manifest, ShardKey, Step};
+use cairn_core::{FileName, Manifest, ShardKey, Step, TenantName};
 use rustix::fs::inotify::{ReadFlags, WatchFlags};
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use super::{BeginShard, FileSpec, Node};
 use crate::config::IngestConfig;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::tier::memory::MemoryTier;
 use watch::{Event, Inotify};
 
 /// Most files one step directory may hold.
@@ -131,9 +135,10 @@ enum Ingested {
 }
 
 /// A file of a step directory, ready to be linked.
-struct SourceFile {
+/// A file of a step directory, already linked into the staging area.
+struct LinkedFile {
     stored: FileName,
-    path: PathBuf,
+    staged: PathBuf,
     size: u64,
 }
 
@@ -164,8 +169,9 @@ struct Worker {
     /// Set once the volumes directory exists.
     inotify: Option<Inotify>,
     watches: HashMap<i32, Watched>,
-    /// The `volume.json` of each volume being watched.
-    volumes: HashMap<String, VolumeInfo>,
+    /// The `volume.json` of each volume being watched, with the tenant its
+    /// namespace is (`Node::volume_tenant`).
+    volumes: HashMap<String, (VolumeInfo, TenantName)>,
     /// (volume, directory) pairs already reported, so a rescan does not
     /// repeat a warning every few seconds.
     warned: HashSet<(String, String)>,
@@ -361,7 +367,19 @@ impl Worker {
                 return;
             }
         };
-        self.volumes.insert(volume.to_owned(), info);
+        let tenant = match self.node.volume_tenant(&info) {
+            Ok(tenant) => tenant,
+            Err(e) => {
+                self.warn_once(
+                    volume,
+                    VOLUME_FILE,
+                    "the volume has no tenant it may act for; its steps are not ingested",
+                    &e.to_string(),
+                );
+                return;
+            }
+        };
+        self.volumes.insert(volume.to_owned(), (info, tenant));
         let data = self.data_dir(volume);
         self.watch(&data, data_events(), Watched::Data(volume.to_owned()));
         let Ok(listing) = fs::read_dir(&data) else {
@@ -462,7 +480,7 @@ impl Worker {
 
     /// The commit policy of a known volume: its own, else the daemon's.
     fn policy(&self, volume: &str) -> Option<CommitPolicy> {
-        let info = self.volumes.get(volume)?;
+        let (info, _) = self.volumes.get(volume)?;
         Some(
             info.commit_marker
                 .clone()
@@ -555,11 +573,11 @@ impl Worker {
     }
 
     async fn ingest(&mut self, volume: &str, name: &str, step: Step, trigger: Trigger) {
-        let Some(info) = self.volumes.get(volume).cloned() else {
+        let Some((info, tenant)) = self.volumes.get(volume).cloned() else {
             return;
         };
         let key = ShardKey {
-            tenant: info.tenant,
+            tenant,
             job: info.job,
             step,
             rank: info.rank,
@@ -644,16 +662,18 @@ impl Node {
         if self.memory.contains(key) || self.disk.contains(key) {
             return Ok(Ingested::AlreadyHeld);
         }
-        let root = dir.to_path_buf();
-        let files = tokio::task::spawn_blocking(move || collect_files(&root))
-            .await
-            .map_err(|e| IngestError::Failed(e.into()))??;
-        // Saturating: sizes come from files a pod made (sparse ones can be
-        // huge); a sum past u64::MAX simply does not fit the tier.
-        let total = files.iter().fold(0u64, |t, f| t.saturating_add(f.size));
         let id = format!("ingest-{}", uuid::Uuid::new_v4());
-        self.reserve_memory(&id, total)?;
-        let result = self.commit_links(&id, key, files, metadata).await;
+        let linked = {
+            let memory = Arc::clone(&self.memory);
+            let staging = id.clone();
+            let root = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || link_step_files(&memory, &staging, &root)).await
+        };
+        let result = match linked {
+            Ok(Ok(files)) => self.commit_links(&id, key, files, metadata).await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(IngestError::Failed(e.into())),
+        };
         match result {
             Ok(manifest) => {
                 // The pod still reads these files: never recycle them (the
@@ -667,26 +687,25 @@ impl Node {
                     tracing::warn!(error = %discard, "removing an ingest staging area failed");
                 }
                 self.update_usage_metrics();
-                Err(e.into())
+                Err(e)
             }
         }
     }
 
+    /// Reserves the linked files' bytes (they count in the tier from now
+    /// on) and commits them as the shard `key`.
     async fn commit_links(
         &self,
         id: &str,
         key: &ShardKey,
-        files: Vec<SourceFile>,
+        files: Vec<LinkedFile>,
         metadata: BTreeMap<String, String>,
-    ) -> Result<Arc<Manifest>> {
-        let sources: Vec<(FileName, PathBuf)> = files
-            .iter()
-            .map(|f| (f.stored.clone(), f.path.clone()))
-            .collect();
-        let memory = Arc::clone(&self.memory);
-        let staging = id.to_owned();
-        let paths =
-            tokio::task::spawn_blocking(move || memory.stage_links(&staging, &sources)).await??;
+    ) -> std::result::Result<Arc<Manifest>, IngestError> {
+        // Saturating: sizes come from files a pod made (sparse ones can be
+        // huge); a sum past u64::MAX simply does not fit the tier.
+        let total = files.iter().fold(0u64, |t, f| t.saturating_add(f.size));
+        self.reserve_memory(id, total)?;
+        let paths = files.iter().map(|f| f.staged.clone()).collect();
         let request = BeginShard {
             key: key.clone(),
             files: files
@@ -701,72 +720,156 @@ impl Node {
             metadata,
             attempt: None,
         };
-        self.commit_staged_files(id, &request, paths).await
+        Ok(self.commit_staged_files(id, &request, paths).await?)
     }
 }
 
-/// Lists the regular files under `root` (not following links), with their
-/// stored names, sorted by name. Symbolic links, special files, names that
-/// cannot be stored, too deep a tree or too many files refuse the step.
-fn collect_files(root: &Path) -> std::result::Result<Vec<SourceFile>, IngestError> {
-    let refused = IngestError::Refused;
+/// Walks the step directory `root` and hard-links each regular file into
+/// the memory tier's staging area `id`, sorted by stored name.
+///
+/// The pod owns every directory below `root` and may swap any of them for
+/// a symbolic link at any moment, so no path below `root` is resolved twice:
+/// each directory is opened relative to its parent's descriptor with
+/// `O_NOFOLLOW`, each entry is opened `O_PATH | O_NOFOLLOW` and checked
+/// with `fstat` on that descriptor, and a file is linked through its
+/// descriptor (`MemoryTier::stage_link_fd`). A link anywhere refuses the
+/// step; a swap after an entry was opened changes nothing, since the
+/// descriptor still names what was checked. Descriptors held: one per level
+/// of depth, plus one.
+fn link_step_files(
+    memory: &MemoryTier,
+    id: &str,
+    root: &Path,
+) -> std::result::Result<Vec<LinkedFile>, IngestError> {
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| match errno {
+        Errno::LOOP | Errno::NOTDIR => {
+            IngestError::Refused(format!("{} is not a directory", root.display()))
+        }
+        errno => IngestError::Failed(Error::Io {
+            context: format!("opening {}", root.display()),
+            source: errno.into(),
+        }),
+    })?;
     let mut out = Vec::new();
-    let mut stack = vec![(root.to_path_buf(), String::new(), 1usize)];
-    while let Some((dir, prefix, depth)) = stack.pop() {
-        let listing = fs::read_dir(&dir).io_context(|| format!("listing {}", dir.display()))?;
-        for entry in listing {
-            let entry = entry.io_context(|| format!("listing {}", dir.display()))?;
-            let Ok(name) = entry.file_name().into_string() else {
-                return Err(refused(format!(
-                    "{} has a name that is not UTF-8",
-                    entry.path().display()
-                )));
-            };
-            let relative = if prefix.is_empty() {
-                name
-            } else {
-                format!("{prefix}/{name}")
-            };
-            let file_type = entry
-                .file_type()
-                .io_context(|| format!("inspecting {}", entry.path().display()))?;
-            if file_type.is_dir() {
+    link_dir(memory, id, &dir, "", 1, &mut out)?;
+    if out.is_empty() {
+        return Err(IngestError::Refused("it holds no files".into()));
+    }
+    out.sort_by(|a, b| a.stored.cmp(&b.stored));
+    Ok(out)
+}
+
+fn link_dir(
+    memory: &MemoryTier,
+    id: &str,
+    dir: &OwnedFd,
+    prefix: &str,
+    depth: usize,
+    out: &mut Vec<LinkedFile>,
+) -> std::result::Result<(), IngestError> {
+    let refused = IngestError::Refused;
+    let io = |what: &str| {
+        let what = if prefix.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what} {prefix}")
+        };
+        move |errno: Errno| {
+            IngestError::Failed(Error::Io {
+                context: what,
+                source: errno.into(),
+            })
+        }
+    };
+    let names = {
+        let readable = rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io("opening the step directory"))?;
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&readable).map_err(io("listing"))? {
+            let entry = entry.map_err(io("listing"))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
+            }
+        }
+        names
+    };
+    // The window in which a pod would swap a listed directory for a link.
+    crate::failpoint::fault_point("ingest.after_listing");
+    for name in names {
+        let Ok(name) = String::from_utf8(name) else {
+            return Err(refused(format!(
+                "{} has a name that is not UTF-8",
+                if prefix.is_empty() {
+                    "the step"
+                } else {
+                    prefix
+                }
+            )));
+        };
+        let relative = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let entry = match rustix::fs::openat(
+            dir,
+            name.as_str(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(entry) => entry,
+            // Removed since the listing: the pod is still changing the step.
+            Err(Errno::NOENT) => {
+                return Err(refused(format!("{relative} disappeared while it was read")));
+            }
+            Err(errno) => return Err(io("opening an entry of")(errno)),
+        };
+        let stat = rustix::fs::fstat(&entry).map_err(io("inspecting an entry of"))?;
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => {
                 if depth >= MAX_FILE_DEPTH {
                     return Err(refused(format!(
                         "{relative} is nested deeper than {MAX_FILE_DEPTH} levels"
                     )));
                 }
-                stack.push((entry.path(), relative, depth + 1));
-            } else if file_type.is_file() {
-                let size = entry
-                    .metadata()
-                    .io_context(|| format!("inspecting {}", entry.path().display()))?
-                    .len();
+                link_dir(memory, id, &entry, &relative, depth + 1, out)?;
+            }
+            FileType::RegularFile => {
                 let stored = stored_file_name(&relative).map_err(|e| refused(e.to_string()))?;
-                out.push(SourceFile {
+                let staged = memory.stage_link_fd(id, &stored, entry.as_fd())?;
+                out.push(LinkedFile {
                     stored,
-                    path: entry.path(),
-                    size,
+                    staged,
+                    size: u64::try_from(stat.st_size).unwrap_or(0),
                 });
                 if out.len() > MAX_INGEST_FILES {
                     return Err(refused(format!(
                         "it holds more than {MAX_INGEST_FILES} files"
                     )));
                 }
-            } else if file_type.is_symlink() {
+            }
+            FileType::Symlink => {
                 return Err(refused(format!("{relative} is a symbolic link")));
-            } else {
+            }
+            _ => {
                 return Err(refused(format!(
                     "{relative} is not a regular file (a device, socket or FIFO)"
                 )));
             }
         }
     }
-    if out.is_empty() {
-        return Err(refused("it holds no files".into()));
-    }
-    out.sort_by(|a, b| a.stored.cmp(&b.stored));
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -775,42 +878,62 @@ mod tests {
 
     use super::*;
 
+    fn linked(memory: &MemoryTier, root: &Path) -> std::result::Result<Vec<(String, u64)>, String> {
+        let id = format!("ingest-{}", uuid::Uuid::new_v4());
+        let result = match link_step_files(memory, &id, root) {
+            Ok(files) => Ok(files
+                .iter()
+                .map(|f| (f.stored.as_str().to_owned(), f.size))
+                .collect()),
+            Err(IngestError::Refused(r)) => Err(r),
+            Err(IngestError::Failed(e)) => panic!("failed: {e}"),
+        };
+        memory.discard_staged(&id).expect("discard");
+        result
+    }
+
     #[test]
-    fn step_trees_are_listed_with_stored_names_and_links_are_refused() {
+    fn step_trees_are_linked_with_stored_names_and_links_are_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
+        let memory = MemoryTier::open(&dir.path().join("memory"), 1 << 30, 0).expect("memory");
         let root = dir.path().join("step_5");
         fs::create_dir_all(root.join("default/d")).expect("dirs");
         fs::create_dir_all(root.join("empty")).expect("empty dir");
         fs::write(root.join(".metadata"), b"meta").expect("write");
         fs::write(root.join("__0_0.distcp"), vec![1u8; 10]).expect("write");
         fs::write(root.join("default/d/abc"), b"x").expect("write");
-        let files = match collect_files(&root) {
-            Ok(files) => files,
-            Err(IngestError::Refused(r)) => panic!("refused: {r}"),
-            Err(IngestError::Failed(e)) => panic!("failed: {e}"),
-        };
-        let names: Vec<(&str, u64)> = files.iter().map(|f| (f.stored.as_str(), f.size)).collect();
         assert_eq!(
-            names,
+            linked(&memory, &root).expect("linked"),
             vec![
-                ("_.metadata", 4),
-                ("___0_0.distcp", 10),
-                ("default/d/abc", 1)
+                ("_.metadata".to_owned(), 4),
+                ("___0_0.distcp".to_owned(), 10),
+                ("default/d/abc".to_owned(), 1)
             ]
         );
 
         symlink("/etc/passwd", root.join("default/passwd")).expect("symlink");
-        match collect_files(&root) {
-            Err(IngestError::Refused(reason)) => {
-                assert!(
-                    reason.contains("default/passwd is a symbolic link"),
-                    "{reason}"
-                )
-            }
-            _ => panic!("a symbolic link must refuse the step"),
-        }
+        let reason = linked(&memory, &root).expect_err("a link refuses the step");
+        assert!(
+            reason.contains("default/passwd is a symbolic link"),
+            "{reason}"
+        );
         fs::remove_file(root.join("default/passwd")).expect("remove");
+
+        // A directory of the step that is a link (to anywhere) refuses it too.
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).expect("outside");
+        fs::write(outside.join("secret"), b"another tenant's").expect("write");
+        fs::rename(root.join("default"), dir.path().join("moved")).expect("move");
+        symlink(&outside, root.join("default")).expect("symlink dir");
+        let reason = linked(&memory, &root).expect_err("a linked directory");
+        assert!(reason.contains("default is a symbolic link"), "{reason}");
+        fs::remove_file(root.join("default")).expect("remove");
+        // And the step directory itself.
+        let linked_root = dir.path().join("step_6");
+        symlink(&outside, &linked_root).expect("symlink root");
+        assert!(linked(&memory, &linked_root).is_err());
+
         fs::write(root.join("bad name"), b"x").expect("write");
-        assert!(matches!(collect_files(&root), Err(IngestError::Refused(_))));
+        assert!(linked(&memory, &root).is_err());
     }
 }

@@ -25,6 +25,7 @@ mod replicate;
 mod restore;
 mod save;
 mod upload;
+pub mod volumes;
 mod writeback;
 
 pub use replicate::ReplicationView;

@@ -405,6 +405,14 @@ impl Node {
         Ok(manifest)
     }
 
+    /// The shard an open session saves, if the session exists: what a
+    /// volume's socket checks before it lets a commit or abort through.
+    pub fn session_shard(&self, session_id: &str) -> Option<ShardKey> {
+        lock(&self.sessions)
+            .get(session_id)
+            .map(|s| s.request.key.clone())
+    }
+
     /// Drops a session and its files; unknown sessions are fine (idempotent).
     pub fn abort(&self, session_id: &str) -> Result<()> {
         let removed = {

@@ -12,6 +12,7 @@ use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::access::{Access, VolumeSockets};
 use super::convert;
 use super::to_status;
 use crate::error::Error;
@@ -22,12 +23,26 @@ use crate::peer::service::{PrefetchEvents, PrefetchTarget};
 #[derive(Clone)]
 pub struct AdminService {
     node: Arc<Node>,
+    access: Access,
+    volumes: Arc<dyn VolumeSockets>,
 }
 
 impl AdminService {
-    /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// Serves `node` to clients of a socket that allows `access`; binds
+    /// volumes' sockets through `volumes`.
+    pub fn new(node: Arc<Node>, access: Access, volumes: Arc<dyn VolumeSockets>) -> Self {
+        Self {
+            node,
+            access,
+            volumes,
+        }
+    }
+
+    /// Refuses `method` unless this is the operator's socket.
+    fn operator_only(&self, method: &'static str) -> Result<(), Status> {
+        self.access
+            .operator_only(method)
+            .map_err(|e| to_status(&self.node.metrics, method, e))
     }
 }
 
@@ -43,6 +58,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.operator_only("Status")?;
         let (sessions, pending, uploads) = self.node.activity();
         Ok(Response::new(pb::StatusResponse {
             node: self.node.config().node_name.clone(),
@@ -111,6 +127,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<VerifyStream>, Status> {
+        self.operator_only("Verify")?;
         let req = request.into_inner();
         let parsed = (|| {
             Ok::<_, crate::error::Error>((
@@ -173,6 +190,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GcRequest>,
     ) -> Result<Response<pb::GcResponse>, Status> {
+        self.operator_only("Gc")?;
         let report = self
             .node
             .gc(request.get_ref().dry_run)
@@ -197,6 +215,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PrefetchRequest>,
     ) -> Result<Response<Self::PrefetchStream>, Status> {
+        self.operator_only("Prefetch")?;
         let req = request.into_inner();
         let selector = convert::required("shard", &req.shard)
             .cloned()
@@ -225,6 +244,38 @@ impl Admin for AdminService {
             .await
             .map_err(|e| to_status(&metrics, "Prefetch", e))?;
         Ok(Response::new(events))
+    }
+
+    #[tracing::instrument(name = "BindVolume", skip_all, fields(volume_id = %request.get_ref().volume_id))]
+    async fn bind_volume(
+        &self,
+        request: Request<pb::BindVolumeRequest>,
+    ) -> Result<Response<pb::BindVolumeResponse>, Status> {
+        self.operator_only("BindVolume")?;
+        let binding = self
+            .volumes
+            .bind(&request.get_ref().volume_id)
+            .await
+            .map_err(|e| to_status(&self.node.metrics, "BindVolume", e))?;
+        Ok(Response::new(pb::BindVolumeResponse {
+            tenant: binding.tenant.to_string(),
+            job: binding.job.to_string(),
+            socket_path: binding.socket_path().to_string_lossy().into_owned(),
+        }))
+    }
+
+    #[tracing::instrument(name = "UnbindVolume", skip_all, fields(volume_id = %request.get_ref().volume_id))]
+    async fn unbind_volume(
+        &self,
+        request: Request<pb::UnbindVolumeRequest>,
+    ) -> Result<Response<pb::UnbindVolumeResponse>, Status> {
+        self.operator_only("UnbindVolume")?;
+        let was_bound = self
+            .volumes
+            .unbind(&request.get_ref().volume_id)
+            .await
+            .map_err(|e| to_status(&self.node.metrics, "UnbindVolume", e))?;
+        Ok(Response::new(pb::UnbindVolumeResponse { was_bound }))
     }
 }
 

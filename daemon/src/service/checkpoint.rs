@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_core::{ShardKey, Step};
+use cairn_core::{JobName, ShardKey, Step, TenantName};
 use cairn_proto::v1 as pb;
 use cairn_proto::v1::checkpoint_server::Checkpoint;
 use futures::Stream;
@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Span;
 
+use super::access::Access;
 use super::convert::{self, required};
 use super::to_status;
 use crate::error::{Error, IoContext, Result};
@@ -28,12 +29,44 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(3600);
 #[derive(Clone)]
 pub struct CheckpointService {
     node: Arc<Node>,
+    access: Access,
 }
 
 impl CheckpointService {
-    /// Serves `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// Serves `node` to clients of a socket that allows `access`.
+    pub fn new(node: Arc<Node>, access: Access) -> Self {
+        Self { node, access }
+    }
+
+    /// A BeginShard (or WriteShard header) for a shard this socket may write.
+    fn begin_request(&self, req: &pb::BeginShardRequest) -> Result<BeginShard> {
+        let begin = convert::begin_shard_with(&|t| self.access.tenant(&self.node, t), req)?;
+        self.access.check_job(&begin.key.job)?;
+        Ok(begin)
+    }
+
+    /// A selector's shard, its step resolved, if this socket may read it.
+    async fn selected_shard(&self, sel: &pb::ShardSelector) -> Result<ShardKey> {
+        let (tenant, job, step, rank) =
+            convert::selector_with(&|t| self.access.tenant(&self.node, t), "shard", sel)?;
+        self.access.check_job(&job)?;
+        let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
+        let key = ShardKey {
+            tenant,
+            job,
+            step,
+            rank,
+        };
+        record_shard(&key);
+        Ok(key)
+    }
+
+    /// A request's tenant and job, if this socket may act on them.
+    fn tenant_and_job(&self, tenant: &str, job: &str) -> Result<(TenantName, JobName)> {
+        let tenant = self.access.tenant(&self.node, tenant)?;
+        let job = convert::job("job", job)?;
+        self.access.check_job(&job)?;
+        Ok((tenant, job))
     }
 
     fn status(&self, method: &'static str, err: Error) -> Status {
@@ -105,7 +138,7 @@ impl Checkpoint for CheckpointService {
         request: Request<pb::BeginShardRequest>,
     ) -> Result<Response<pb::BeginShardResponse>, Status> {
         let result = async {
-            let begin = convert::begin_shard(&self.node, request.get_ref())?;
+            let begin = self.begin_request(request.get_ref())?;
             record_shard(&begin.key);
             check_begin_reply_fits(&self.node, &begin)?;
             let (session_id, files) = self.node.begin(begin, peer_pid(&request)).await?;
@@ -130,7 +163,12 @@ impl Checkpoint for CheckpointService {
         &self,
         request: Request<pb::CommitShardRequest>,
     ) -> Result<Response<pb::CommitShardResponse>, Status> {
-        match self.node.commit(&request.get_ref().session_id).await {
+        let session_id = &request.get_ref().session_id;
+        let result = match self.access.check_session(&self.node, session_id) {
+            Ok(()) => self.node.commit(session_id).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(m) => Ok(Response::new(pb::CommitShardResponse {
                 shard: Some(convert::shard_info(&m)),
             })),
@@ -143,8 +181,10 @@ impl Checkpoint for CheckpointService {
         &self,
         request: Request<pb::AbortShardRequest>,
     ) -> Result<Response<pb::AbortShardResponse>, Status> {
-        self.node
-            .abort(&request.get_ref().session_id)
+        let session_id = &request.get_ref().session_id;
+        self.access
+            .check_session(&self.node, session_id)
+            .and_then(|()| self.node.abort(session_id))
             .map(|()| Response::new(pb::AbortShardResponse {}))
             .map_err(|e| self.status("AbortShard", e))
     }
@@ -169,8 +209,9 @@ impl Checkpoint for CheckpointService {
                 ));
             }
         };
-        let begin =
-            convert::begin_shard(&self.node, &header).map_err(|e| self.status("WriteShard", e))?;
+        let begin = self
+            .begin_request(&header)
+            .map_err(|e| self.status("WriteShard", e))?;
         record_shard(&begin.key);
         let (session_id, files) = self
             .node
@@ -203,16 +244,9 @@ impl Checkpoint for CheckpointService {
         request: Request<pb::ReadShardRequest>,
     ) -> Result<Response<ReadStream>, Status> {
         let manifest = async {
-            let sel = required("shard", &request.get_ref().shard)?;
-            let (tenant, job, step, rank) = convert::selector(&self.node, "shard", sel)?;
-            let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
-            let key = ShardKey {
-                tenant,
-                job,
-                step,
-                rank,
-            };
-            record_shard(&key);
+            let key = self
+                .selected_shard(required("shard", &request.get_ref().shard)?)
+                .await?;
             self.node.manifest(&key).await
         }
         .await
@@ -263,12 +297,12 @@ impl Checkpoint for CheckpointService {
     ) -> Result<Response<pb::ListStepsResponse>, Status> {
         let req = request.get_ref();
         let result = async {
-            let tenant = self.node.tenant(&req.tenant)?;
-            let job = if req.job.is_empty() {
+            let tenant = self.access.tenant(&self.node, &req.tenant)?;
+            let job = self.access.listed_job(if req.job.is_empty() {
                 None
             } else {
                 Some(convert::job("job", &req.job)?)
-            };
+            })?;
             let jobs = self.node.list_steps(&tenant, job.as_ref()).await?;
             let wanted = self.node.peers.as_ref().map_or(0, |p| p.replicas() as u32);
             Ok(pb::ListStepsResponse {
@@ -291,16 +325,9 @@ impl Checkpoint for CheckpointService {
         request: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::GetManifestResponse>, Status> {
         let result = async {
-            let sel = required("shard", &request.get_ref().shard)?;
-            let (tenant, job, step, rank) = convert::selector(&self.node, "shard", sel)?;
-            let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
-            let key = ShardKey {
-                tenant,
-                job,
-                step,
-                rank,
-            };
-            record_shard(&key);
+            let key = self
+                .selected_shard(required("shard", &request.get_ref().shard)?)
+                .await?;
             let m = self.node.manifest(&key).await?;
             Ok(pb::GetManifestResponse {
                 manifest: Some(convert::manifest_to_pb(&m)),
@@ -317,16 +344,7 @@ impl Checkpoint for CheckpointService {
     ) -> Result<Response<pb::RestoreShardResponse>, Status> {
         let req = request.get_ref();
         let result = async {
-            let sel = required("shard", &req.shard)?;
-            let (tenant, job, step, rank) = convert::selector(&self.node, "shard", sel)?;
-            let step = self.node.resolve_step(&tenant, &job, step, rank).await?;
-            let key = ShardKey {
-                tenant,
-                job,
-                step,
-                rank,
-            };
-            record_shard(&key);
+            let key = self.selected_shard(required("shard", &req.shard)?).await?;
             let outcome = self.node.restore(&key, !req.skip_verify).await?;
             Ok(pb::RestoreShardResponse {
                 manifest: Some(convert::manifest_to_pb(&outcome.manifest)),
@@ -355,8 +373,7 @@ impl Checkpoint for CheckpointService {
     ) -> Result<Response<pb::DeleteStepResponse>, Status> {
         let req = request.get_ref();
         let result = async {
-            let tenant = self.node.tenant(&req.tenant)?;
-            let job = convert::job("job", &req.job)?;
+            let (tenant, job) = self.tenant_and_job(&req.tenant, &req.job)?;
             let shards_deleted = self.node.delete_step(&tenant, &job, Step(req.step)).await?;
             Ok(pb::DeleteStepResponse { shards_deleted })
         }
@@ -371,8 +388,7 @@ impl Checkpoint for CheckpointService {
     ) -> Result<Response<pb::WaitDurableResponse>, Status> {
         let req = request.get_ref();
         let result = async {
-            let tenant = self.node.tenant(&req.tenant)?;
-            let job = convert::job("job", &req.job)?;
+            let (tenant, job) = self.tenant_and_job(&req.tenant, &req.job)?;
             let tier = convert::tier("tier", req.tier)?;
             let timeout = match req.timeout_ms {
                 0 => DEFAULT_WAIT,

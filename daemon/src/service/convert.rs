@@ -48,16 +48,12 @@ pub fn job(field: &str, value: &str) -> Result<JobName> {
     Ok(JobName::parse(field, value.to_owned())?)
 }
 
-/// Resolves a request's tenant as [`Node::tenant`] does; the `*_with`
-/// conversions take one so that they run without a node (the fuzz targets).
+/// Resolves a request's tenant: as the socket's access allows in the
+/// service, as [`Node::tenant`] does for operators, and without a node in
+/// the fuzz targets.
 pub type TenantOf<'a> = &'a dyn Fn(&str) -> Result<TenantName>;
 
-/// A shard key from a `ShardRef`.
-pub fn shard_key(node: &Node, field: &str, r: &pb::ShardRef) -> Result<ShardKey> {
-    shard_key_with(&|t| node.tenant(t), field, r)
-}
-
-/// [`shard_key`] with the tenant resolved by `tenant`.
+/// A shard key from a `ShardRef`, the tenant resolved by `tenant`.
 pub fn shard_key_with(tenant: TenantOf<'_>, field: &str, r: &pb::ShardRef) -> Result<ShardKey> {
     Ok(ShardKey {
         tenant: tenant(&r.tenant)?,
@@ -90,12 +86,8 @@ pub fn selector_with(
     ))
 }
 
-/// A validated BeginShard.
-pub fn begin_shard(node: &Node, req: &pb::BeginShardRequest) -> Result<BeginShard> {
-    begin_shard_with(&|t| node.tenant(t), req)
-}
-
-/// [`begin_shard`] with the tenant resolved by `tenant`.
+/// A validated BeginShard, the tenant resolved by `tenant` (the socket's
+/// `service::access::Access`).
 pub fn begin_shard_with(tenant: TenantOf<'_>, req: &pb::BeginShardRequest) -> Result<BeginShard> {
     let key = shard_key_with(tenant, "shard", required("shard", &req.shard)?)?;
     if req.files.len() > MAX_FILES {

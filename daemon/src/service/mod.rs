@@ -3,6 +3,7 @@
 //!
 //! [`Node`]: crate::node::Node
 
+pub mod access;
 pub mod admin;
 pub mod checkpoint;
 pub mod convert;

@@ -32,7 +32,7 @@
 //! dropped.
 //!
 //! **Adopted files.** Ingest of a CSI volume (on the same tmpfs) stages hard
-//! links to the files a pod wrote instead of new files (`stage_links`): the
+//! links to the files a pod wrote instead of new files (`stage_link_fd`): the
 //! bytes exist once, under the pod's name and the shard's. A file with
 //! another link is never recycled into the pool, since the pod (or a
 //! pre-filled volume) still sees it; it is unlinked with its shard instead.
@@ -374,41 +374,34 @@ impl MemoryTier {
         Ok(())
     }
 
-    /// Creates staging area `id` whose files are hard links to `sources`,
-    /// files on the tier's own filesystem (ingest of a step directory from
-    /// a CSI volume), and returns the links' paths in order. The caller must
-    /// have reserved the bytes.
-    ///
-    /// No byte is copied: each file exists once on the tmpfs under two
-    /// names, and its bytes count in this tier (through the reservation,
-    /// then the committed shard) like any staged file's. Each link is
-    /// checked to be a regular file *after* it is made: checking the source
-    /// first would race with a writer swapping it for a symbolic link, while
-    /// a hard link's inode cannot change. A link that is not a regular file
-    /// is `FailedPrecondition`.
-    pub fn stage_links(&self, id: &str, sources: &[(FileName, PathBuf)]) -> Result<Vec<PathBuf>> {
-        let dir = self.staging_dir(id).join(FILES);
-        let mut paths = Vec::with_capacity(sources.len());
-        for (name, source) in sources {
-            let path = join_name(&dir, name);
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .io_context(|| format!("creating {}", parent.display()))?;
-            }
-            fs::hard_link(source, &path).io_context(|| {
-                format!("hard-linking {} as {}", source.display(), path.display())
-            })?;
-            let meta = fs::symlink_metadata(&path)
-                .io_context(|| format!("inspecting {}", path.display()))?;
-            if !meta.file_type().is_file() {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} is not a regular file",
-                    source.display()
-                )));
-            }
-            paths.push(path);
+    /// Hard-links the open file `file` into staging area `id` as `name`:
+    /// exactly the inode behind the descriptor (an `O_PATH` one will do),
+    /// through `/proc/self/fd`, so no path a pod can change in the meantime
+    /// is resolved again. Returns the staged path.
+    pub fn stage_link_fd(
+        &self,
+        id: &str,
+        name: &FileName,
+        file: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<PathBuf> {
+        use std::os::fd::AsRawFd;
+        let path = join_name(&self.staging_dir(id).join(FILES), name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
         }
-        Ok(paths)
+        let source = format!("/proc/self/fd/{}", file.as_raw_fd());
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            source.as_str(),
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+        .map_err(|errno| Error::Io {
+            context: format!("hard-linking {name} into {}", path.display()),
+            source: errno.into(),
+        })?;
+        Ok(path)
     }
 
     /// Removes staging area `id` and releases its reservation.

@@ -666,3 +666,31 @@ class PeerPrefetchRequest(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     shard: ShardSelector
     def __init__(self, shard: _Optional[_Union[ShardSelector, _Mapping]] = ...) -> None: ...
+
+class BindVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class BindVolumeResponse(_message.Message):
+    __slots__ = ("tenant", "job", "socket_path")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    job: str
+    socket_path: str
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., socket_path: _Optional[str] = ...) -> None: ...
+
+class UnbindVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class UnbindVolumeResponse(_message.Message):
+    __slots__ = ("was_bound",)
+    WAS_BOUND_FIELD_NUMBER: _ClassVar[int]
+    was_bound: bool
+    def __init__(self, was_bound: _Optional[bool] = ...) -> None: ...

@@ -530,6 +530,16 @@ class AdminStub:
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.SerializeToString,
                 response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
                 _registered_method=True)
+        self.BindVolume = channel.unary_unary(
+                '/cairn.v1.Admin/BindVolume',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.BindVolumeRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.BindVolumeResponse.FromString,
+                _registered_method=True)
+        self.UnbindVolume = channel.unary_unary(
+                '/cairn.v1.Admin/UnbindVolume',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.UnbindVolumeRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.UnbindVolumeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -568,6 +578,26 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BindVolume(self, request, context):
+        """Serves a CSI volume's own socket, `<data>/.cairn/cairn.sock`, on which
+        every request acts for that volume's tenant and job only. Called by
+        cairn-csi when it publishes the volume: cairnd reads the volume's
+        `volume.json` in its volumes directory and decides the tenant from the
+        pod's namespace (PERMISSION_DENIED when the volume's `tenant` attribute
+        names another). Idempotent; cairnd re-binds published volumes when it
+        restarts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnbindVolume(self, request, context):
+        """Stops serving a volume's socket (cairn-csi, at unpublish). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -590,6 +620,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Prefetch,
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.FromString,
                     response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.SerializeToString,
+            ),
+            'BindVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindVolume,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.BindVolumeRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.BindVolumeResponse.SerializeToString,
+            ),
+            'UnbindVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnbindVolume,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.UnbindVolumeRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.UnbindVolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +741,60 @@ class Admin:
             '/cairn.v1.Admin/Prefetch',
             cairn_dot_v1_dot_cairn__pb2.PrefetchRequest.SerializeToString,
             cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Admin/BindVolume',
+            cairn_dot_v1_dot_cairn__pb2.BindVolumeRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.BindVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnbindVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Admin/UnbindVolume',
+            cairn_dot_v1_dot_cairn__pb2.UnbindVolumeRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.UnbindVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,
