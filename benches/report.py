@@ -37,6 +37,7 @@ SECTIONS = {
     "peer-bench": "Peer tier and the restore planner (two cairnd on loopback, mutual TLS)",
     "object-bench": "Object store (SeaweedFS S3 on loopback)",
     "python-bench": "Python client (PyTorch, DCP, JAX) against the frameworks' own checkpointing",
+    "pod-bench": "In a pod: the CSI volume's socket from its own mount namespace, against the bare host",
 }
 
 
@@ -95,12 +96,14 @@ def markdown(rows: list[dict], command: str, chart: str, today: str) -> str:
                 "",
                 f"## {SECTIONS.get(section, section)}",
                 "",
-                "| scenario | size | Cairn s | baseline | baseline s | speed-up | goal |",
-                "|---|---:|---:|---|---:|---:|---|",
+                "| scenario | size | Cairn s | Cairn CPU s/GiB | baseline | baseline s | speed-up | goal |",
+                "|---|---:|---:|---:|---|---:|---:|---|",
             ]
         speedup = r["baseline_seconds"] / r["cairn_seconds"]
+        cpu = r.get("cpu_seconds_per_gib")
         out.append(
-            f"| {r['figure']} | {size(r['bytes'])} | {r['cairn_seconds']:.3f} | {r['baseline']} "
+            f"| {r['figure']} | {size(r['bytes'])} | {r['cairn_seconds']:.3f} "
+            f"| {'' if cpu is None else f'{cpu:.2f}'} | {r['baseline']} "
             f"| {r['baseline_seconds']:.3f} | {speedup:.2f} | {r.get('goal', '')} |"
         )
     return "\n".join(out) + "\n"

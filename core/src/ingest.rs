@@ -44,6 +44,9 @@ pub const INGESTED_FORMAT: u32 = 1;
 /// The file in a volume's directory that describes the volume (written by
 /// the CSI plugin; [`VolumeInfo`] is what ingest reads of it).
 pub const VOLUME_FILE: &str = "volume.json";
+/// The memory tier's directory of committed shards (`<memory>/shards/`):
+/// the only place prefill takes restored files from.
+pub const MEMORY_SHARDS_DIR: &str = "shards";
 /// The version of `volume.json` this module understands.
 pub const VOLUME_FORMAT: u32 = 1;
 /// The directory in a volume's directory that the pod sees.

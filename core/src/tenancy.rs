@@ -49,6 +49,69 @@ impl TenantMap {
     }
 }
 
+/// Per-tenant limits on the bytes a tenant holds in a node's memory tier
+/// (`[tenants] memory_quota_bytes` and `[tenants.memory_quotas]`), so one
+/// team's saves cannot push another team's steps out of memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryQuotas {
+    default: Option<u64>,
+    by_tenant: BTreeMap<TenantName, u64>,
+}
+
+/// A reservation a tenant's quota does not allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OverQuota {
+    /// The tenant's quota.
+    pub quota: u64,
+    /// What it would hold with the reservation.
+    pub would_hold: u64,
+    /// By how much that is over the quota.
+    pub excess: u64,
+}
+
+impl MemoryQuotas {
+    /// Quotas: `default` for every tenant not in `by_tenant` (None: no
+    /// limit for them).
+    pub fn new(
+        default: Option<u64>,
+        by_tenant: impl IntoIterator<Item = (TenantName, u64)>,
+    ) -> Self {
+        Self {
+            default,
+            by_tenant: by_tenant.into_iter().collect(),
+        }
+    }
+
+    /// Whether any tenant has a quota.
+    pub fn is_enabled(&self) -> bool {
+        self.default.is_some() || !self.by_tenant.is_empty()
+    }
+
+    /// `tenant`'s quota, if it has one.
+    pub fn of(&self, tenant: &TenantName) -> Option<u64> {
+        self.by_tenant.get(tenant).copied().or(self.default)
+    }
+
+    /// Whether `tenant`, holding `held` bytes, may reserve `requested`
+    /// more; the overrun when not. Sums saturate: a request too large to
+    /// add up is over any quota.
+    pub fn check(&self, tenant: &TenantName, held: u64, requested: u64) -> Result<(), OverQuota> {
+        let Some(quota) = self.of(tenant) else {
+            return Ok(());
+        };
+        let would_hold = held.saturating_add(requested);
+        if would_hold <= quota {
+            Ok(())
+        } else {
+            Err(OverQuota {
+                quota,
+                would_hold,
+                excess: would_hold - quota,
+            })
+        }
+    }
+}
+
 /// Why a volume has no tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VolumeTenantError {
@@ -155,7 +218,43 @@ mod tests {
         assert!(volume_tenant(&map, Some(&t("ml-dev")), Some(&t("ml-dev"))).is_err());
     }
 
+    #[test]
+    fn quotas_apply_per_tenant_with_a_default() {
+        let quotas = MemoryQuotas::new(Some(100), [(t("big"), 1000)]);
+        assert!(quotas.is_enabled());
+        assert_eq!(quotas.check(&t("a"), 60, 40), Ok(()));
+        assert_eq!(
+            quotas.check(&t("a"), 60, 41),
+            Err(OverQuota {
+                quota: 100,
+                would_hold: 101,
+                excess: 1
+            })
+        );
+        assert_eq!(quotas.check(&t("big"), 900, 100), Ok(()));
+        assert!(quotas.check(&t("a"), u64::MAX, u64::MAX).is_err());
+        let none = MemoryQuotas::default();
+        assert!(!none.is_enabled());
+        assert_eq!(none.check(&t("a"), u64::MAX, u64::MAX), Ok(()));
+    }
+
     proptest! {
+        /// A tenant within its quota is never refused, one over it always
+        /// is, and the excess is exactly the overrun.
+        #[test]
+        fn a_quota_refuses_exactly_what_exceeds_it(
+            quota in 0u64..1 << 40, held in 0u64..1 << 40, requested in 0u64..1 << 40,
+        ) {
+            let quotas = MemoryQuotas::new(Some(quota), []);
+            match quotas.check(&t("a"), held, requested) {
+                Ok(()) => prop_assert!(held + requested <= quota),
+                Err(over) => {
+                    prop_assert!(held + requested > quota);
+                    prop_assert_eq!(over.excess, held + requested - quota);
+                }
+            }
+        }
+
         /// Whatever a pod asks for, the result is its namespace's tenant or
         /// an error: never the requested tenant when it differs.
         #[test]

@@ -25,15 +25,20 @@
 //! silently throw its training away.
 
 use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cairn_core::ingest::{INGESTED_FILE, IngestSource, IngestedSteps, original_file_name};
+use cairn_core::ingest::{
+    INGESTED_FILE, IngestSource, IngestedSteps, MEMORY_SHARDS_DIR, original_file_name,
+};
 use cairn_core::names::Step;
 use cairn_core::{FileName, TenantName};
 use cairn_proto::v1 as pb;
 use cairn_proto::v1::admin_client::AdminClient;
 use cairn_proto::v1::checkpoint_client::CheckpointClient;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use tokio::runtime::Handle;
 
 use crate::client;
@@ -60,6 +65,9 @@ pub struct DaemonClient {
     socket: PathBuf,
     timeout: Duration,
     runtime: Handle,
+    /// The memory tier's `shards/`: restored files are taken from below it
+    /// only, whatever the answer on the socket says.
+    shards_dir: PathBuf,
 }
 
 /// A shard cairnd made readable in its memory tier.
@@ -86,13 +94,14 @@ impl DaemonClient {
     /// A client for the daemon at `socket`, whose restores may take up to
     /// `timeout`. Must be created inside the plugin's runtime: publishes
     /// run on blocking threads and use its handle to make the call.
-    pub fn new(socket: PathBuf, timeout: Duration) -> Result<Self> {
+    pub fn new(socket: PathBuf, timeout: Duration, memory_dir: &Path) -> Result<Self> {
         let runtime = Handle::try_current()
             .map_err(|e| Error::Config(format!("prefill needs the async runtime: {e}")))?;
         Ok(Self {
             socket,
             timeout,
             runtime,
+            shards_dir: memory_dir.join(MEMORY_SHARDS_DIR),
         })
     }
 
@@ -343,7 +352,7 @@ pub fn prefill(volume_dir: &Path, spec: &VolumeSpec, daemon: &DaemonClient) -> R
     let name = spec.step_dir_format.dir_name(shard.step);
     let target = data.join(&name);
     let temp = data.join(format!("{TEMP_PREFIX}{}", shard.step));
-    let placed = place(&temp, &shard.files);
+    let placed = place(&temp, &shard.files, &daemon.shards_dir);
     let placed = match placed {
         Ok(placed) => placed,
         Err(e) => {
@@ -374,9 +383,62 @@ pub fn prefill(volume_dir: &Path, spec: &VolumeSpec, daemon: &DaemonClient) -> R
     Ok(())
 }
 
-/// Hard-links (or, across filesystems, copies) every file into `dir`.
-fn place(dir: &Path, files: &[RestoredFile]) -> Result<Placed> {
-    let exdev = rustix::io::Errno::XDEV.raw_os_error();
+/// Opens one of cairnd's restored files for prefill: only below the memory
+/// tier's `shards/` (its own directory, which no pod reaches), resolved
+/// with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` so no link and no `..`
+/// leads out, and only a regular file of the announced size. Whatever
+/// answers on cairnd's socket, prefill reads nothing else.
+fn open_restored(shards: &OwnedFd, shards_dir: &Path, file: &RestoredFile) -> Result<OwnedFd> {
+    let refuse = |why: &str| {
+        Error::Internal(format!(
+            "cairnd's restored file {} {why}; refusing to pre-fill from it",
+            file.source.display()
+        ))
+    };
+    let relative = file.source.strip_prefix(shards_dir).map_err(|_| {
+        refuse(&format!(
+            "is not in the memory tier's {}",
+            shards_dir.display()
+        ))
+    })?;
+    let fd = rustix::fs::openat2(
+        shards,
+        relative,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|errno| match errno {
+        Errno::XDEV | Errno::LOOP | Errno::NOTDIR => {
+            refuse("leads out of the memory tier or through a link")
+        }
+        errno => Error::Io {
+            context: format!("opening the restored file {}", file.source.display()),
+            source: errno.into(),
+        },
+    })?;
+    let stat = rustix::fs::fstat(&fd)
+        .io_context(|| format!("inspecting the restored file {}", file.source.display()))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile
+        || u64::try_from(stat.st_size).ok() != Some(file.size)
+    {
+        return Err(refuse(&format!(
+            "is not a regular file of {} bytes",
+            file.size
+        )));
+    }
+    Ok(fd)
+}
+
+/// Hard-links (or, across filesystems, copies) every file into `dir`,
+/// each through the descriptor [`open_restored`] checked.
+fn place(dir: &Path, files: &[RestoredFile], shards_dir: &Path) -> Result<Placed> {
+    let shards = rustix::fs::open(
+        shards_dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .io_context(|| format!("opening the memory tier's {}", shards_dir.display()))?;
     let mut placed = Placed::default();
     fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
     for file in files {
@@ -385,18 +447,18 @@ fn place(dir: &Path, files: &[RestoredFile]) -> Result<Placed> {
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
         }
-        let meta = fs::symlink_metadata(&file.source)
-            .io_context(|| format!("inspecting the restored file {}", file.source.display()))?;
-        if !meta.file_type().is_file() || meta.len() != file.size {
-            return Err(Error::Internal(format!(
-                "cairnd's restored file {} is not a regular file of {} bytes",
-                file.source.display(),
-                file.size
-            )));
-        }
-        match fs::hard_link(&file.source, &target) {
+        let source = open_restored(&shards, shards_dir, file)?;
+        // The inode itself, through its descriptor: nothing is resolved again.
+        let through = format!("/proc/self/fd/{}", source.as_raw_fd());
+        match rustix::fs::linkat(
+            rustix::fs::CWD,
+            through.as_str(),
+            rustix::fs::CWD,
+            &target,
+            AtFlags::SYMLINK_FOLLOW,
+        ) {
             Ok(()) => placed.linked += 1,
-            Err(e) if e.raw_os_error() == Some(exdev) => {
+            Err(Errno::XDEV) => {
                 if placed.copied == 0 {
                     tracing::warn!(
                         source = %file.source.display(),
@@ -404,18 +466,19 @@ fn place(dir: &Path, files: &[RestoredFile]) -> Result<Placed> {
                          copying instead of linking"
                     );
                 }
-                fs::copy(&file.source, &target).io_context(|| {
+                fs::copy(&through, &target).io_context(|| {
                     format!("copying {} to {}", file.source.display(), target.display())
                 })?;
                 placed.copied += 1;
             }
-            Err(e) => {
-                return Err(e).io_context(|| {
-                    format!(
+            Err(errno) => {
+                return Err(Error::Io {
+                    context: format!(
                         "hard-linking {} to {}",
                         file.source.display(),
                         target.display()
-                    )
+                    ),
+                    source: errno.into(),
                 });
             }
         }
@@ -450,7 +513,11 @@ mod tests {
         // The socket does not exist: a call to cairnd would fail, so
         // success means it was not called.
         let daemon = runtime.block_on(async {
-            DaemonClient::new(dir.path().join("no.sock"), Duration::from_secs(1))
+            DaemonClient::new(
+                dir.path().join("no.sock"),
+                Duration::from_secs(1),
+                dir.path(),
+            )
         });
         let daemon = daemon.expect("client");
         let req = crate::volume::PublishRequest {
@@ -505,7 +572,7 @@ mod tests {
             },
         ];
         let target = dir.path().join("out");
-        let placed = place(&target, &files).expect("place");
+        let placed = place(&target, &files, dir.path()).expect("place");
         assert_eq!((placed.linked, placed.copied, placed.bytes), (2, 0, 10));
         assert_eq!(fs::read(target.join(".metadata")).expect("read"), b"hello");
         assert_eq!(
@@ -520,7 +587,55 @@ mod tests {
             source: a,
             size: 6,
         }];
-        let err = place(&dir.path().join("out2"), &wrong).expect_err("size mismatch");
+        let err = place(&dir.path().join("out2"), &wrong, dir.path()).expect_err("size mismatch");
         assert_eq!(err.code(), tonic::Code::Internal);
+    }
+
+    /// Prefill takes files from the memory tier's `shards/` only, never
+    /// through a link or `..`: an impostor answering on cairnd's socket
+    /// cannot make the privileged plugin copy another pod's secret.
+    #[test]
+    fn restored_files_are_taken_from_the_memory_tiers_shards_only() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let shards = dir.path().join("memory").join(MEMORY_SHARDS_DIR);
+        let shard = shards.join("t/j/1/0");
+        fs::create_dir_all(&shard).expect("shard dir");
+        fs::write(shard.join("w"), b"good").expect("w");
+        let secret = dir.path().join("secret");
+        fs::write(&secret, b"xxxx").expect("secret");
+        std::os::unix::fs::symlink(&secret, shard.join("link")).expect("link");
+        std::os::unix::fs::symlink(dir.path(), shards.join("t/up")).expect("dir link");
+        let file = |source: PathBuf, size: u64| RestoredFile {
+            relative: "w".into(),
+            source,
+            size,
+        };
+
+        let out = dir.path().join("out");
+        place(&out, &[file(shard.join("w"), 4)], &shards).expect("a file of the tier");
+        assert_eq!(fs::read(out.join("w")).expect("read"), b"good");
+        assert_eq!(
+            fs::metadata(shard.join("w")).expect("stat").nlink(),
+            2,
+            "linked"
+        );
+
+        for (n, bad) in [
+            file(secret.clone(), 4),
+            file(shards.join("t/j/1/0/../../../../secret"), 4),
+            file(shard.join("link"), 4),
+            file(shards.join("t/up/secret"), 4),
+            file(shard.join("w"), 5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let target = dir.path().join(format!("bad{n}"));
+            let err = place(&target, &[bad], &shards).expect_err("outside the tier");
+            assert!(err.to_string().contains("refusing"), "{err}");
+            assert!(!target.join("w").exists());
+        }
     }
 }

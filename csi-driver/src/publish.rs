@@ -158,7 +158,12 @@ impl Volumes {
                     .collect(),
             ),
             in_flight: Mutex::new(HashSet::new()),
-            daemon: DaemonClient::new(config.daemon_socket.clone(), config.prefill_timeout)?,
+            daemon: DaemonClient::new(
+                config.daemon_socket.clone(),
+                config.prefill_timeout,
+                // The volumes directory is inside the memory tier.
+                config.volumes_dir.parent().unwrap_or(Path::new("/")),
+            )?,
         }))
     }
 

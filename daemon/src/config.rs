@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cairn_core::codec::CompressionPolicy;
 use cairn_core::ingest::CommitPolicy;
-use cairn_core::tenancy::TenantMap;
+use cairn_core::tenancy::{MemoryQuotas, TenantMap};
 use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, NodeId, RetentionPolicy, TenantName};
 use clap::Parser;
 use serde::Deserialize;
@@ -204,6 +204,11 @@ struct RawTenants {
     /// Namespace → tenant, for namespaces that share another's checkpoints.
     #[serde(default)]
     namespaces: BTreeMap<String, String>,
+    /// Memory-tier bytes each tenant may hold, unless `memory_quotas` says.
+    memory_quota_bytes: Option<u64>,
+    /// Tenant → memory-tier bytes it may hold.
+    #[serde(default)]
+    memory_quotas: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -367,6 +372,8 @@ pub struct Config {
     /// Which tenant each Kubernetes namespace's volumes act for (a
     /// namespace not listed is its own tenant).
     pub tenants: TenantMap,
+    /// What each tenant may hold in the memory tier.
+    pub memory_quotas: MemoryQuotas,
     /// Client API socket.
     pub socket: PathBuf,
     /// Group given access to the socket, if any.
@@ -527,6 +534,7 @@ impl Config {
             object_store_config(args.object_store_url.clone(), raw.object_store, &disk_dir)?;
         let ingest = ingest_config(raw.ingest, &memory_dir)?;
         let peers = peer_config(args, raw.peers, raw.membership, &node_name, &disk_dir)?;
+        let memory_quotas = memory_quotas(&raw.tenants)?;
         let tenants = tenant_map(raw.tenants)?;
         let tcp_addr = args.tcp_addr.or(raw.tcp_addr);
         if let Some(addr) = tcp_addr
@@ -542,6 +550,7 @@ impl Config {
             node_name,
             default_tenant,
             tenants,
+            memory_quotas,
             socket: args
                 .socket
                 .clone()
@@ -679,6 +688,21 @@ fn peer_config(
         tls,
         membership,
     }))
+}
+
+/// The `[tenants]` memory quotas, every name validated.
+fn memory_quotas(raw: &RawTenants) -> Result<MemoryQuotas> {
+    let by_tenant = raw
+        .memory_quotas
+        .iter()
+        .map(|(tenant, bytes)| {
+            Ok((
+                TenantName::parse("tenants.memory_quotas key", tenant.clone())?,
+                *bytes,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(MemoryQuotas::new(raw.memory_quota_bytes, by_tenant))
 }
 
 /// The `[tenants] namespaces` table, every name validated.

@@ -16,6 +16,7 @@ pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod pod_fs;
 pub mod server;
 pub mod service;
 pub mod tier;

@@ -113,11 +113,19 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
                 .io_context(|| "serving metrics".into())
         });
     }
+    let bound = socket_identity(&config.socket)?;
     tasks.spawn(serve(
         Arc::clone(&node),
         Access::Operator,
         Arc::clone(&volumes),
         UnixListenerStream::new(unix),
+        cancel.clone(),
+    ));
+    tokio::spawn(guard_socket(
+        config.clone(),
+        bound,
+        Arc::clone(&node),
+        Arc::clone(&volumes),
         cancel.clone(),
     ));
     if let Some(listener) = tcp {
@@ -150,6 +158,79 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("cairnd stopped");
     result
+}
+
+/// How often the host socket's file is checked (`guard_socket`).
+const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The device and inode of the socket file at `path`.
+fn socket_identity(path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        std::fs::symlink_metadata(path).io_context(|| format!("inspecting {}", path.display()))?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Keeps the host socket cairnd's own: anyone who can write its directory
+/// could unlink it and serve an impostor at the path (clients and the CSI
+/// plugin would then talk to that), while cairnd kept listening on the
+/// orphan. Checked every [`SOCKET_CHECK_INTERVAL`]: a socket file that is
+/// gone or is another inode is logged as an error and replaced by a new
+/// one served by cairnd.
+async fn guard_socket(
+    config: Config,
+    mut bound: (u64, u64),
+    node: Arc<Node>,
+    volumes: Arc<dyn VolumeSockets>,
+    cancel: CancellationToken,
+) {
+    let path = config.socket.clone();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(SOCKET_CHECK_INTERVAL) => {}
+        }
+        let now = socket_identity(&path).ok();
+        if now == Some(bound) {
+            continue;
+        }
+        tracing::error!(
+            socket = %path.display(),
+            found = if now.is_some() { "another file" } else { "nothing" },
+            "the host socket was replaced or removed behind cairnd's back; something may be \
+             impersonating cairnd: re-creating the socket"
+        );
+        if now.is_some()
+            && let Err(e) = std::fs::remove_file(&path)
+        {
+            tracing::error!(socket = %path.display(), error = %e, "cannot remove what replaced the socket");
+            continue;
+        }
+        let listener = match bind_socket(&path, config.socket_group.as_deref())
+            .and_then(|listener| Ok((socket_identity(&path)?, listener)))
+        {
+            Ok((identity, listener)) => {
+                bound = identity;
+                listener
+            }
+            Err(e) => {
+                tracing::error!(socket = %path.display(), error = %e, "cannot re-create the socket");
+                continue;
+            }
+        };
+        let served = serve(
+            Arc::clone(&node),
+            Access::Operator,
+            Arc::clone(&volumes),
+            UnixListenerStream::new(listener),
+            cancel.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "serving the re-created socket failed");
+            }
+        });
+    }
 }
 
 /// Serves the client API on `incoming`, allowing what `access` allows.

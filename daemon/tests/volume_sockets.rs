@@ -48,6 +48,65 @@ fn socket_of(data: &Path) -> PathBuf {
     data.join(".cairn").join("cairn.sock")
 }
 
+/// The fast path as a pod does it through its volume's socket: the staged
+/// files are named relative to the volume, inside it.
+async fn save_in(
+    data: &Path,
+    c: &mut Clients,
+    shard: pb::ShardRef,
+    files: &[(&str, &[u8])],
+) -> Result<pb::ShardInfo, tonic::Status> {
+    let mut begin = c
+        .checkpoint
+        .begin_shard(begin_request(shard, files))
+        .await?
+        .into_inner();
+    for staged in &mut begin.files {
+        assert!(
+            staged.path.starts_with(".cairn/sessions/"),
+            "a volume's files are staged inside it: {}",
+            staged.path
+        );
+        staged.path = data.join(&staged.path).to_string_lossy().into_owned();
+    }
+    common::write_staged(&begin, files);
+    let commit = c
+        .checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begin.session_id,
+        })
+        .await?
+        .into_inner();
+    Ok(commit.shard.expect("shard info"))
+}
+
+/// A restore through a volume's socket: the files are linked into the
+/// volume and named relative to it.
+async fn restore_in(
+    data: &Path,
+    c: &mut Clients,
+    job: &str,
+    step: Option<u64>,
+) -> Result<std::collections::HashMap<String, Vec<u8>>, tonic::Status> {
+    let resp = c
+        .checkpoint
+        .restore_shard(pb::RestoreShardRequest {
+            shard: Some(selector(job, step, 0)),
+            skip_verify: false,
+        })
+        .await?
+        .into_inner();
+    Ok(resp
+        .files
+        .iter()
+        .map(|f| {
+            assert!(f.path.starts_with(".cairn/restored/"), "{}", f.path);
+            let bytes = std::fs::read(data.join(&f.path)).expect("read the restored file");
+            (f.name.clone(), bytes)
+        })
+        .collect())
+}
+
 async fn bind(c: &mut Clients, id: &str) -> Result<pb::BindVolumeResponse, tonic::Status> {
     c.admin
         .bind_volume(pb::BindVolumeRequest {
@@ -254,7 +313,7 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
 
     // team-a's pod saves through its socket without naming its tenant.
     let own: &[u8] = b"team-a's weights";
-    let info = save(&mut a, shard("", "job-a", 1, 0), &[("w", own)])
+    let info = save_in(&a_data, &mut a, shard("", "job-a", 1, 0), &[("w", own)])
         .await
         .expect("team-a saves through its volume");
     assert_eq!(info.shard.expect("shard").tenant, "team-a");
@@ -273,7 +332,7 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
         ["job-a"],
         "a volume lists its own job only"
     );
-    let (_, files) = common::restore(&mut a, "job-a", None, 0)
+    let files = restore_in(&a_data, &mut a, "job-a", None)
         .await
         .expect("restore own");
     assert_eq!(
@@ -564,11 +623,11 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
     daemon.restart().await;
     let mut a = connect(&socket_of(&a_data)).await;
     let mut b = connect(&socket_of(&b_data)).await;
-    let (_, files) = common::restore(&mut a, "job-a", Some(1), 0)
+    let files = restore_in(&a_data, &mut a, "job-a", Some(1))
         .await
         .expect("a after restart");
     assert_eq!(files["w"], own);
-    let (_, files) = common::restore(&mut b, "job-b", Some(1), 0)
+    let files = restore_in(&b_data, &mut b, "job-b", Some(1))
         .await
         .expect("b after restart");
     assert_eq!(files["w"], secret);
@@ -646,4 +705,127 @@ async fn a_link_the_pod_planted_where_the_socket_goes_is_never_followed() {
         .list_steps(pb::ListStepsRequest::default())
         .await
         .expect("the new socket serves");
+}
+
+/// A process that can write the host socket's directory unlinks the socket
+/// and serves an impostor at its path: cairnd notices, says so loudly, and
+/// takes the path back.
+#[tokio::test]
+async fn a_replaced_host_socket_is_taken_back() {
+    use std::os::unix::fs::MetadataExt;
+
+    let daemon = Daemon::start(&[]).await;
+    std::fs::remove_file(&daemon.socket).expect("unlink the socket");
+    let impostor = std::os::unix::net::UnixListener::bind(&daemon.socket).expect("impostor");
+    let impostor_inode = std::fs::metadata(&daemon.socket).expect("stat").ino();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let taken_back = std::fs::symlink_metadata(&daemon.socket)
+            .is_ok_and(|m| m.file_type().is_socket() && m.ino() != impostor_inode);
+        if taken_back && daemon.log_text().contains("impersonating") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cairnd did not take its socket back; log:\n{}",
+            daemon.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut host = daemon.clients().await;
+    host.admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("cairnd answers on its path again");
+    drop(impostor);
+}
+
+/// Whether the memory tier holds `job`'s `step` (asked on `c`'s socket).
+async fn in_memory(c: &mut Clients, job: &str, step: u64) -> bool {
+    c.checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: job.into(),
+        })
+        .await
+        .expect("ListSteps")
+        .into_inner()
+        .jobs
+        .iter()
+        .flat_map(|j| &j.steps)
+        .filter(|s| s.step == step)
+        .flat_map(|s| &s.shards)
+        .flat_map(|shard| &shard.tiers)
+        .any(|t| t.tier == pb::Tier::Memory as i32 && t.state == pb::ShardState::Durable as i32)
+}
+
+/// With memory quotas, a tenant makes room from its own steps only: team-a
+/// saving past its quota evicts its own oldest step the disk holds, never
+/// team-b's, and a save that can never fit the quota is refused naming the
+/// tenant and the quota.
+#[tokio::test]
+async fn one_tenant_cannot_push_anothers_steps_out_of_memory() {
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("cairnd.toml");
+    std::fs::write(
+        &config,
+        format!("[tenants]\nmemory_quota_bytes = {}\n", 3 * MIB),
+    )
+    .expect("config");
+    let daemon = Daemon::start(&[
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--memory-capacity",
+        &(4 * MIB).to_string(),
+        "--memory-keep-last",
+        "10",
+    ])
+    .await;
+    let mut host = daemon.clients().await;
+    let a_data = volume(&daemon, "csi-qa", "team-a", "job", None);
+    let b_data = volume(&daemon, "csi-qb", "team-b", "job", None);
+    bind(&mut host, "csi-qa").await.expect("bind a");
+    bind(&mut host, "csi-qb").await.expect("bind b");
+    let mut a = connect(&socket_of(&a_data)).await;
+    let mut b = connect(&socket_of(&b_data)).await;
+    let two_mib = vec![7u8; 2 * MIB];
+
+    save_in(&b_data, &mut b, shard("", "job", 1, 0), &[("w", &two_mib)])
+        .await
+        .expect("team-b saves");
+    for step in 1..=3 {
+        save_in(
+            &a_data,
+            &mut a,
+            shard("", "job", step, 0),
+            &[("w", &two_mib)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("team-a saves step {step}: {e}"));
+        common::wait_durable(&mut a, "job", step, pb::Tier::Disk, 30_000)
+            .await
+            .expect("on disk");
+        assert!(
+            in_memory(&mut b, "job", 1).await,
+            "team-a pushed team-b's step out of memory"
+        );
+    }
+    assert!(in_memory(&mut a, "job", 3).await);
+    assert!(
+        !in_memory(&mut a, "job", 1).await,
+        "team-a's oldest step made room"
+    );
+
+    let four_mib = vec![1u8; 4 * MIB];
+    let refused = save_in(&a_data, &mut a, shard("", "job", 4, 0), &[("w", &four_mib)])
+        .await
+        .expect_err("over the quota by itself");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("tenant team-a") && refused.message().contains("quota"),
+        "{}",
+        refused.message()
+    );
+    assert!(in_memory(&mut b, "job", 1).await);
 }

@@ -652,6 +652,13 @@ class Client:
         #: (None: no limit).
         self.stall_timeout: float | None = stall or None
         self._transport: Transport = transport
+        #: The volume whose socket this is (files the daemon names relative
+        #: to it live there), or None on the host's socket.
+        self._volume_root: str | None = None
+        if self._target.unix_path is not None and self._target.unix_path.endswith(
+            os.sep + VOLUME_SOCKET
+        ):
+            self._volume_root = self._target.unix_path[: -len(os.sep + VOLUME_SOCKET)]
         # Whether the daemon's files are visible here; unknown until tried.
         self._files_local: bool | None = (
             False if self._target.unix_path is None or transport == "stream" else None
@@ -912,7 +919,9 @@ class Client:
                         f"BeginShard staged {target.size if target else 'no'} bytes "
                         f"for file {spec.name!r}, expected {spec.size}"
                     )
-                copy = self._write_staged(target.path, save.getters[index], spec.size, index, keep)
+                copy = self._write_staged(
+                    self._local_path(target.path), save.getters[index], spec.size, index, keep
+                )
                 copies.append(copy)
                 if self._files_local is None:
                     self._files_local = True
@@ -933,6 +942,15 @@ class Client:
             save.failed_session = session
             raise
         return SaveResult._from_proto(committed.shard)
+
+    def _local_path(self, path: str) -> str:
+        """A path the daemon named: relative ones are inside this client's
+        volume (the daemon's own files are not visible in a pod)."""
+        if os.path.isabs(path):
+            return path
+        if self._volume_root is None:
+            raise _FilesNotLocal()
+        return os.path.join(self._volume_root, path)
 
     def _write_staged(
         self, path: str, getter: Getter, size: int, index: int, keep: bool
@@ -1155,7 +1173,9 @@ class Client:
             meta = dict(manifest_file.metadata)
             dtype, shape = _layout(manifest_file.name, meta, restored.size)
             try:
-                array = _map_file(restored.path, restored.size, dtype, shape, writable)
+                array = _map_file(
+                    self._local_path(restored.path), restored.size, dtype, shape, writable
+                )
             except FileNotFoundError:
                 if self._files_local:
                     # Visible before: the daemon restarted (or evicted the

@@ -78,7 +78,12 @@ POD_SCRIPT = textwrap.dedent(
     weights = np.arange(1 << 20, dtype=np.float32)
     with cairn.Client() as c:
         c.save(job, 1, 0, {"w": weights}, world_size=1)
+        out["saved_through_files"] = c._files_local
         restored = c.restore(job)
+        out["restored_streamed"] = restored.streamed
+        out["restored_in_volume"] = os.listdir(
+            os.path.join(os.environ["CAIRN_VOLUME"], ".cairn", "restored")
+        )
         out["restored_step"] = restored.step
         out["identical"] = restored["w"].tobytes() == weights.tobytes()
         out["listed"] = [s.step for s in c.list_steps(job)]
@@ -152,6 +157,11 @@ def test_a_pod_saves_and_restores_through_its_volume_alone(daemon: Daemon, job: 
     assert out["uid"] == POD_UID
     assert not out["host_socket_visible"] and out["memory_tier_listing"] == []
     assert out["identical"] and out["restored_step"] == 1 and out["listed"] == [1]
+    # The fast path, inside the pod: the bytes went through files in the
+    # volume both ways, not through WriteShard or ReadShard.
+    assert out["saved_through_files"] is True
+    assert out["restored_streamed"] is False
+    assert len(out["restored_in_volume"]) == 1
     for name in ("other_job", "other_tenant", "other_tenant_restore", "status"):
         assert out[name].startswith("denied: "), (name, out[name])
     assert "someone-elses-job" in out["other_job"] and "team-a" in out["other_job"]
@@ -183,3 +193,43 @@ def test_without_a_volume_or_socket_the_error_names_every_way(
     monkeypatch.setenv("CAIRN_VOLUME", str(tmp_path))
     with pytest.raises(cairn.InvalidArgument, match="CAIRN_VOLUME"):
         cairn.Client()
+
+
+KILLED_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import cairn
+    from cairn._proto.cairn.v1 import cairn_pb2 as pb
+
+    job = sys.argv[1]
+    volume = os.environ["CAIRN_VOLUME"]
+    with cairn.Client() as c:
+        begun = c._stubs.checkpoint.BeginShard(
+            pb.BeginShardRequest(
+                shard=pb.ShardRef(job=job, step=5, rank=0),
+                files=[pb.FileSpec(name="w", size=1 << 20)],
+            ),
+            timeout=30,
+        )
+        path = os.path.join(volume, begun.files[0].path)
+        with open(path, "r+b") as f:
+            f.write(b"half a checkpoint")
+        print(begun.files[0].path, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_a_pod_killed_mid_save_leaves_nothing_listed(daemon: Daemon, job: str) -> None:
+    data = publish(daemon, f"csi-{job}", "team-a", job)
+    with pytest.raises(AssertionError, match="the pod failed"):
+        run_in_pod(daemon, data, KILLED_SCRIPT, job)
+    sessions = data / ".cairn" / "sessions"
+    assert len(list(sessions.iterdir())) == 1, "the save was staged inside the volume"
+    with daemon.client(tenant="team-a") as host:
+        assert host.list_steps(job) == []
+        # The next save of that shard finds its writer dead and takes over;
+        # the dead session's files leave the volume.
+        host.save(job, 5, 0, {"w": np.zeros(4, dtype=np.uint8)})
+        assert [s.step for s in host.list_steps(job)] == [5]
+    assert list(sessions.iterdir()) == []

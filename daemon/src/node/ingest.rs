@@ -704,7 +704,7 @@ impl Node {
         // Saturating: sizes come from files a pod made (sparse ones can be
         // huge); a sum past u64::MAX simply does not fit the tier.
         let total = files.iter().fold(0u64, |t, f| t.saturating_add(f.size));
-        self.reserve_memory(id, total)?;
+        self.reserve_memory(id, &key.tenant, total)?;
         let paths = files.iter().map(|f| f.staged.clone()).collect();
         let request = BeginShard {
             key: key.clone(),

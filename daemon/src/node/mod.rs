@@ -116,7 +116,11 @@ struct Session {
     request: BeginShard,
     /// The writer's process id, when it connected over the Unix socket.
     owner_pid: Option<i32>,
+    /// The files as cairnd sees them (in the tier, or in the pod's volume).
     paths: Vec<PathBuf>,
+    /// For a session opened on a volume's socket: the volume and the files
+    /// staged in it.
+    volume: Option<(Arc<volumes::VolumeBinding>, Vec<volumes::VolumeStagedFile>)>,
     opened: Instant,
     committing: bool,
 }

@@ -126,7 +126,7 @@ impl Node {
         let manifest = manifest
             .ok_or_else(|| Error::NotFound(format!("shard {key} is in no tier of this node")))?;
         let id = format!("restore-{}", uuid::Uuid::new_v4());
-        self.reserve_memory(&id, manifest.total_bytes())?;
+        self.reserve_memory(&id, &manifest.shard.tenant, manifest.total_bytes())?;
         let result = self.refill_staged(&id, &manifest).await;
         if result.is_err() {
             let _ = self.memory.discard_staged(&id);

@@ -12,6 +12,7 @@ use cairn_core::{
 };
 
 use super::attempts::Admission;
+use super::volumes::{VolumeBinding, VolumeStagedFile};
 use super::{BeginShard, FileSpec, Node, Session, StagedFile, lock, now_ms};
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
@@ -26,11 +27,17 @@ impl Node {
     /// credentials): a session whose writer has died is aborted as soon as
     /// anyone notices (the reaper, or a new writer for the same shard), so a
     /// restarted trainer can save the same step again at once.
+    ///
+    /// With `volume` (a request on a CSI volume's socket) the files are
+    /// created inside that volume, where the pod can write them, and the
+    /// staged paths returned are relative to the volume's root; the commit
+    /// takes them into the tier by descriptor.
     #[tracing::instrument(skip_all, fields(shard = %request.key))]
     pub async fn begin(
         &self,
         request: BeginShard,
         owner_pid: Option<i32>,
+        volume: Option<Arc<VolumeBinding>>,
     ) -> Result<(String, Vec<StagedFile>)> {
         let key = &request.key;
         if let Some(ws) = request.world_size
@@ -77,17 +84,40 @@ impl Node {
         }
         self.check_session_limits(&key.tenant, owner_pid)?;
         let total = request.total_bytes()?;
-        self.reserve_memory(&session_id, total)?;
+        self.reserve_memory(&session_id, &key.tenant, total)?;
         let specs: Vec<(FileName, u64)> = request
             .files
             .iter()
             .map(|f| (f.name.clone(), f.size))
             .collect();
-        let memory = Arc::clone(&self.memory);
-        let id = session_id.clone();
-        let staged = tokio::task::spawn_blocking(move || memory.stage(&id, &specs)).await?;
-        let paths = match staged {
-            Ok(paths) => paths,
+        let staged = match &volume {
+            None => {
+                let memory = Arc::clone(&self.memory);
+                let id = session_id.clone();
+                tokio::task::spawn_blocking(move || memory.stage(&id, &specs))
+                    .await?
+                    .map(|paths| (paths.clone(), paths, None))
+            }
+            Some(binding) => {
+                let binding = Arc::clone(binding);
+                let id = session_id.clone();
+                tokio::task::spawn_blocking(move || {
+                    let files = binding.stage_files(&id, &specs);
+                    if files.is_err() {
+                        binding.remove_session(&id);
+                    }
+                    files.map(|files| {
+                        let handed: Vec<PathBuf> =
+                            files.iter().map(|f| PathBuf::from(&f.relative)).collect();
+                        let watched = files.iter().map(|f| f.host_path.clone()).collect();
+                        (handed, watched, Some((binding, files)))
+                    })
+                })
+                .await?
+            }
+        };
+        let (handed, paths, volume) = match staged {
+            Ok(staged) => staged,
             Err(e) => {
                 self.memory.discard_staged(&session_id)?;
                 return Err(e);
@@ -96,10 +126,10 @@ impl Node {
         let files = request
             .files
             .iter()
-            .zip(&paths)
-            .map(|(f, p)| StagedFile {
+            .zip(handed)
+            .map(|(f, path)| StagedFile {
                 name: f.name.clone(),
-                path: p.clone(),
+                path,
                 size: f.size,
             })
             .collect();
@@ -107,6 +137,9 @@ impl Node {
             let mut sessions = lock(&self.sessions);
             if sessions.values().any(|s| &s.request.key == key) {
                 drop(sessions);
+                if let Some((binding, _)) = &volume {
+                    binding.remove_session(&session_id);
+                }
                 self.memory.discard_staged(&session_id)?;
                 return Err(Error::Aborted(format!(
                     "shard {key} is being written by another session"
@@ -118,6 +151,7 @@ impl Node {
                     request,
                     owner_pid,
                     paths,
+                    volume,
                     opened: Instant::now(),
                     committing: false,
                 },
@@ -204,36 +238,86 @@ impl Node {
         Ok(())
     }
 
-    /// Reserves `bytes` in the memory tier, evicting the oldest shards the
-    /// disk tier already holds when the tier is full.
-    pub(super) fn reserve_memory(&self, id: &str, bytes: u64) -> Result<()> {
+    /// Bytes `tenant` holds in the memory tier: its committed shards and
+    /// its open save sessions.
+    fn tenant_memory_bytes(&self, tenant: &TenantName) -> u64 {
+        let committed = self
+            .memory
+            .shards()
+            .iter()
+            .filter(|m| &m.shard.tenant == tenant)
+            .fold(0u64, |sum, m| sum.saturating_add(m.total_bytes()));
+        lock(&self.sessions)
+            .values()
+            .filter(|s| &s.request.key.tenant == tenant)
+            .fold(committed, |sum, s| {
+                sum.saturating_add(s.request.total_bytes().unwrap_or(u64::MAX))
+            })
+    }
+
+    /// Evicts `tenant`'s oldest shards the disk tier holds (only its own
+    /// when `own_only`) until `needed` bytes are free; the bytes it could
+    /// free at most when that is not enough.
+    fn evict_for(
+        &self,
+        tenant: &TenantName,
+        own_only: bool,
+        needed: u64,
+    ) -> Result<std::result::Result<(), u64>> {
+        let candidates: Vec<EvictionCandidate<ShardKey>> = self
+            .memory
+            .shards()
+            .iter()
+            .filter(|m| !own_only || &m.shard.tenant == tenant)
+            .map(|m| EvictionCandidate {
+                key: m.shard.clone(),
+                age_order: m.committed_unix_ms,
+                bytes: m.total_bytes(),
+                safe_to_drop: self.disk.contains(&m.shard),
+            })
+            .collect();
+        let victims = match choose_pressure_victims(&candidates, needed) {
+            Ok(victims) => victims,
+            Err(freeable) => return Ok(Err(freeable)),
+        };
+        for key in victims {
+            if self.memory.evict(&key)? {
+                tracing::info!(shard = %key, "evicted from memory tier to make room");
+                self.metrics
+                    .shards_evicted
+                    .with_label_values(&["memory", "pressure"])
+                    .inc();
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Reserves `bytes` for `tenant` in the memory tier, evicting the
+    /// oldest shards the disk tier already holds when the tier is full.
+    /// With memory quotas, a tenant over its quota first loses its own
+    /// oldest steps the disk holds, else is refused; and room for a tenant
+    /// is only ever made from that tenant's own steps, so one team's saves
+    /// never push another's out of memory.
+    pub(super) fn reserve_memory(&self, id: &str, tenant: &TenantName, bytes: u64) -> Result<()> {
+        let quotas = &self.config.memory_quotas;
+        if let Err(over) = quotas.check(tenant, self.tenant_memory_bytes(tenant), bytes)
+            && self.evict_for(tenant, true, over.excess)?.is_err()
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "tenant {tenant} would hold {} bytes in the memory tier, over its quota of {} \
+                 bytes ([tenants] memory_quota_bytes / memory_quotas), and its steps not yet on \
+                 disk cannot be evicted; wait for the write-back or delete old steps",
+                over.would_hold, over.quota
+            )));
+        }
+        let own_only = quotas.is_enabled();
         let mut shortfall = match self.memory.try_reserve(id, bytes) {
             Ok(()) => return Ok(()),
             Err(shortfall) => shortfall,
         };
         for _ in 0..3 {
-            let candidates: Vec<EvictionCandidate<ShardKey>> = self
-                .memory
-                .shards()
-                .iter()
-                .map(|m| EvictionCandidate {
-                    key: m.shard.clone(),
-                    age_order: m.committed_unix_ms,
-                    bytes: m.total_bytes(),
-                    safe_to_drop: self.disk.contains(&m.shard),
-                })
-                .collect();
-            let Ok(victims) = choose_pressure_victims(&candidates, shortfall) else {
+            if self.evict_for(tenant, own_only, shortfall)?.is_err() {
                 break;
-            };
-            for key in victims {
-                if self.memory.evict(&key)? {
-                    tracing::info!(shard = %key, "evicted from memory tier to make room");
-                    self.metrics
-                        .shards_evicted
-                        .with_label_values(&["memory", "pressure"])
-                        .inc();
-                }
             }
             match self.memory.try_reserve(id, bytes) {
                 Ok(()) => {
@@ -284,7 +368,7 @@ impl Node {
     #[tracing::instrument(skip_all, fields(session = session_id))]
     pub async fn commit(&self, session_id: &str) -> Result<Arc<Manifest>> {
         let started = Instant::now();
-        let (request, paths) = {
+        let (request, paths, volume) = {
             let mut sessions = lock(&self.sessions);
             let session = sessions
                 .get_mut(session_id)
@@ -295,10 +379,20 @@ impl Node {
                 )));
             }
             session.committing = true;
-            (session.request.clone(), session.paths.clone())
+            (
+                session.request.clone(),
+                session.paths.clone(),
+                session.volume.clone(),
+            )
         };
         let result = match self.refuse_superseded(&request) {
-            Ok(()) => self.commit_staged_files(session_id, &request, paths).await,
+            Ok(()) => match &volume {
+                None => self.commit_staged_files(session_id, &request, paths).await,
+                Some((binding, files)) => {
+                    self.commit_from_volume(session_id, &request, binding, files)
+                        .await
+                }
+            },
             Err(e) => Err(e),
         };
         let mut sessions = lock(&self.sessions);
@@ -326,6 +420,38 @@ impl Node {
             .observe(started.elapsed().as_secs_f64());
         self.shard_committed(&manifest, started);
         Ok(manifest)
+    }
+
+    /// Commits a session whose files the pod wrote in its volume: takes them
+    /// into the tier's staging area by descriptor (refusing files the pod
+    /// replaced), commits as usual, and removes the session's directory from
+    /// the volume either way. The shard's files are never recycled into the
+    /// page pool: the pod may still hold them open.
+    async fn commit_from_volume(
+        &self,
+        session_id: &str,
+        request: &BeginShard,
+        binding: &Arc<VolumeBinding>,
+        files: &[VolumeStagedFile],
+    ) -> Result<Arc<Manifest>> {
+        let taken = {
+            let binding = Arc::clone(binding);
+            let memory = Arc::clone(&self.memory);
+            let id = session_id.to_owned();
+            let files = files.to_vec();
+            tokio::task::spawn_blocking(move || binding.take_staged(&id, &files, &memory)).await?
+        };
+        let result = match taken {
+            Ok(paths) => self.commit_staged_files(session_id, request, paths).await,
+            Err(e) => Err(e),
+        };
+        if result.is_ok() {
+            self.memory.mark_exported(&request.key);
+        }
+        let binding = Arc::clone(binding);
+        let id = session_id.to_owned();
+        tokio::task::spawn_blocking(move || binding.remove_session(&id)).await?;
+        result
     }
 
     /// What follows every commit into the memory tier, whoever staged the
@@ -423,6 +549,9 @@ impl Node {
         };
         if let Some(session) = removed {
             tracing::info!(shard = %session.request.key, session = session_id, "session aborted");
+            if let Some((binding, _)) = &session.volume {
+                binding.remove_session(session_id);
+            }
             self.memory.discard_staged(session_id)?;
             self.update_usage_metrics();
         }

@@ -15,7 +15,7 @@
 //! socket. A pod that replaces the socket afterwards only cuts itself off.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, IoContext, Result};
 use crate::node::Node;
 use crate::node::volumes::{SOCKET_DIR, SOCKET_NAME, VolumeBinding};
+use crate::pod_fs;
 use crate::service::access::{Access, VolumeSockets};
 
 /// Mode of `.cairn/`: anyone in the pod may look in, only cairnd changes it.
@@ -128,8 +129,17 @@ impl VolumeSockets for VolumeServer {
                 stop: stop.clone(),
             },
         );
-        if let Some(previous) = previous {
-            previous.stop.cancel();
+        match previous {
+            Some(previous) => previous.stop.cancel(),
+            // First served by this cairnd: save sessions of an earlier one
+            // are gone, and so are their files in the volume.
+            None => {
+                let binding = Arc::clone(&binding);
+                let cleared = tokio::task::spawn_blocking(move || binding.clear_sessions()).await;
+                if let Ok(Err(e)) = cleared {
+                    tracing::warn!(volume_id, error = %e, "could not clear old save sessions from the volume");
+                }
+            }
         }
         let node = Arc::clone(&self.node);
         let access = Access::Volume(Arc::clone(&binding));
@@ -188,52 +198,12 @@ fn io(context: impl FnOnce() -> String) -> impl FnOnce(Errno) -> Error {
     }
 }
 
-/// Opens `.cairn/` in `data` as a directory, never through a link: one the
-/// pod put there in its place is removed (it is the pod's own volume).
-fn open_socket_dir(data: &OwnedFd, shown: &Path) -> Result<OwnedFd> {
-    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
-    for _ in 0..2 {
-        match rustix::fs::mkdirat(data, SOCKET_DIR, Mode::from_raw_mode(SOCKET_DIR_MODE)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(io(|| format!("creating {}", shown.display()))(e)),
-        }
-        match rustix::fs::openat(data, SOCKET_DIR, flags, Mode::empty()) {
-            Ok(dir) => {
-                // The mode through the descriptor: umask, or a pod that made
-                // the directory first, do not decide it.
-                rustix::fs::fchmod(&dir, Mode::from_raw_mode(SOCKET_DIR_MODE))
-                    .map_err(io(|| format!("setting the mode of {}", shown.display())))?;
-                return Ok(dir);
-            }
-            Err(Errno::LOOP | Errno::NOTDIR) => {
-                tracing::warn!(path = %shown.display(), "replacing what the pod put where the volume's socket directory goes");
-                rustix::fs::unlinkat(data, SOCKET_DIR, AtFlags::empty())
-                    .map_err(io(|| format!("removing {}", shown.display())))?;
-            }
-            Err(e) => return Err(io(|| format!("opening {}", shown.display()))(e)),
-        }
-    }
-    Err(Error::FailedPrecondition(format!(
-        "{} keeps being replaced; not serving the volume",
-        shown.display()
-    )))
-}
-
-fn open_data_dir(data_dir: &Path) -> Result<OwnedFd> {
-    rustix::fs::open(
-        data_dir,
-        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY,
-        Mode::empty(),
-    )
-    .map_err(io(|| format!("opening {}", data_dir.display())))
-}
-
 /// Creates the volume's socket in `data_dir` (see the module docs).
 fn bind_socket(data_dir: &Path) -> Result<UnixListener> {
     let shown_dir = data_dir.join(SOCKET_DIR);
     let shown = shown_dir.join(SOCKET_NAME);
-    let data = open_data_dir(data_dir)?;
-    let dir = open_socket_dir(&data, &shown_dir)?;
+    let data = pod_fs::open_dir(data_dir)?;
+    let dir = pod_fs::own_dir_at(data.as_fd(), SOCKET_DIR, SOCKET_DIR_MODE, &shown_dir)?;
     match rustix::fs::unlinkat(&dir, SOCKET_NAME, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => {}
         Err(e) => return Err(io(|| format!("removing the old {}", shown.display()))(e)),
@@ -270,16 +240,8 @@ fn bind_socket(data_dir: &Path) -> Result<UnixListener> {
 
 /// Removes the volume's socket, again never through a link.
 fn remove_socket(data_dir: &Path) -> Result<()> {
-    let data = open_data_dir(data_dir)?;
-    let dir = rustix::fs::openat(
-        &data,
-        SOCKET_DIR,
-        OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY,
-        Mode::empty(),
-    )
-    .map_err(io(|| {
-        format!("opening {}", data_dir.join(SOCKET_DIR).display())
-    }))?;
+    let data = pod_fs::open_dir(data_dir)?;
+    let dir = pod_fs::dir_at(data.as_fd(), SOCKET_DIR, &data_dir.join(SOCKET_DIR))?;
     match rustix::fs::unlinkat(&dir, SOCKET_NAME, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(io(|| {

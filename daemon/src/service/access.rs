@@ -27,6 +27,14 @@ pub enum Access {
 }
 
 impl Access {
+    /// The volume whose socket this is, if any.
+    pub fn volume(&self) -> Option<Arc<VolumeBinding>> {
+        match self {
+            Self::Operator => None,
+            Self::Volume(v) => Some(Arc::clone(v)),
+        }
+    }
+
     /// The tenant a request naming `requested` (empty: none) acts for.
     pub fn tenant(&self, node: &Node, requested: &str) -> Result<TenantName> {
         match self {

@@ -141,7 +141,10 @@ impl Checkpoint for CheckpointService {
             let begin = self.begin_request(request.get_ref())?;
             record_shard(&begin.key);
             check_begin_reply_fits(&self.node, &begin)?;
-            let (session_id, files) = self.node.begin(begin, peer_pid(&request)).await?;
+            let (session_id, files) = self
+                .node
+                .begin(begin, peer_pid(&request), self.access.volume())
+                .await?;
             Ok(pb::BeginShardResponse {
                 session_id,
                 files: files
@@ -215,7 +218,7 @@ impl Checkpoint for CheckpointService {
         record_shard(&begin.key);
         let (session_id, files) = self
             .node
-            .begin(begin, pid)
+            .begin(begin, pid, None)
             .await
             .map_err(|e| self.status("WriteShard", e))?;
         let result = receive_files(&mut stream, &files).await;
@@ -346,16 +349,37 @@ impl Checkpoint for CheckpointService {
         let result = async {
             let key = self.selected_shard(required("shard", &req.shard)?).await?;
             let outcome = self.node.restore(&key, !req.skip_verify).await?;
+            // On a volume's socket the files are linked into the volume and
+            // named relative to its root: the pod sees nothing else.
+            let paths: Vec<String> = match self.access.volume() {
+                None => outcome
+                    .paths
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect(),
+                Some(binding) => {
+                    let files: Vec<_> = outcome
+                        .manifest
+                        .files
+                        .iter()
+                        .map(|f| f.name.clone())
+                        .zip(outcome.paths.iter().cloned())
+                        .collect();
+                    let rank = key.rank;
+                    tokio::task::spawn_blocking(move || binding.link_restored(rank, &files))
+                        .await??
+                }
+            };
             Ok(pb::RestoreShardResponse {
                 manifest: Some(convert::manifest_to_pb(&outcome.manifest)),
                 files: outcome
                     .manifest
                     .files
                     .iter()
-                    .zip(&outcome.paths)
-                    .map(|(f, p)| pb::RestoredFile {
+                    .zip(paths)
+                    .map(|(f, path)| pb::RestoredFile {
                         name: f.name.to_string(),
-                        path: p.to_string_lossy().into_owned(),
+                        path,
                         size: f.size,
                     })
                     .collect(),

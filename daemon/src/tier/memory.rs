@@ -53,7 +53,7 @@ use crate::failpoint::crash_point;
 use crate::fsutil;
 
 const STAGING: &str = "staging";
-const SHARDS: &str = "shards";
+const SHARDS: &str = cairn_core::ingest::MEMORY_SHARDS_DIR;
 const MANIFEST: &str = "manifest";
 const FILES: &str = "files";
 const POOL: &str = "pool";
