@@ -401,6 +401,12 @@ fn open_restored(shards: &OwnedFd, shards_dir: &Path, file: &RestoredFile) -> Re
             shards_dir.display()
         ))
     })?;
+    if relative
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(refuse("is not a plain path below the shards directory"));
+    }
     let fd = rustix::fs::openat2(
         shards,
         relative,
@@ -624,7 +630,7 @@ mod tests {
 
         for (n, bad) in [
             file(secret.clone(), 4),
-            file(shards.join("t/j/1/0/../../../../secret"), 4),
+            file(shards.join("t/j/1/0/../../../../../secret"), 4),
             file(shard.join("link"), 4),
             file(shards.join("t/up/secret"), 4),
             file(shard.join("w"), 5),

@@ -154,7 +154,8 @@ def save(
 ) -> SaveResult | SaveHandle:
     """Saves a pytree of arrays: ``save([client,] job, step, pytree)``.
 
-    Without a client, one is made from ``CAIRN_SOCKET`` (and closed after).
+    Without a client, one is made as ``Client()`` makes it (``CAIRN_VOLUME``,
+    then ``CAIRN_SOCKET``) and closed after.
     Leaves may be jax arrays, numpy arrays or numpy/Python scalars.
     ``blocking=False`` is :func:`save_async` (and returns its handle). ``attempt``: see the module's
     notes on attempts (leave it out for a single-process job).
@@ -196,7 +197,7 @@ def save_async(
 
     Saves run in order on the client's background thread. Without a
     client, they go through one client per daemon address, kept for the
-    life of the process (``CAIRN_SOCKET`` is read at each call).
+    life of the process (``CAIRN_VOLUME`` and ``CAIRN_SOCKET`` are read at each call).
     """
     if client is None and not (args and isinstance(args[0], Client)):
         client = _shared_client()

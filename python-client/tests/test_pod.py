@@ -8,7 +8,7 @@ cairn-csi does it (``volume.json`` in the daemon's volumes directory, then
 ``Admin.BindVolume`` over the host socket). From inside, the client finds
 the volume's socket through ``CAIRN_VOLUME``, saves and restores, and
 round-trips a PyTorch DCP checkpoint; it cannot act for another tenant or
-job, whatever it asks for.
+job, whatever it asks for. ``cairn.jax`` round-trips a pytree the same way.
 
 Needs root (mount namespaces); skipped without it.
 """
@@ -109,6 +109,16 @@ POD_SCRIPT = textwrap.dedent(
     loaded = {"layer.weight": torch.zeros(64, 32), "step": torch.tensor(0)}
     dcp.load(loaded, storage_reader=CairnReader(job=job, step=3))
     out["dcp_identical"] = all(torch.equal(loaded[k], state[k]) for k in state)
+
+    import jax.numpy as jnp
+    import cairn.jax as cjax
+
+    tree = {"a": jnp.arange(8.0), "b": {"c": jnp.ones((2, 3), dtype=jnp.bfloat16)}}
+    cjax.save(job, 9, tree)  # its own client, from CAIRN_VOLUME
+    back = cjax.restore(job, 9, target=tree)
+    out["jax_identical"] = bool(jnp.array_equal(back["a"], tree["a"])) and bool(
+        jnp.array_equal(back["b"]["c"], tree["b"]["c"])
+    )
     print(json.dumps(out))
     """
 )
@@ -167,11 +177,11 @@ def test_a_pod_saves_and_restores_through_its_volume_alone(daemon: Daemon, job: 
     assert "someone-elses-job" in out["other_job"] and "team-a" in out["other_job"]
     assert '"team-b"' in out["other_tenant"]
     assert out["ping"] is True
-    assert out["dcp_identical"]
+    assert out["dcp_identical"] and out["jax_identical"]
 
     # On the host, the step is team-a's: the namespace decided, not the pod.
     with daemon.client(tenant="team-a") as host:
-        assert [s.step for s in host.list_steps(job)] == [1, 3]
+        assert [s.step for s in host.list_steps(job)] == [1, 3, 9]
         weights = host.restore(job, step=1)["w"]
         assert weights.tobytes() == np.arange(1 << 20, dtype=np.float32).tobytes()
     with daemon.client() as host:

@@ -562,6 +562,57 @@ fn store_error(context: String, source: object_store::Error) -> Error {
     Error::ObjectStore { context, source }
 }
 
+impl ObjectTier {
+    /// Lists everything under `prefix`, failing when no entry (no page of
+    /// the listing) arrives for `request_timeout`: `object_store` retries a
+    /// bucket that never answers for minutes on its own, and a listing
+    /// (`cairn list`, `ListSteps`, "latest") must not wait that long before
+    /// it goes on without the bucket.
+    pub(crate) async fn list_bounded(
+        &self,
+        prefix: &Path,
+    ) -> Result<Vec<object_store::ObjectMeta>> {
+        let stall = self.settings.request_timeout;
+        let listing = tokio_stream::StreamExt::timeout(self.store.list(Some(prefix)), stall);
+        tokio::pin!(listing);
+        let mut out = Vec::new();
+        while let Some(item) = futures::StreamExt::next(&mut listing).await {
+            match item {
+                Ok(Ok(meta)) => out.push(meta),
+                Ok(Err(source)) => return Err(store_error(format!("listing {prefix}"), source)),
+                Err(_) => {
+                    return Err(store_error(
+                        format!("listing {prefix}"),
+                        generic_error(format!(
+                            "the bucket sent nothing for {} s (request_timeout_secs)",
+                            stall.as_secs_f64()
+                        )),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `list_with_delimiter` under `prefix`, bounded like [`Self::list_bounded`].
+    pub(crate) async fn list_dirs_bounded(
+        &self,
+        prefix: &Path,
+    ) -> Result<object_store::ListResult> {
+        let stall = self.settings.request_timeout;
+        match tokio::time::timeout(stall, self.store.list_with_delimiter(Some(prefix))).await {
+            Ok(listed) => listed.map_err(|source| store_error(format!("listing {prefix}"), source)),
+            Err(_) => Err(store_error(
+                format!("listing {prefix}"),
+                generic_error(format!(
+                    "the bucket did not answer within {} s (request_timeout_secs)",
+                    stall.as_secs_f64()
+                )),
+            )),
+        }
+    }
+}
+
 /// Decodes a manifest on the blocking pool: the header hash and JSON parse of
 /// a large shard's manifest take longer than the async threads may block.
 async fn decode_off_thread(bytes: Bytes) -> Result<std::result::Result<Manifest, CoreError>> {
@@ -587,14 +638,12 @@ impl ShardSource for ObjectTier {
             prefix = prefix.join(job.as_str());
         }
         let paths: Vec<Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_err(|source| store_error(format!("listing manifests under {prefix}"), source))
-            .try_filter_map(|meta| async move {
-                Ok((meta.location.extension() == Some(MANIFEST_EXT)).then_some(meta.location))
-            })
-            .try_collect()
-            .await?;
+            .list_bounded(&prefix)
+            .await?
+            .into_iter()
+            .filter(|meta| meta.location.extension() == Some(MANIFEST_EXT))
+            .map(|meta| meta.location)
+            .collect();
         let mut manifests: Vec<Arc<Manifest>> = stream::iter(paths)
             .map(|path| async move { self.read_manifest(&path, None).await })
             .buffer_unordered(DEFAULT_REQUEST_CONCURRENCY)

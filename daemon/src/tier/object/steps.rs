@@ -16,7 +16,7 @@ use bytes::Bytes;
 use cairn_core::{ChunkId, JobName, Manifest, Rank, RetentionPolicy, Step, TenantName};
 use futures::{StreamExt, TryStreamExt, stream};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use super::{
@@ -77,11 +77,7 @@ impl ObjectTier {
     }
 
     async fn list_paths(&self, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>> {
-        self.store
-            .list(Some(prefix))
-            .map_err(|source| store_error(format!("listing {prefix}"), source))
-            .try_collect()
-            .await
+        self.list_bounded(prefix).await
     }
 
     /// Every step of a job in the bucket, from one listing (no manifest is
@@ -254,11 +250,7 @@ impl ObjectTier {
     /// Tenants with anything in the bucket.
     async fn tenants(&self) -> Result<Vec<TenantName>> {
         let prefix = self.prefix.clone().join(TENANTS);
-        let listing = self
-            .store
-            .list_with_delimiter(Some(&prefix))
-            .await
-            .map_err(|source| store_error(format!("listing {prefix}"), source))?;
+        let listing = self.list_dirs_bounded(&prefix).await?;
         Ok(listing
             .common_prefixes
             .iter()
