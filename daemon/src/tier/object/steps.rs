@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use cairn_core::{ChunkId, JobName, Manifest, Rank, RetentionPolicy, Step, TenantName};
 use futures::{StreamExt, TryStreamExt, stream};
-use object_store::path::Path;
 use object_store::ObjectStoreExt;
+use object_store::path::Path;
 use serde::Serialize;
 
 use super::{
