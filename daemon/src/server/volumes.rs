@@ -15,12 +15,11 @@
 //! socket. A pod that replaces the socket afterwards only cuts itself off.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-use rustix::io::Errno;
+use rustix::fs::FileType;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -191,47 +190,31 @@ fn socket_is_ours(socket: &Path) -> bool {
     })
 }
 
-fn io(context: impl FnOnce() -> String) -> impl FnOnce(Errno) -> Error {
-    move |errno| Error::Io {
-        context: context(),
-        source: std::io::Error::from(errno),
-    }
-}
-
 /// Creates the volume's socket in `data_dir` (see the module docs).
 fn bind_socket(data_dir: &Path) -> Result<UnixListener> {
     let shown_dir = data_dir.join(SOCKET_DIR);
     let shown = shown_dir.join(SOCKET_NAME);
     let data = pod_fs::open_dir(data_dir)?;
     let dir = pod_fs::own_dir_at(data.as_fd(), SOCKET_DIR, SOCKET_DIR_MODE, &shown_dir)?;
-    match rustix::fs::unlinkat(&dir, SOCKET_NAME, AtFlags::empty()) {
-        Ok(()) | Err(Errno::NOENT) => {}
-        Err(e) => return Err(io(|| format!("removing the old {}", shown.display()))(e)),
-    }
+    pod_fs::remove_tree_at(dir.as_fd(), SOCKET_NAME)?;
     // bind(2) creates the name and never follows one that is there.
-    let through_fd = PathBuf::from(format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd()));
+    let through_fd = format!(
+        "{}/{SOCKET_NAME}",
+        pod_fs::fd_path(dir.as_fd()).to_string_lossy()
+    );
     let listener = std::os::unix::net::UnixListener::bind(&through_fd)
         .io_context(|| format!("binding {}", shown.display()))?;
-    let bound = rustix::fs::openat(
-        &dir,
-        SOCKET_NAME,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(io(|| format!("opening {}", shown.display())))?;
-    let stat = rustix::fs::fstat(&bound).map_err(io(|| format!("checking {}", shown.display())))?;
-    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
-        return Err(Error::FailedPrecondition(format!(
+    let replaced = || {
+        Error::FailedPrecondition(format!(
             "{} was replaced while it was being created; not serving the volume",
             shown.display()
-        )));
+        ))
+    };
+    let (bound, kind, _) = pod_fs::entry_at(dir.as_fd(), SOCKET_NAME).map_err(|_| replaced())?;
+    if kind != FileType::Socket {
+        return Err(replaced());
     }
-    // chmod through the O_PATH descriptor's magic link: exactly that inode.
-    rustix::fs::chmod(
-        format!("/proc/self/fd/{}", bound.as_raw_fd()).as_str(),
-        Mode::from_raw_mode(SOCKET_MODE),
-    )
-    .map_err(io(|| format!("setting the mode of {}", shown.display())))?;
+    pod_fs::chmod_fd(bound.as_fd(), SOCKET_MODE, &shown)?;
     listener
         .set_nonblocking(true)
         .io_context(|| format!("configuring {}", shown.display()))?;
@@ -242,10 +225,5 @@ fn bind_socket(data_dir: &Path) -> Result<UnixListener> {
 fn remove_socket(data_dir: &Path) -> Result<()> {
     let data = pod_fs::open_dir(data_dir)?;
     let dir = pod_fs::dir_at(data.as_fd(), SOCKET_DIR, &data_dir.join(SOCKET_DIR))?;
-    match rustix::fs::unlinkat(&dir, SOCKET_NAME, AtFlags::empty()) {
-        Ok(()) | Err(Errno::NOENT) => Ok(()),
-        Err(e) => Err(io(|| {
-            format!("removing {}", data_dir.join(SOCKET_DIR).display())
-        })(e)),
-    }
+    pod_fs::remove_tree_at(dir.as_fd(), SOCKET_NAME)
 }
