@@ -123,12 +123,7 @@ impl DaemonClient {
             ))
         };
         let answer = self.runtime.block_on(async {
-            let channel =
-                match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(&socket)).await {
-                    Ok(Ok(channel)) => channel,
-                    Ok(Err(e)) => return Err(unavailable(error_chain(&e))),
-                    Err(_) => return Err(unavailable("connecting timed out".into())),
-                };
+            let channel = connect_daemon(&socket, unavailable).await?;
             match tokio::time::timeout(CONNECT_TIMEOUT * 6, call(AdminClient::new(channel))).await {
                 Ok(answer) => Ok(answer),
                 Err(_) => Err(unavailable("no answer within 30 s".into())),
@@ -213,18 +208,13 @@ impl DaemonClient {
             ))
         };
         let answer = self.runtime.block_on(async {
-            let channel =
-                match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(&socket)).await {
-                    Ok(Ok(channel)) => channel,
-                    Ok(Err(e)) => return Err(unavailable(error_chain(&e))),
-                    Err(_) => return Err(unavailable("connecting timed out".into())),
-                };
+            let channel = connect_daemon(&socket, unavailable).await?;
             let mut client = CheckpointClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
             let mut request = tonic::Request::new(request);
             request.set_timeout(timeout);
-            Ok(client.restore_shard(request).await)
+            Ok::<_, Error>(client.restore_shard(request).await)
         })?;
         let response = match answer {
             Ok(response) => response.into_inner(),
@@ -249,6 +239,19 @@ impl DaemonClient {
             }
         };
         convert(response, spec).map(Some)
+    }
+}
+
+/// Connects to cairnd at `socket` within [`CONNECT_TIMEOUT`]; `unavailable`
+/// turns why it could not into the caller's error.
+async fn connect_daemon(
+    socket: &Path,
+    unavailable: impl Fn(String) -> Error,
+) -> Result<tonic::transport::Channel> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, client::connect(socket)).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(unavailable(error_chain(&e))),
+        Err(_) => Err(unavailable("connecting timed out".into())),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
-use common::{Daemon, bytes, restore, save, shard, wait_disk};
+use common::{Daemon, bytes, in_memory, restore, save, shard, wait_disk};
 
 /// Lays out `<volumes>/<id>/{volume.json,data/}` as cairn-csi does.
 fn volume(daemon: &Daemon, id: &str, job: &str, commit_marker: Option<&str>) -> PathBuf {
@@ -59,27 +59,6 @@ async fn wait_for_step(daemon: &Daemon, c: &mut Clients, job: &str, step: u64) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Whether the memory tier still holds `job`'s `step`.
-async fn in_memory(c: &mut Clients, job: &str, step: u64) -> bool {
-    let response = c
-        .checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-        })
-        .await
-        .expect("ListSteps")
-        .into_inner();
-    response
-        .jobs
-        .iter()
-        .flat_map(|j| &j.steps)
-        .filter(|s| s.step == step)
-        .flat_map(|s| &s.shards)
-        .flat_map(|shard| &shard.tiers)
-        .any(|t| t.tier == pb::Tier::Memory as i32 && t.state == pb::ShardState::Durable as i32)
 }
 
 fn write_step(dir: &Path, files: &[(&str, &[u8])]) {

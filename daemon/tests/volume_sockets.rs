@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
-use common::{Daemon, begin_request, save, selector};
+use common::{Daemon, begin_request, in_memory, save, selector};
 use prost::Message;
 use tonic::Code;
 
@@ -46,38 +46,6 @@ fn volume(
 
 fn socket_of(data: &Path) -> PathBuf {
     data.join(".cairn").join("cairn.sock")
-}
-
-/// The fast path as a pod does it through its volume's socket: the staged
-/// files are named relative to the volume, inside it.
-async fn save_in(
-    data: &Path,
-    c: &mut Clients,
-    shard: pb::ShardRef,
-    files: &[(&str, &[u8])],
-) -> Result<pb::ShardInfo, tonic::Status> {
-    let mut begin = c
-        .checkpoint
-        .begin_shard(begin_request(shard, files))
-        .await?
-        .into_inner();
-    for staged in &mut begin.files {
-        assert!(
-            staged.path.starts_with(".cairn/sessions/"),
-            "a volume's files are staged inside it: {}",
-            staged.path
-        );
-        staged.path = data.join(&staged.path).to_string_lossy().into_owned();
-    }
-    common::write_staged(&begin, files);
-    let commit = c
-        .checkpoint
-        .commit_shard(pb::CommitShardRequest {
-            session_id: begin.session_id,
-        })
-        .await?
-        .into_inner();
-    Ok(commit.shard.expect("shard info"))
 }
 
 /// A restore through a volume's socket: the files are linked into the
@@ -313,9 +281,14 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
 
     // team-a's pod saves through its socket without naming its tenant.
     let own: &[u8] = b"team-a's weights";
-    let info = save_in(&a_data, &mut a, shard("", "job-a", 1, 0), &[("w", own)])
-        .await
-        .expect("team-a saves through its volume");
+    let info = common::save_in_volume(
+        &mut a,
+        shard("", "job-a", 1, 0),
+        &[("w", own)],
+        Some(a_data.as_path()),
+    )
+    .await
+    .expect("team-a saves through its volume");
     assert_eq!(info.shard.expect("shard").tenant, "team-a");
     let listed = a
         .checkpoint
@@ -740,25 +713,6 @@ async fn a_replaced_host_socket_is_taken_back() {
     drop(impostor);
 }
 
-/// Whether the memory tier holds `job`'s `step` (asked on `c`'s socket).
-async fn in_memory(c: &mut Clients, job: &str, step: u64) -> bool {
-    c.checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-        })
-        .await
-        .expect("ListSteps")
-        .into_inner()
-        .jobs
-        .iter()
-        .flat_map(|j| &j.steps)
-        .filter(|s| s.step == step)
-        .flat_map(|s| &s.shards)
-        .flat_map(|shard| &shard.tiers)
-        .any(|t| t.tier == pb::Tier::Memory as i32 && t.state == pb::ShardState::Durable as i32)
-}
-
 /// With memory quotas, a tenant makes room from its own steps only: team-a
 /// saving past its quota evicts its own oldest step the disk holds, never
 /// team-b's, and a save that can never fit the quota is refused naming the
@@ -791,15 +745,20 @@ async fn one_tenant_cannot_push_anothers_steps_out_of_memory() {
     let mut b = connect(&socket_of(&b_data)).await;
     let two_mib = vec![7u8; 2 * MIB];
 
-    save_in(&b_data, &mut b, shard("", "job", 1, 0), &[("w", &two_mib)])
-        .await
-        .expect("team-b saves");
+    common::save_in_volume(
+        &mut b,
+        shard("", "job", 1, 0),
+        &[("w", &two_mib)],
+        Some(b_data.as_path()),
+    )
+    .await
+    .expect("team-b saves");
     for step in 1..=3 {
-        save_in(
-            &a_data,
+        common::save_in_volume(
             &mut a,
             shard("", "job", step, 0),
             &[("w", &two_mib)],
+            Some(a_data.as_path()),
         )
         .await
         .unwrap_or_else(|e| panic!("team-a saves step {step}: {e}"));
@@ -818,9 +777,14 @@ async fn one_tenant_cannot_push_anothers_steps_out_of_memory() {
     );
 
     let four_mib = vec![1u8; 4 * MIB];
-    let refused = save_in(&a_data, &mut a, shard("", "job", 4, 0), &[("w", &four_mib)])
-        .await
-        .expect_err("over the quota by itself");
+    let refused = common::save_in_volume(
+        &mut a,
+        shard("", "job", 4, 0),
+        &[("w", &four_mib)],
+        Some(a_data.as_path()),
+    )
+    .await
+    .expect_err("over the quota by itself");
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
         refused.message().contains("tenant team-a") && refused.message().contains("quota"),

@@ -307,11 +307,33 @@ pub async fn save(
     shard: pb::ShardRef,
     files: &[(&str, &[u8])],
 ) -> Result<pb::ShardInfo, tonic::Status> {
-    let begin = c
+    save_in_volume(c, shard, files, None).await
+}
+
+/// The fast path through a CSI volume's socket when `volume` (its `data/`)
+/// is given: the staged files are then inside the volume and named relative
+/// to it, as a pod sees them.
+pub async fn save_in_volume(
+    c: &mut Clients,
+    shard: pb::ShardRef,
+    files: &[(&str, &[u8])],
+    volume: Option<&Path>,
+) -> Result<pb::ShardInfo, tonic::Status> {
+    let mut begin = c
         .checkpoint
         .begin_shard(begin_request(shard, files))
         .await?
         .into_inner();
+    if let Some(volume) = volume {
+        for staged in &mut begin.files {
+            assert!(
+                staged.path.starts_with(".cairn/sessions/"),
+                "a volume's files are staged inside it: {}",
+                staged.path
+            );
+            staged.path = volume.join(&staged.path).to_string_lossy().into_owned();
+        }
+    }
     write_staged(&begin, files);
     let commit = c
         .checkpoint
@@ -423,4 +445,24 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Whether the memory tier holds `job`'s `step` (the tenant the client's
+/// socket acts for when it names none).
+pub async fn in_memory(c: &mut Clients, job: &str, step: u64) -> bool {
+    c.checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: job.into(),
+        })
+        .await
+        .expect("ListSteps")
+        .into_inner()
+        .jobs
+        .iter()
+        .flat_map(|j| &j.steps)
+        .filter(|s| s.step == step)
+        .flat_map(|s| &s.shards)
+        .flat_map(|shard| &shard.tiers)
+        .any(|t| t.tier == pb::Tier::Memory as i32 && t.state == pb::ShardState::Durable as i32)
 }
