@@ -1308,6 +1308,7 @@ async fn flaky_bucket_run(s3: Arc<SeaweedFs>, rate: f64, seed: u64) -> Outcome {
         rate,
         weights: [2, 1, 1],
         stall: Some(Duration::from_secs(FLAKY_TIMEOUT_SECS + 1)),
+        only: Vec::new(),
     };
     let proxy = FaultProxy::start(s3.addr(), plan, rng.next()).await;
     let prefix = format!("flaky/{seed}");
@@ -1437,6 +1438,7 @@ async fn stalled_bucket_run(s3: Arc<SeaweedFs>, seed: u64) -> Outcome {
         rate: 1.0,
         weights: [0, 0, 1],
         stall: None,
+        only: Vec::new(),
     };
     let proxy = FaultProxy::start(s3.addr(), dead, rng.next()).await;
     let prefix = format!("stalled/{seed}");
@@ -1559,21 +1561,32 @@ async fn object_store_state(c: &mut Clients, job: &str, step: u64) -> Option<pb:
 }
 
 /// After a bucket row: no multipart upload may be left open under `prefix`
-/// (each one is parts stored and billed that nothing will ever complete).
+/// (each one is parts stored and billed that nothing will ever complete),
+/// except one whose `CreateMultipartUpload` reached the bucket while its
+/// answer was lost: cairnd never learned its id, so nothing can abort it
+/// (on S3 alike; the bucket's lifecycle rule for incomplete multipart
+/// uploads removes those, docs/object-store.md). Those are counted in a note.
 async fn no_open_multipart(s3: &SeaweedFs, prefix: &str, report: &mut RowReport) {
     // Requests still stalled in the proxy finish (or give up) first.
     tokio::time::sleep(Duration::from_secs(FLAKY_TIMEOUT_SECS * 2)).await;
     let open = s3.open_multipart_uploads(prefix);
-    if !open.is_empty() {
+    let lost = common::faultproxy::lost_answers();
+    let (unknowable, left): (Vec<_>, Vec<_>) = open.iter().partition(|(key, _)| {
+        lost.iter()
+            .any(|line| line.starts_with("POST ") && line.contains(&format!("/{key}?uploads")))
+    });
+    if !left.is_empty() {
         report.row_problem(format!(
             "{} multipart uploads left open under {prefix}: {:?}",
-            open.len(),
-            open.iter().take(5).collect::<Vec<_>>()
+            left.len(),
+            left.iter().take(5).collect::<Vec<_>>()
         ));
     }
     report.notes.push(format!(
-        "open multipart uploads under {prefix} at the end: {}",
-        open.len()
+        "open multipart uploads under {prefix} at the end: {} ({} created by a request whose \
+         answer the proxy cut, so their ids never reached cairnd)",
+        open.len(),
+        unknowable.len()
     ));
 }
 
@@ -1887,5 +1900,48 @@ fn every_crash_point_has_a_row() {
     assert!(
         homeless.is_empty(),
         "crash points that no torture test runs (give them a family): {homeless:?}"
+    );
+}
+
+/// A multipart upload that fails is aborted, and an abort that stalls is
+/// given up after one request timeout and tried again, so no parts stay
+/// behind: the proxy stalls the first part upload (the upload attempt times
+/// out) and the first abort (`DELETE ...?uploadId=`), then lets everything
+/// through. Runs in the default suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_whose_part_and_abort_stall_leaves_nothing_open() {
+    let Some(s3) = SeaweedFs::start() else {
+        assert!(
+            std::env::var_os("CAIRN_REQUIRE_SERVERS").is_none(),
+            "SeaweedFS is required (./scripts/install-test-servers)"
+        );
+        eprintln!("skipped: SeaweedFS not installed");
+        return;
+    };
+    let plan = FaultPlan {
+        rate: 1.0,
+        weights: [0, 0, 1],
+        stall: Some(Duration::from_secs(30)),
+        only: vec![("partNumber=", 1), ("DELETE ", 1)],
+    };
+    let proxy = FaultProxy::start(s3.addr(), plan, 7).await;
+    let prefix = "abort-retried";
+    let config = bucket_config(&proxy.endpoint(), prefix, 3, 2);
+    let (node, _config_dir) = bucket_daemon(&config).await;
+    let mut c = node.clients().await;
+    let chunk = bytes(3, 7 << 20);
+    common::save(&mut c, shard("torture", 1, 0), &[("w", &chunk)])
+        .await
+        .expect("save");
+    wait_durable(&mut c, "torture", 1, pb::Tier::ObjectStore, 90_000)
+        .await
+        .unwrap_or_else(|e| panic!("not durable in the bucket: {e}\n{}", node.log_text()));
+    let [_, _, _, stalls] = proxy.counts().snapshot();
+    assert_eq!(stalls, 2, "the part and the abort were both stalled once");
+    assert_eq!(
+        s3.open_multipart_uploads(prefix),
+        Vec::<(String, String)>::new(),
+        "a failed multipart upload was left open; log:\n{}",
+        node.log_text()
     );
 }

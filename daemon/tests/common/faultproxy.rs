@@ -56,6 +56,10 @@ pub struct FaultPlan {
     pub weights: [u32; 3],
     /// How long a stalled request stays silent; `None` for ever.
     pub stall: Option<Duration>,
+    /// When not empty, only requests whose request line contains one of
+    /// these texts are faulted, each text at most its count of times (the
+    /// rate still applies): a fault aimed at one kind of request.
+    pub only: Vec<(&'static str, u64)>,
 }
 
 impl FaultPlan {
@@ -65,6 +69,7 @@ impl FaultPlan {
             rate: 0.0,
             weights: [1, 1, 1],
             stall: Some(Duration::from_secs(1)),
+            only: Vec::new(),
         }
     }
 }
@@ -89,6 +94,21 @@ impl Counts {
     }
 }
 
+/// Request lines of every request, in any proxy of this process, that
+/// reached the server while its answer was cut or held past the client's
+/// timeout: the server acted on it and the client never learned the
+/// outcome (a `POST ...?uploads` like this creates a multipart upload whose
+/// id nobody knows, on S3 as here).
+static LOST_ANSWERS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// See [`LOST_ANSWERS`].
+pub fn lost_answers() -> Vec<String> {
+    LOST_ANSWERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     SlowDown,
@@ -100,6 +120,8 @@ enum Fault {
 struct State {
     plan: FaultPlan,
     rng: u64,
+    /// Faults given so far under each of `plan.only`'s texts.
+    aimed: Vec<u64>,
 }
 
 /// A running proxy; stops accepting when dropped (connections in flight
@@ -119,6 +141,7 @@ impl FaultProxy {
             .expect("bind the fault proxy");
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(Mutex::new(State {
+            aimed: vec![0; plan.only.len()],
             plan,
             rng: seed | 1,
         }));
@@ -165,7 +188,9 @@ impl FaultProxy {
 
     /// Changes the whole plan, from now on.
     pub fn set_plan(&self, plan: FaultPlan) {
-        lock(&self.state).plan = plan;
+        let mut state = lock(&self.state);
+        state.aimed = vec![0; plan.only.len()];
+        state.plan = plan;
     }
 }
 
@@ -188,9 +213,22 @@ fn next(rng: &mut u64) -> u64 {
 }
 
 /// Picks this request's fault, if any, and the stall that goes with it.
-fn choose(state: &Mutex<State>) -> (Option<Fault>, Option<Duration>) {
+fn choose(state: &Mutex<State>, head: &[u8]) -> (Option<Fault>, Option<Duration>) {
     let mut s = lock(state);
     let plan = s.plan.clone();
+    if !plan.only.is_empty() {
+        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let aimed = plan
+            .only
+            .iter()
+            .position(|(text, _)| line.contains(text))
+            .filter(|&i| s.aimed[i] < plan.only[i].1);
+        match aimed {
+            Some(i) => s.aimed[i] += 1,
+            None => return (None, plan.stall),
+        }
+    }
     let roll = (next(&mut s.rng) >> 11) as f64 / (1u64 << 53) as f64;
     if roll >= plan.rate {
         return (None, plan.stall);
@@ -228,6 +266,14 @@ fn choose(state: &Mutex<State>) -> (Option<Fault>, Option<Duration>) {
     (Some(fault), plan.stall)
 }
 
+fn record_lost_answer(head: &[u8]) {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    LOST_ANSWERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(String::from_utf8_lossy(line).into_owned());
+}
+
 /// One client connection: one request, faulted or forwarded.
 async fn serve(
     mut client: TcpStream,
@@ -238,7 +284,7 @@ async fn serve(
     let (head, mut early_body) = read_head(&mut client).await?;
     counts.requests.fetch_add(1, Ordering::Relaxed);
     let body_len = content_length(&head);
-    let (fault, stall) = choose(state);
+    let (fault, stall) = choose(state, &head);
     match fault {
         Some(Fault::SlowDown) => {
             counts.slow_down.fetch_add(1, Ordering::Relaxed);
@@ -257,9 +303,11 @@ async fn serve(
         }
         Some(Fault::Reset(_)) => {
             counts.reset.fetch_add(1, Ordering::Relaxed);
+            record_lost_answer(&head);
         }
         Some(Fault::Stall) => {
             counts.stall.fetch_add(1, Ordering::Relaxed);
+            record_lost_answer(&head);
         }
         None => {}
     }

@@ -414,8 +414,10 @@ impl ObjectTier {
             // put_in_parts bounds each attempt itself (one request timeout
             // per part) so that it can abort the upload when it stalls; this
             // outer bound only catches an abort that hangs too.
+            // The parts, then the aborts of a failed attempt (one request
+            // each, `attempts` of them at most), then slack.
             let parts = whole.len().div_ceil(self.settings.part_size.max(1)) as u32;
-            let outer = self.settings.request_timeout * (parts + 2);
+            let outer = self.settings.request_timeout * (parts + self.settings.attempts.max(1) + 2);
             self.retrying_within("put_multipart", path, outer, || {
                 self.put_in_parts(path, whole.clone())
             })
@@ -446,14 +448,35 @@ impl ObjectTier {
         match outcome {
             Ok(Ok(_)) => Ok(()),
             outcome => {
-                if let Err(e) = upload.abort().await {
-                    tracing::warn!(key = %path, error = %e, "aborting a failed multipart upload failed; a bucket lifecycle rule will remove its parts");
-                }
+                self.abort_upload(path, upload.as_mut()).await;
                 match outcome {
                     Ok(Err(e)) => Err(e),
                     _ => Err(generic_error("multipart upload timed out".into())),
                 }
             }
+        }
+    }
+
+    /// Aborts a failed multipart upload, retried like any request (the
+    /// bucket that failed the upload may well fail its abort once too), so
+    /// no orphaned parts stay behind. One that still fails is logged.
+    async fn abort_upload(&self, path: &Path, upload: &mut dyn object_store::MultipartUpload) {
+        let attempts = self.settings.attempts.max(1);
+        let mut backoff = RETRY_FIRST_DELAY;
+        for attempt in 1..=attempts {
+            let error =
+                match tokio::time::timeout(self.settings.request_timeout, upload.abort()).await {
+                    Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                };
+            if attempt == attempts {
+                tracing::warn!(key = %path, attempts, error, "aborting a failed multipart upload failed; a bucket lifecycle rule will remove its parts");
+                return;
+            }
+            tracing::debug!(key = %path, attempt, error, "aborting a failed multipart upload failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
         }
     }
 
