@@ -488,3 +488,86 @@ async fn saves_reuse_the_pages_of_evicted_steps_but_never_a_readers_files() {
     let metrics = d.metrics().await;
     assert!(metrics.contains("cairn_memory_pool_bytes"), "{metrics}");
 }
+
+/// Saves rank `rank` of a two-rank step.
+async fn save_rank_of_two(c: &mut cairn_daemon::client::Clients, job: &str, step: u64, rank: u32) {
+    let data = bytes(step * 10 + u64::from(rank), 3 * TEST_CHUNK as usize);
+    let files = [("state.bin", data.as_slice())];
+    let mut request = begin_request(shard(job, step, rank), &files);
+    request.world_size = Some(2);
+    let begin = c
+        .checkpoint
+        .begin_shard(request)
+        .await
+        .expect("begin")
+        .into_inner();
+    write_staged(&begin, &files);
+    c.checkpoint
+        .commit_shard(pb::CommitShardRequest {
+            session_id: begin.session_id,
+        })
+        .await
+        .expect("commit");
+}
+
+/// Regression (found as a flaky DCP test across restarts): retention removed
+/// an old step from the disk tier one shard at a time, and a listing in
+/// between showed that step with a rank missing, not restorable: a complete
+/// checkpoint reported as broken. The failpoint holds the removal between
+/// the step's shards for a second while the test lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_a_step_from_listings_all_at_once() {
+    let d = Daemon::start_with_env(
+        &["--memory-keep-last", "1", "--disk-keep-last", "1"],
+        &[("FAILPOINTS", "disk.between_shard_removals=sleep(1000)")],
+    )
+    .await;
+    let mut c = d.clients().await;
+    for step in [1, 2] {
+        for rank in [0, 1] {
+            save_rank_of_two(&mut c, "evicted", step, rank).await;
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut listings = 0;
+    loop {
+        let steps = c
+            .checkpoint
+            .list_steps(pb::ListStepsRequest {
+                tenant: String::new(),
+                job: "evicted".into(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .jobs
+            .into_iter()
+            .flat_map(|j| j.steps)
+            .collect::<Vec<_>>();
+        listings += 1;
+        for s in &steps {
+            let ranks: Vec<u32> = s.shards.iter().map(|sh| sh.rank).collect();
+            assert!(
+                s.restorable,
+                "listing {listings} shows step {} with ranks {ranks:?}, not restorable",
+                s.step
+            );
+        }
+        // Listed until the removal, held twice by the failpoint, is over.
+        if steps.iter().all(|s| s.step != 1)
+            && d.log_text()
+                .matches("evicted from disk tier by retention")
+                .count()
+                == 2
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never removed step 1"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The removal was held for two seconds: the listings covered it.
+    assert!(listings > 20, "only {listings} listings");
+}

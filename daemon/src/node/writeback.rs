@@ -180,8 +180,8 @@ impl Node {
                 Err(e) if attempt < WRITEBACK_ATTEMPTS && !self.cancel.is_cancelled() => {
                     tracing::warn!(error = %e, attempt, "write-back to disk failed, retrying");
                     tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
+                    delay = delay.saturating_mul(2);
+                    attempt = attempt.saturating_add(1);
                 }
                 Err(e) => break Err(e),
             }
@@ -272,20 +272,25 @@ impl Node {
         });
         let mut removed_from_disk = false;
         for step in self.config.disk_retention.steps_to_evict(&residency) {
-            for m in on_disk.iter().filter(|m| m.shard.step == step) {
-                match self.disk.remove_shard(&m.shard) {
-                    Ok(true) => {
-                        removed_from_disk = true;
+            let keys: Vec<ShardKey> = on_disk
+                .iter()
+                .filter(|m| m.shard.step == step)
+                .map(|m| m.shard.clone())
+                .collect();
+            match self.disk.remove_shards(&keys) {
+                Ok(removed) => {
+                    removed_from_disk |= !removed.is_empty();
+                    for shard in removed {
                         self.metrics
                             .shards_evicted
                             .with_label_values(&["disk", "retention"])
                             .inc();
-                        tracing::info!(shard = %m.shard, "evicted from disk tier by retention");
+                        tracing::info!(%shard, "evicted from disk tier by retention");
                     }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(shard = %m.shard, error = %e, "evicting from disk tier failed")
-                    }
+                }
+                Err(e) => {
+                    removed_from_disk = true;
+                    tracing::warn!(%job, %step, error = %e, "evicting a step from disk tier failed");
                 }
             }
         }

@@ -36,6 +36,7 @@ use cairn_core::{ChunkId, JobName, Manifest, ShardKey, TenantName};
 
 use super::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 use crate::error::{Error, IoContext, Result};
+use crate::failpoint::crash_point;
 use crate::fsutil;
 use crate::tier::memory::read_verified;
 
@@ -78,9 +79,9 @@ impl Index {
                 .entry((manifest.shard.tenant.clone(), id))
                 .or_insert((len, 0));
             if entry.1 == 0 {
-                self.referenced_bytes += len;
+                self.referenced_bytes = self.referenced_bytes.saturating_add(len);
             }
-            entry.1 += 1;
+            entry.1 = entry.1.saturating_add(1);
         }
     }
 
@@ -98,9 +99,9 @@ impl Index {
         for id in manifest.unique_chunks().into_keys() {
             let key = (manifest.shard.tenant.clone(), id);
             if let Some(entry) = self.chunk_refs.get_mut(&key) {
-                entry.1 -= 1;
+                entry.1 = entry.1.saturating_sub(1);
                 if entry.1 == 0 {
-                    self.referenced_bytes -= entry.0;
+                    self.referenced_bytes = self.referenced_bytes.saturating_sub(entry.0);
                     self.chunk_refs.remove(&key);
                 }
             }
@@ -218,9 +219,9 @@ impl DiskTier {
             .saturating_add(*reserved)
             .saturating_add(bytes);
         if need > self.capacity {
-            return Err(need - self.capacity);
+            return Err(need.saturating_sub(self.capacity));
         }
-        *reserved += bytes;
+        *reserved = reserved.saturating_add(bytes);
         Ok(DiskReservation { tier: self, bytes })
     }
 
@@ -316,14 +317,29 @@ impl DiskTier {
 
     /// Removes a shard's manifest. Its chunks stay until garbage collection.
     pub fn remove_shard(&self, key: &ShardKey) -> Result<bool> {
-        if !self.lock_index().remove(key) {
-            return Ok(false);
-        }
-        let path = self.manifest_path(key);
-        fsutil::remove_all(&path)?;
+        let removed = self.remove_shards(std::slice::from_ref(key))?;
+        Ok(!removed.is_empty())
+    }
+
+    /// Removes the manifests of several shards (one step's, for retention or
+    /// a delete) and returns those it held. They all leave the index under
+    /// one lock before any file goes, so a listing never shows the step half
+    /// removed, which would read as a broken step. A crash between the
+    /// files leaves the rest listed after the restart, as an incomplete step
+    /// that the next retention pass removes.
+    pub fn remove_shards(&self, keys: &[ShardKey]) -> Result<Vec<ShardKey>> {
+        let removed: Vec<ShardKey> = {
+            let mut index = self.lock_index();
+            keys.iter().filter(|k| index.remove(k)).cloned().collect()
+        };
         let stop = self.root.join(TENANTS);
-        fsutil::prune_empty_dirs(path.parent().unwrap_or(&stop), &stop);
-        Ok(true)
+        for key in &removed {
+            crash_point("disk.between_shard_removals");
+            let path = self.manifest_path(key);
+            fsutil::remove_all(&path)?;
+            fsutil::prune_empty_dirs(path.parent().unwrap_or(&stop), &stop);
+        }
+        Ok(removed)
     }
 
     /// Stores a chunk the caller has verified, by id alone (the peer tier
@@ -429,11 +445,11 @@ impl DiskTier {
                 if let Some(min_age) = min_age
                     && age.is_none_or(|age| age < min_age)
                 {
-                    young += meta.len();
+                    young = young.saturating_add(meta.len());
                     continue;
                 }
-                report.chunks += 1;
-                report.bytes += meta.len();
+                report.chunks = report.chunks.saturating_add(1);
+                report.bytes = report.bytes.saturating_add(meta.len());
                 if !dry_run {
                     fsutil::remove_all(&path)?;
                 }
