@@ -140,12 +140,17 @@ impl From<ChunkSize> for u64 {
 pub fn chunk_ranges(file_len: u64, chunk_size: ChunkSize) -> impl Iterator<Item = Range<u64>> {
     let size = chunk_size.get();
     (0..file_len.div_ceil(size)).map(move |i| {
-        let start = i * size;
+        // Below `file_len` for every `i` the range yields, so never saturates.
+        let start = i.saturating_mul(size);
         start..start.saturating_add(size).min(file_len)
     })
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 mod tests {
     use proptest::prelude::*;
 

@@ -94,7 +94,8 @@ impl ChunkHeader {
         if raw_len > MAX_CHUNK_SIZE {
             return Err(corrupt("raw length above the largest chunk size"));
         }
-        if encoding == Encoding::Raw && (stored.len() - HEADER_LEN) as u64 != raw_len {
+        let body_len = stored.len().saturating_sub(HEADER_LEN);
+        if encoding == Encoding::Raw && body_len as u64 != raw_len {
             return Err(corrupt("raw body length differs from the header"));
         }
         Ok(Self { encoding, raw_len })
@@ -187,12 +188,11 @@ fn shuffle(data: &[u8], width: u8) -> Vec<u8> {
     if width <= 1 {
         return data.to_vec();
     }
-    let elements = data.len() / width;
     let mut out = Vec::with_capacity(data.len());
     for plane in 0..width {
         out.extend(data.chunks_exact(width).map(|element| element[plane]));
     }
-    out.extend_from_slice(&data[elements * width..]);
+    out.extend_from_slice(data.chunks_exact(width).remainder());
     out
 }
 
@@ -202,17 +202,20 @@ fn unshuffle(data: &[u8], width: u8) -> Vec<u8> {
     if width <= 1 {
         return data.to_vec();
     }
-    let elements = data.len() / width;
+    let whole = data.chunks_exact(width);
+    let elements = whole.len();
+    let tail = whole.remainder();
     let mut out = vec![0u8; data.len()];
-    for (plane, bytes) in data[..elements * width]
-        .chunks_exact(elements.max(1))
-        .enumerate()
-    {
-        for (i, byte) in bytes.iter().enumerate() {
-            out[i * width + plane] = *byte;
+    // Plane `b` is the run of `elements` bytes holding byte `b` of every
+    // element; with no whole element there is no plane to scatter.
+    for (plane, bytes) in data.chunks_exact(elements.max(1)).take(width).enumerate() {
+        for (element, byte) in out.chunks_exact_mut(width).zip(bytes) {
+            element[plane] = *byte;
         }
     }
-    out[elements * width..].copy_from_slice(&data[elements * width..]);
+    out.chunks_exact_mut(width)
+        .into_remainder()
+        .copy_from_slice(tail);
     out
 }
 

@@ -109,11 +109,12 @@ pub fn is_temporary(name: &str) -> bool {
 /// allowed, so `checkpoint_000100` is step 100), or `None` when it ends
 /// with no digit or the number does not fit in a `u64`.
 pub fn trailing_step(name: &str) -> Option<Step> {
-    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
-    if digits == 0 || digits > MAX_STEP_DIGITS {
+    let head = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    let digits = &name[head.len()..];
+    if digits.is_empty() || digits.len() > MAX_STEP_DIGITS {
         return None;
     }
-    name[name.len() - digits..].parse::<u64>().ok().map(Step)
+    digits.parse::<u64>().ok().map(Step)
 }
 
 /// When a step directory counts as finished.

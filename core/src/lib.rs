@@ -7,6 +7,10 @@
 //! Keeping it pure keeps it fast to compile and lets property tests cover it
 //! exhaustively; the daemon wraps it with tiers, RPCs and background work.
 
+// Sizes, counts and offsets arrive from outside (requests, manifests, peers,
+// listings, files on disk): they must use checked or saturating arithmetic.
+#![warn(clippy::arithmetic_side_effects)]
+
 pub mod bucket;
 pub mod chunk;
 pub mod codec;

@@ -51,7 +51,9 @@ impl FileEntry {
     pub fn chunks_with_offsets(&self) -> impl Iterator<Item = (u64, &ChunkRef)> {
         self.chunks.iter().scan(0u64, |offset, chunk| {
             let start = *offset;
-            *offset += chunk.len;
+            // The lengths come from outside; a validated manifest's sum to
+            // the file size, so this saturates only for an invalid one.
+            *offset = offset.saturating_add(chunk.len);
             Some((start, chunk))
         })
     }
@@ -86,7 +88,11 @@ pub struct Manifest {
 impl Manifest {
     /// Total bytes of all files.
     pub fn total_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        // Saturating: the sizes come from outside (peers, the bucket).
+        self.files
+            .iter()
+            .map(|f| f.size)
+            .fold(0, u64::saturating_add)
     }
 
     /// Whether this manifest may replace `stored` for the same shard in a
@@ -149,7 +155,7 @@ impl Manifest {
             let tiles = u64::try_from(file.chunks.len()).is_ok_and(|n| n == expected_count)
                 && chunk_ranges(file.size, self.chunk_size)
                     .zip(&file.chunks)
-                    .all(|(range, chunk)| range.end - range.start == chunk.len);
+                    .all(|(range, chunk)| range.start.checked_add(chunk.len) == Some(range.end));
             if !tiles {
                 return Err(CoreError::CorruptManifest(format!(
                     "chunks of file {} do not tile its {} bytes at chunk size {}",
@@ -187,8 +193,9 @@ impl Manifest {
             .iter()
             .position(|&b| b == b'\n')
             .ok_or_else(|| corrupt("no header line"))?;
-        let header =
-            std::str::from_utf8(&bytes[..newline]).map_err(|_| corrupt("header is not UTF-8"))?;
+        let (header, body) = bytes.split_at(newline);
+        let body = &body[1..]; // past the newline
+        let header = std::str::from_utf8(header).map_err(|_| corrupt("header is not UTF-8"))?;
         let rest = header
             .strip_prefix(HEADER_PREFIX)
             .ok_or_else(|| corrupt("header does not start with the manifest magic"))?;
@@ -198,7 +205,6 @@ impl Manifest {
         let version: u32 = version
             .parse()
             .map_err(|_| corrupt("header version is not a number"))?;
-        let body = &bytes[newline + 1..];
         // Compare the canonical lower-case text, so that no byte of the header
         // can change without detection.
         if ChunkId::of(body).to_hex() != hash_hex {
@@ -215,6 +221,10 @@ impl Manifest {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 pub(crate) mod tests {
     use proptest::prelude::*;
 
@@ -251,6 +261,29 @@ pub(crate) mod tests {
             committed_unix_ms: 1,
             attempt: None,
         }
+    }
+
+    #[test]
+    fn sizes_from_outside_saturate_instead_of_wrapping() {
+        // Lengths a peer or the bucket could send: summing them must neither
+        // panic nor wrap, and the manifest is refused.
+        let mut m = manifest_from(
+            &[("a".into(), vec![1; 10]), ("b".into(), vec![2; 10])],
+            small_chunks(),
+        );
+        for file in &mut m.files {
+            file.size = u64::MAX;
+            let chunk = ChunkRef {
+                len: u64::MAX,
+                ..file.chunks[0]
+            };
+            file.chunks = vec![chunk; 3];
+        }
+        assert_eq!(m.total_bytes(), u64::MAX);
+        let offsets: Vec<u64> = m.files[0].chunks_with_offsets().map(|(o, _)| o).collect();
+        assert_eq!(offsets, [0, u64::MAX, u64::MAX]);
+        let err = Manifest::decode(&m.encode()).expect_err("must be refused");
+        assert!(matches!(err, CoreError::CorruptManifest(_)), "{err}");
     }
 
     #[test]

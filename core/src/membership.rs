@@ -678,6 +678,10 @@ fn unreachable_view(err: CoreError) -> MembershipView {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 mod tests {
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};

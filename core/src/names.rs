@@ -183,12 +183,10 @@ impl FileName {
         if value.starts_with('/') {
             return Err(invalid(field, &value, "must be a relative path"));
         }
-        let mut depth = 0;
         for segment in value.split('/') {
             check_segment(field, &value, segment, MAX_SEGMENT_LEN)?;
-            depth += 1;
         }
-        if depth > MAX_FILE_DEPTH {
+        if value.split('/').count() > MAX_FILE_DEPTH {
             return Err(invalid(field, &value, "nested too deeply"));
         }
         Ok(Self(value))

@@ -393,7 +393,7 @@ fn domain_index<K: std::hash::Hash + Eq>(
     if id == next {
         sizes.push(0);
     }
-    sizes[id as usize] += 1;
+    sizes[id as usize] = sizes[id as usize].saturating_add(1);
     id
 }
 
@@ -518,7 +518,10 @@ impl Membership {
     /// [`Self::place`], as indices into [`Self::members`].
     fn place_indices(&self, key: &PlacementKey, owner: &Member, replicas: usize) -> Vec<usize> {
         let owner_index = self.position(&owner.id);
-        let eligible = self.len() - usize::from(owner_index.is_some());
+        // The owner, when a member, is one of `len()`: never saturates.
+        let eligible = self
+            .len()
+            .saturating_sub(usize::from(owner_index.is_some()));
         let replicas = replicas.min(eligible);
         if replicas == 0 {
             return Vec::new();
@@ -557,7 +560,7 @@ impl Membership {
                 let Some(candidate) = ranking.get(position) else {
                     break;
                 };
-                position += 1;
+                position = position.saturating_add(1);
                 let (zone, rack) = (self.zone_of[candidate], self.rack_of[candidate]);
                 let allowed = match pass {
                     Pass::NewZone => !used_zones.contains(&zone),
@@ -593,9 +596,11 @@ fn free_domains(
     owner_domain: Option<u32>,
 ) -> usize {
     let emptied = owner_member_domain.filter(|&d| sizes[d as usize] == 1);
-    let mut free = sizes.len() - usize::from(emptied.is_some());
+    // Neither saturates: `emptied` and `owner_domain` are distinct domains
+    // among `sizes`.
+    let mut free = sizes.len().saturating_sub(usize::from(emptied.is_some()));
     if owner_domain.is_some() && owner_domain != emptied {
-        free -= 1;
+        free = free.saturating_sub(1);
     }
     free
 }
@@ -672,9 +677,11 @@ impl<'a> Ranking<'a> {
     /// and cost one mix and one comparison.
     fn collect(&mut self, top: usize) {
         let membership = self.membership;
-        let eligible = membership.len() - usize::from(self.owner.is_some());
+        let eligible = membership
+            .len()
+            .saturating_sub(usize::from(self.owner.is_some()));
         let mut best = Best {
-            heap: BinaryHeap::with_capacity(top.min(eligible) + 1),
+            heap: BinaryHeap::with_capacity(top.min(eligible).saturating_add(1)),
             top: top.min(eligible),
             owner: self.owner,
         };
@@ -684,13 +691,16 @@ impl<'a> Ranking<'a> {
             // Scores are computed a block at a time so the mixing vectorises.
             const BLOCK: usize = 64;
             let mut scores = [0u64; BLOCK];
-            for (block, nodes) in membership.virtual_nodes.chunks(BLOCK).enumerate() {
+            let blocks = (0..)
+                .step_by(BLOCK)
+                .zip(membership.virtual_nodes.chunks(BLOCK));
+            for (first, nodes) in blocks {
                 for (score_slot, &node) in scores.iter_mut().zip(nodes) {
                     *score_slot = score(self.key_hash, node);
                 }
-                for (offset, &score) in scores[..nodes.len()].iter().enumerate() {
+                for (member, &score) in (first..).zip(&scores[..nodes.len()]) {
                     if score >= bar {
-                        bar = best.offer(score, block * BLOCK + offset);
+                        bar = best.offer(score, member);
                     }
                 }
             }
@@ -722,6 +732,10 @@ impl<'a> Ranking<'a> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 mod tests {
     use std::collections::BTreeSet;
 

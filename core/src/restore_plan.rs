@@ -87,10 +87,13 @@ pub struct RestorePlan {
 /// tell a stalled read from a slow one.
 pub fn estimate_us(source: &SourceProfile, bytes: u64, chunks: u64) -> u64 {
     let rate = source.bytes_per_sec.max(1);
-    let transfer = (u128::from(bytes) * 1_000_000).div_ceil(u128::from(rate));
+    // Products of two u64s in a u128 never saturate; the sum is capped.
+    let transfer = u128::from(bytes)
+        .saturating_mul(1_000_000)
+        .div_ceil(u128::from(rate));
     let rounds = chunks.div_ceil(u64::from(source.parallelism.max(1)));
-    let waiting = u128::from(rounds) * u128::from(source.latency_us);
-    u64::try_from(transfer + waiting).unwrap_or(u64::MAX)
+    let waiting = u128::from(rounds).saturating_mul(u128::from(source.latency_us));
+    u64::try_from(transfer.saturating_add(waiting)).unwrap_or(u64::MAX)
 }
 
 /// Plans a restore of `chunks` from `sources` (see the module doc). Holder
@@ -128,14 +131,19 @@ pub fn plan(sources: &[SourceProfile], chunks: &[ChunkNeed]) -> RestorePlan {
         };
         let best = eligible.into_iter().min_by_key(|&s| {
             (
-                estimate_us(&sources[s], bytes[s] + chunks[i].len, counts[s] + 1),
+                estimate_us(
+                    &sources[s],
+                    bytes[s].saturating_add(chunks[i].len),
+                    counts[s].saturating_add(1),
+                ),
                 sources[s].class,
                 s,
             )
         });
         if let Some(s) = best {
-            bytes[s] += chunks[i].len;
-            counts[s] += 1;
+            // Chunk lengths come from manifests: the totals saturate.
+            bytes[s] = bytes[s].saturating_add(chunks[i].len);
+            counts[s] = counts[s].saturating_add(1);
             first[i] = Some(s);
         }
     }
@@ -165,6 +173,10 @@ pub fn plan(sources: &[SourceProfile], chunks: &[ChunkNeed]) -> RestorePlan {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -185,6 +197,18 @@ mod tests {
                 holders: (0..n_sources).collect(),
             })
             .collect()
+    }
+
+    #[test]
+    fn huge_chunk_lengths_saturate_the_estimates_instead_of_wrapping() {
+        let sources = vec![SourceProfile {
+            latency_us: u64::MAX,
+            ..source(SourceClass::Peer, 1)
+        }];
+        let plan = plan(&sources, &everywhere(1, &[u64::MAX, u64::MAX, 1]));
+        assert_eq!(plan.bytes, vec![u64::MAX]);
+        assert_eq!(plan.chunks, vec![3]);
+        assert_eq!(plan.estimated_us, u64::MAX);
     }
 
     #[test]

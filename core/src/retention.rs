@@ -113,7 +113,7 @@ pub fn choose_pressure_victims<K: Clone>(
         if freed >= needed {
             break;
         }
-        freed += candidate.bytes;
+        freed = freed.saturating_add(candidate.bytes);
         chosen.push(candidate.key.clone());
     }
     if freed >= needed {
@@ -189,10 +189,30 @@ pub fn latest_complete_step<'a>(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn freed_bytes_saturate_instead_of_wrapping() {
+        // Sizes read from disk: the second would wrap the sum.
+        let candidate = |key, age_order| EvictionCandidate {
+            key,
+            age_order,
+            bytes: u64::MAX - 1,
+            safe_to_drop: true,
+        };
+        let candidates = [candidate("a", 0), candidate("b", 1)];
+        assert_eq!(
+            choose_pressure_victims(&candidates, u64::MAX),
+            Ok(vec!["a", "b"])
+        );
+    }
 
     proptest! {
         #[test]

@@ -106,7 +106,7 @@ impl MemoryQuotas {
             Err(OverQuota {
                 quota,
                 would_hold,
-                excess: would_hold - quota,
+                excess: would_hold.saturating_sub(quota),
             })
         }
     }
@@ -172,6 +172,10 @@ pub fn volume_tenant(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "tests compute expected values from small, known inputs"
+)]
 mod tests {
     use proptest::prelude::*;
 

@@ -748,6 +748,11 @@ fn ingest_config(raw: RawIngest, memory_dir: &Path) -> Result<IngestConfig> {
     })
 }
 
+/// Longest `object_store.request_timeout_secs` accepted: a day.
+const MAX_REQUEST_TIMEOUT_SECS: u64 = 86_400;
+/// Most `object_store.attempts` accepted.
+const MAX_OBJECT_ATTEMPTS: u64 = 100;
+
 /// Validates the `[object_store]` section; `None` when no URL is set.
 fn object_store_config(
     url_flag: Option<String>,
@@ -761,6 +766,17 @@ fn object_store_config(
         if value == 0 {
             Err(Error::InvalidArgument(format!(
                 "object_store.{field} must be above 0"
+            )))
+        } else {
+            Ok(value)
+        }
+    };
+    // Bounded: an upload's deadline is the request timeout times its
+    // requests, and absurd values would only hide a typo.
+    let at_most = |field: &str, value: u64, max: u64| {
+        if value > max {
+            Err(Error::InvalidArgument(format!(
+                "object_store.{field} must be at most {max}, not {value}"
             )))
         } else {
             Ok(value)
@@ -793,14 +809,22 @@ fn object_store_config(
             level,
             min_ratio,
         },
-        request_timeout: Duration::from_secs(positive(
+        request_timeout: Duration::from_secs(at_most(
             "request_timeout_secs",
-            raw.request_timeout_secs
-                .unwrap_or(defaults.request_timeout.as_secs()),
+            positive(
+                "request_timeout_secs",
+                raw.request_timeout_secs
+                    .unwrap_or(defaults.request_timeout.as_secs()),
+            )?,
+            MAX_REQUEST_TIMEOUT_SECS,
         )?),
-        attempts: positive(
+        attempts: at_most(
             "attempts",
-            u64::from(raw.attempts.unwrap_or(defaults.attempts)),
+            positive(
+                "attempts",
+                u64::from(raw.attempts.unwrap_or(defaults.attempts)),
+            )?,
+            MAX_OBJECT_ATTEMPTS,
         )? as u32,
         multipart_threshold: raw
             .multipart_threshold_bytes
@@ -982,6 +1006,10 @@ mod tests {
             "min_compression_ratio = 0.5",
             "concurrency = 0",
             "upload_after = \"later\"",
+            // Regression: these made the deadline of a multipart upload
+            // overflow (a panic at the first large object).
+            "request_timeout_secs = 9223372036854775807",
+            "attempts = 4294967295",
         ] {
             let text = format!("[object_store]\nurl = \"file:///x\"\n{bad}\n");
             let result = toml::from_str::<RawConfig>(&text)

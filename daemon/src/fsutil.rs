@@ -104,7 +104,8 @@ pub fn filesystem_size(path: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised the struct.
     let stat = unsafe { stat.assume_init() };
-    Some(stat.f_blocks * stat.f_frsize)
+    // Saturating: the counts come from the kernel for any filesystem.
+    Some(stat.f_blocks.saturating_mul(stat.f_frsize))
 }
 
 /// Takes an exclusive lock on `dir/.lock`, so that two daemons never share a

@@ -90,7 +90,8 @@ fn hash_batch(
             };
             ChunkRef {
                 id: ChunkId::of(bytes),
-                len: range.end - range.start,
+                // `chunk_ranges` yields `start <= end`: never saturates.
+                len: range.end.saturating_sub(range.start),
             }
         })
         .collect();

@@ -6,6 +6,10 @@
 //! [`transfer`] (the copy and fill loops) → [`tier`] (memory and disk) →
 //! `cairn-core` (pure logic).
 
+// Sizes, counts and offsets arrive from outside (requests, manifests, peers,
+// listings, files on disk): they must use checked or saturating arithmetic.
+#![warn(clippy::arithmetic_side_effects)]
+
 pub mod client;
 pub mod config;
 pub mod error;

@@ -186,7 +186,7 @@ fn remove_tree_depth(dir: BorrowedFd<'_>, name: &str, depth: usize) -> Result<()
         }
     }
     for child in names {
-        remove_tree_depth(sub.as_fd(), &child, depth + 1)?;
+        remove_tree_depth(sub.as_fd(), &child, depth.saturating_add(1))?;
     }
     match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),

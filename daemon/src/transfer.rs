@@ -61,7 +61,11 @@ pub async fn copy_shard(
     let ids: Vec<ChunkId> = first_location.keys().copied().collect();
     let checked = Instant::now();
     let missing = to.missing_chunks(tenant, &ids).await?;
-    let total: u64 = first_location.values().map(|l| l.chunk.len).sum();
+    // Lengths from the manifest: the total saturates rather than wraps.
+    let total = first_location
+        .values()
+        .map(|l| l.chunk.len)
+        .fold(0, u64::saturating_add);
     let report = stream::iter(missing)
         .map(|id| {
             let location = &first_location[&id];
@@ -74,8 +78,8 @@ pub async fn copy_shard(
         })
         .buffer_unordered(concurrency)
         .try_fold(CopyReport::default(), |mut report, len| async move {
-            report.chunks_written += 1;
-            report.bytes_written += len;
+            report.chunks_written = report.chunks_written.saturating_add(1);
+            report.bytes_written = report.bytes_written.saturating_add(len);
             Ok(report)
         })
         .await?;
@@ -93,7 +97,7 @@ pub async fn copy_shard(
     }
     to.put_manifest(manifest).await?;
     Ok(CopyReport {
-        bytes_skipped: total - report.bytes_written,
+        bytes_skipped: total.saturating_sub(report.bytes_written),
         ..report
     })
 }
@@ -177,7 +181,7 @@ pub async fn fill_planned(
                 ));
                 let started = Instant::now();
                 let read = tokio::time::timeout(
-                    expected * 4 + STALL_SLACK,
+                    expected.saturating_mul(4).saturating_add(STALL_SLACK),
                     planned.source.read_chunk(&location),
                 )
                 .await;
@@ -222,8 +226,10 @@ pub async fn fill_planned(
         })
         .buffer_unordered(concurrency.max(1))
         .try_fold(FillReport::default(), |mut report, (tier, label, len, corrupt)| async move {
-            *report.bytes_by_tier.entry(tier).or_default() += len;
-            *report.bytes_by_source.entry(label).or_default() += len;
+            let by_tier = report.bytes_by_tier.entry(tier).or_default();
+            *by_tier = by_tier.saturating_add(len);
+            let by_source = report.bytes_by_source.entry(label).or_default();
+            *by_source = by_source.saturating_add(len);
             report.corrupt.extend(corrupt);
             Ok(report)
         })

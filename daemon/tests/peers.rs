@@ -957,3 +957,175 @@ async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs `attack` as a process on node `node` would: on a thread of its own
+/// that joins the node's network namespace (in loopback mode, plainly), with
+/// a runtime of its own (a runtime's sockets belong to the namespace of the
+/// thread that opens them).
+fn from_node<T: Send + 'static>(
+    net: &Network,
+    node: usize,
+    attack: impl AsyncFnOnce() -> T + Send + 'static,
+) -> T {
+    let namespace = net.namespace(node).map(|ns| format!("/run/netns/{ns}"));
+    std::thread::spawn(move || {
+        if let Some(path) = namespace {
+            let file = std::fs::File::open(&path).expect("open the node's network namespace");
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .expect("join the node's network namespace");
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(attack())
+    })
+    .join()
+    .expect("attacking thread")
+}
+
+/// Finding 3 of the hardening review, end to end: a member whose key an
+/// attacker holds (node-0, its certificate signed by the cluster's CA) sends
+/// replicas straight to the other daemons' peer port. It may not plant a
+/// step naming another node as its owner: the refusal names both nodes, and
+/// nothing it sent is listed anywhere. (A replica sent where placement does
+/// not put it is refused too, `peer::service`'s unit tests; with three nodes
+/// every node is a candidate, the R placed plus the fallbacks.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compromised_member_cannot_plant_replicas_in_other_nodes_names() {
+    use cairn_core::{
+        ChunkId, ChunkRef, ChunkSize, FileEntry, FileName, MANIFEST_VERSION, Manifest, ShardKey,
+        Step,
+    };
+    use cairn_daemon::peer::client::PeerClient;
+    use cairn_daemon::peer::tls::{PeerTls, TlsFiles};
+
+    let cluster = Cluster::start(3, 1).await;
+    let job = "victim";
+    let placed = cluster.placement(0, job, 0, 1)[0];
+    let elsewhere = 3 - placed;
+    let stolen = cluster
+        .pki
+        .issue_with_names("node-0-stolen", &[&node_name(0)]);
+    let tls = PeerTls::load(&TlsFiles {
+        cert: stolen.cert,
+        key: stolen.key,
+        ca: cluster.pki.ca_path(),
+    })
+    .expect("load the stolen identity");
+    let addrs: Vec<std::net::SocketAddr> = (0..3)
+        .map(|i| std::net::SocketAddr::new(cluster.net.addr(i), PEER_PORT))
+        .collect();
+    let data = bytes(99, 4096);
+    let id = ChunkId::of(&data);
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        shard: ShardKey {
+            tenant: TenantName::parse("tenant", "default".into()).expect("tenant"),
+            job: JobName::parse("job", job.into()).expect("job"),
+            step: Step(999),
+            rank: Rank(0),
+        },
+        world_size: Some(1),
+        chunk_size: ChunkSize::new(common::TEST_CHUNK).expect("chunk size"),
+        files: vec![FileEntry {
+            name: FileName::parse("file", "model.bin".into()).expect("name"),
+            size: data.len() as u64,
+            chunks: vec![ChunkRef {
+                id,
+                len: data.len() as u64,
+            }],
+            metadata: Default::default(),
+        }],
+        metadata: Default::default(),
+        committed_unix_ms: 1,
+        attempt: None,
+    };
+    let member = |i: usize| Member::new(NodeId::parse("id", node_name(i)).expect("id"));
+    let at_step = |step: u64| {
+        let mut m = manifest.clone();
+        m.shard.step = Step(step);
+        m
+    };
+    // The third node besides node-0 and `target`, named as the owner.
+    let spoofed_for = |target: usize| member(3 - target);
+    // Each: target node, owner named in the request, the replica.
+    let sends = [
+        // Its own replica where placement puts it: stored (the attacking
+        // client works; the refusals below are not connection failures).
+        (placed, member(0), at_step(1)),
+        // Another node's name as the owner, to either node.
+        (placed, spoofed_for(placed), at_step(999)),
+        (elsewhere, spoofed_for(elsewhere), at_step(999)),
+    ];
+    let owners: Vec<String> = sends.iter().map(|(_, o, _)| o.id.to_string()).collect();
+    let outcomes = from_node(&cluster.net, 0, async move || {
+        let mut outcomes = Vec::new();
+        for (target, owner, manifest) in sends {
+            let client = PeerClient::new(
+                &NodeId::parse("id", node_name(0)).expect("id"),
+                NodeId::parse("id", node_name(target)).expect("id"),
+                addrs[target],
+                Some(&tls),
+                Duration::from_secs(10),
+                Default::default(),
+            )
+            .expect("peer client");
+            client
+                .put_chunk(&manifest.shard.tenant, &id, data.clone().into())
+                .await
+                .expect("a chunk alone is accepted (content-addressed, verified)");
+            outcomes.push(client.put_manifest(&manifest, &owner).await);
+        }
+        outcomes
+    });
+    outcomes[0]
+        .as_ref()
+        .expect("the owner's replica where placement puts it is stored");
+    let refused = |i: usize, what: &str| match &outcomes[i] {
+        Err(cairn_daemon::error::Error::Peer { status, .. }) => {
+            assert_eq!(
+                status.code(),
+                tonic::Code::PermissionDenied,
+                "{what}: {status:?}"
+            );
+            status.message().to_owned()
+        }
+        other => panic!("{what} was not refused: {other:?}"),
+    };
+    for i in [1, 2] {
+        let message = refused(i, "a replica naming another node as its owner");
+        assert!(
+            message.contains("node-0") && message.contains(&format!("naming node {}", owners[i])),
+            "{message}"
+        );
+    }
+
+    // Only the legitimate replica is held, and no node lists step 999.
+    assert_eq!(replica_shards(&cluster.nodes[placed]).await, 1);
+    assert_eq!(replica_shards(&cluster.nodes[elsewhere]).await, 0);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let mut c = node.clients().await;
+        let steps: Vec<u64> = c
+            .checkpoint
+            .list_steps(pb::ListStepsRequest {
+                tenant: String::new(),
+                job: job.into(),
+            })
+            .await
+            .expect("list steps")
+            .into_inner()
+            .jobs
+            .into_iter()
+            .flat_map(|j| j.steps)
+            .map(|s| s.step)
+            .collect();
+        assert!(
+            !steps.contains(&999),
+            "node {i} lists the planted step: {steps:?}"
+        );
+    }
+}

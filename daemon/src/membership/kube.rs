@@ -267,7 +267,8 @@ async fn run(
         if complete {
             node_backoff.reset();
         } else {
-            retry_at = Some(Instant::now() + node_backoff.next_delay());
+            // `next_delay` is capped at a few minutes, so this is always `Some`.
+            retry_at = Instant::now().checked_add(node_backoff.next_delay());
         }
         let node_list: Vec<NodeInfo> = nodes.values().cloned().collect();
         match view_from_pods(&pods.pods(), &node_list, &settings.labels) {

@@ -843,7 +843,7 @@ fn link_dir(
                         "{relative} is nested deeper than {MAX_FILE_DEPTH} levels"
                     )));
                 }
-                link_dir(memory, id, &entry, &relative, depth + 1, out)?;
+                link_dir(memory, id, &entry, &relative, depth.saturating_add(1), out)?;
             }
             FileType::RegularFile => {
                 let stored = stored_file_name(&relative).map_err(|e| refused(e.to_string()))?;

@@ -80,7 +80,12 @@ impl Node {
             rank,
         } = selection;
         let mut changes = self.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        // `timeout` comes from the request.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(timeout)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("timeout of {} ms is too long", timeout.as_millis()))
+            })?;
         loop {
             let shards: Vec<ShardKey> = self
                 .local_shards(tenant, job)
@@ -94,7 +99,7 @@ impl Node {
                     rank.map(|r| format!(" rank {r}")).unwrap_or_default()
                 )));
             }
-            let mut pending = 0;
+            let mut pending = 0usize;
             let mut last_error = None;
             for key in &shards {
                 match tier {
@@ -108,7 +113,7 @@ impl Node {
                                 "shard {key} will not become durable on disk: {e}"
                             )));
                         }
-                        pending += 1;
+                        pending = pending.saturating_add(1);
                     }
                     TierKind::Peers => {
                         if self.peers.is_none() {
@@ -122,9 +127,9 @@ impl Node {
                             Some(CopyState::Durable) => {}
                             Some(CopyState::Failed(e)) => {
                                 last_error = Some(e);
-                                pending += 1;
+                                pending = pending.saturating_add(1);
                             }
-                            _ => pending += 1,
+                            _ => pending = pending.saturating_add(1),
                         }
                     }
                     TierKind::ObjectStore => {
@@ -138,11 +143,11 @@ impl Node {
                         match self.upload_state(key) {
                             Some(CopyState::Failed(e)) => {
                                 last_error = Some(e);
-                                pending += 1;
+                                pending = pending.saturating_add(1);
                             }
-                            Some(_) => pending += 1,
+                            Some(_) => pending = pending.saturating_add(1),
                             None if object.manifest(key).await?.is_some() => {}
-                            None => pending += 1,
+                            None => pending = pending.saturating_add(1),
                         }
                     }
                 }
@@ -203,7 +208,11 @@ impl Node {
             )));
         }
         let locations: Vec<ChunkLocation> = manifests.iter().flat_map(ChunkLocation::all).collect();
-        let total: u64 = locations.iter().map(|l| l.chunk.len).sum();
+        // Lengths from manifests: the totals saturate rather than wrap.
+        let total = locations
+            .iter()
+            .map(|l| l.chunk.len)
+            .fold(0, u64::saturating_add);
         let done = std::sync::atomic::AtomicU64::new(0);
         let checked: Vec<(ChunkLocation, Result<ChunkRead>)> = stream::iter(locations)
             .map(|location| {
@@ -212,7 +221,7 @@ impl Node {
                     let result = target.read_chunk(&location).await;
                     let now = done
                         .fetch_add(location.chunk.len, std::sync::atomic::Ordering::Relaxed)
-                        + location.chunk.len;
+                        .saturating_add(location.chunk.len);
                     progress(now, total);
                     (location, result)
                 }

@@ -381,7 +381,8 @@ impl Node {
     }
 
     fn notify(&self) {
-        self.changes.send_modify(|n| *n += 1);
+        // Receivers wake on the send, whatever the value: saturating is fine.
+        self.changes.send_modify(|n| *n = n.saturating_add(1));
     }
 
     /// Every tier this node reads from, fastest first.

@@ -42,7 +42,9 @@ impl RestoreProgress {
     /// Counts `bytes` that `source` delivered.
     pub fn add(&self, source: &str, bytes: u64) {
         self.done_bytes.fetch_add(bytes, Ordering::Relaxed);
-        *lock(&self.by_source).entry(source.to_owned()).or_default() += bytes;
+        let mut by_source = lock(&self.by_source);
+        let counted = by_source.entry(source.to_owned()).or_default();
+        *counted = counted.saturating_add(bytes);
     }
 
     /// Where the restore stands now.

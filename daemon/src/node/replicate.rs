@@ -168,7 +168,7 @@ impl Node {
                 0
             } else {
                 let n = replication.attempts.entry(key.clone()).or_insert(0);
-                *n += 1;
+                *n = n.saturating_add(1);
                 *n
             };
             (was_durable, attempt)
@@ -189,7 +189,7 @@ impl Node {
             return;
         }
         let delay = RETRY_FIRST_DELAY
-            .saturating_mul(1 << (attempt - 1).min(16))
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
             .min(RETRY_MAX_DELAY);
         tracing::warn!(
             holders = outcome.holders.len(),
@@ -229,7 +229,10 @@ impl Node {
     /// replicas, for status.
     pub fn replication_counts(&self) -> (u32, u32) {
         let replication = lock(&self.replication);
-        let pending = replication.queued.len() + replication.running.len();
+        let pending = replication
+            .queued
+            .len()
+            .saturating_add(replication.running.len());
         let short = replication
             .states
             .values()

@@ -105,8 +105,12 @@ impl Node {
             .chunks_repaired
             .with_label_values(&["memory"])
             .inc_by(bad.len() as u64);
-        let repaired: u64 = report.bytes_by_tier.values().sum();
-        *bytes_by_tier.entry(TierKind::Memory).or_default() -= repaired;
+        let repaired = report
+            .bytes_by_tier
+            .values()
+            .fold(0u64, |a, b| a.saturating_add(*b));
+        let from_memory = bytes_by_tier.entry(TierKind::Memory).or_default();
+        *from_memory = from_memory.saturating_sub(repaired);
         merge(&mut bytes_by_tier, &report);
         Ok(RestoreOutcome {
             manifest,
@@ -270,7 +274,10 @@ impl Node {
         let Some(key) = wanted.first().map(|l| l.manifest.shard.clone()) else {
             return Ok(FillReport::default());
         };
-        let total = wanted.iter().map(|l| l.chunk.len).sum();
+        let total = wanted
+            .iter()
+            .map(|l| l.chunk.len)
+            .fold(0, u64::saturating_add);
         let progress = self.restores.start(key, total, &self.metrics);
         let observe = |source: &PlannedSource<'_>, bytes, elapsed| {
             progress.add(&source.label, bytes);
@@ -348,10 +355,9 @@ fn open_for_write(paths: &[PathBuf]) -> Result<Vec<Arc<std::fs::File>>> {
 /// long restore shows in the log while it runs, not only when it ends.
 async fn log_progress<T>(fill: impl Future<Output = T>, progress: &RestoreGuard<'_>) -> T {
     let mut fill = std::pin::pin!(fill);
-    let mut ticks = tokio::time::interval_at(
-        tokio::time::Instant::now() + PROGRESS_LOG_INTERVAL,
-        PROGRESS_LOG_INTERVAL,
-    );
+    let mut ticks = tokio::time::interval(PROGRESS_LOG_INTERVAL);
+    // The first tick one interval from now, not at once.
+    ticks.reset();
     loop {
         tokio::select! {
             out = &mut fill => return out,
@@ -371,6 +377,7 @@ async fn log_progress<T>(fill: impl Future<Output = T>, progress: &RestoreGuard<
 
 fn merge(into: &mut BTreeMap<TierKind, u64>, report: &FillReport) {
     for (tier, bytes) in &report.bytes_by_tier {
-        *into.entry(*tier).or_default() += bytes;
+        let total = into.entry(*tier).or_default();
+        *total = total.saturating_add(*bytes);
     }
 }

@@ -337,9 +337,9 @@ impl Node {
             let entry = by_job
                 .entry(format!("{}/{}", m.shard.tenant, m.shard.job))
                 .or_default();
-            entry.0 += m.total_bytes();
+            entry.0 = entry.0.saturating_add(m.total_bytes());
             if !self.disk.contains(&m.shard) {
-                entry.1 += m.total_bytes();
+                entry.1 = entry.1.saturating_add(m.total_bytes());
             }
         }
         let jobs: Vec<String> = by_job
@@ -567,6 +567,10 @@ impl Node {
             .config
             .session_timeout
             .min(self.config.session_idle_timeout);
+        #[expect(
+            clippy::arithmetic_side_effects,
+            reason = "dividing a Duration by the constant 4 can neither overflow nor divide by zero"
+        )]
         let period = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
         let idle_limit = self.config.session_idle_timeout;
         loop {

@@ -277,11 +277,11 @@ impl Node {
         let attempt = {
             let mut attempts = lock(&self.upload_attempts);
             let n = attempts.entry(key.clone()).or_insert(0);
-            *n += 1;
+            *n = n.saturating_add(1);
             *n
         };
         let delay = UPLOAD_RETRY_FIRST_DELAY
-            .saturating_mul(1 << (attempt - 1).min(16))
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
             .min(UPLOAD_RETRY_MAX_DELAY);
         tracing::warn!(%error, attempt, retry_in_s = delay.as_secs(), "upload to the object store failed, retrying");
         self.metrics
@@ -338,7 +338,8 @@ impl Node {
             let jitter = interval.mul_f64(f64::from(uuid::Uuid::new_v4().as_bytes()[0]) / 2560.0);
             tokio::select! {
                 () = self.cancel.cancelled() => return,
-                () = tokio::time::sleep(interval + jitter) => {}
+                // `gc_interval_secs` comes from the config file, up to u64::MAX.
+                () = tokio::time::sleep(interval.saturating_add(jitter)) => {}
             }
             if let Err(e) = self.collect_bucket_garbage(false).await {
                 tracing::warn!(error = %e, "object-store garbage collection failed");

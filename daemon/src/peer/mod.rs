@@ -196,7 +196,7 @@ impl PeerTier {
     /// replicas, then fallbacks for full or unreachable ones): receivers
     /// refuse replicas placement does not put on them.
     pub fn placement_candidates(&self) -> usize {
-        self.replicas + FALLBACK_CANDIDATES
+        self.replicas.saturating_add(FALLBACK_CANDIDATES)
     }
 
     /// Replicas wanted of each shard.
@@ -341,7 +341,7 @@ impl PeerTier {
             .await
             {
                 Ok(report) => {
-                    outcome.bytes_sent += report.bytes_written;
+                    outcome.bytes_sent = outcome.bytes_sent.saturating_add(report.bytes_written);
                     outcome.holders.push(node);
                 }
                 Err(e) => {
@@ -364,7 +364,10 @@ impl PeerTier {
                 }
             }
         }
-        let eligible = view.len() - usize::from(view.get(&owner.id).is_some());
+        // The owner, when a member, is one of `len()`: never saturates.
+        let eligible = view
+            .len()
+            .saturating_sub(usize::from(view.get(&owner.id).is_some()));
         if outcome.holders.len() < self.replicas && eligible < self.replicas {
             outcome.problems.push(format!(
                 "the membership has {eligible} node(s) besides the owner, fewer than the {} replicas wanted",
@@ -576,11 +579,13 @@ impl ShardSource for PeerTier {
             return Ok(ChunkRead::Missing);
         }
         let view = self.view();
-        let start = usize::from(location.chunk.id.as_bytes()[0]) % holders.len();
+        let start = usize::from(location.chunk.id.as_bytes()[0])
+            .checked_rem(holders.len())
+            .unwrap_or(0);
+        holders.rotate_left(start);
         let mut corrupt = false;
         let mut last_error = None;
-        for i in 0..holders.len() {
-            let holder = &holders[(start + i) % holders.len()];
+        for holder in &holders {
             match self.read_from(&view, holder, location).await {
                 Ok(ChunkRead::Verified(bytes)) => return Ok(ChunkRead::Verified(bytes)),
                 Ok(ChunkRead::Missing) => {}
@@ -681,7 +686,7 @@ impl HoldersCache {
         {
             self.entries.remove(&oldest);
         }
-        self.inserted += 1;
+        self.inserted = self.inserted.saturating_add(1);
         self.entries.insert(key, (self.inserted, manifest, holders));
     }
 

@@ -103,7 +103,7 @@ impl ReplicaStore {
     pub async fn put_chunk(&self, tenant: &TenantName, id: ChunkId, data: Bytes) -> Result<()> {
         let len = data.len() as u64;
         let used = self.used_bytes();
-        if self.capacity > 0 && used + len > self.capacity {
+        if self.capacity > 0 && used.saturating_add(len) > self.capacity {
             return Err(Error::ResourceExhausted(format!(
                 "the replica store is full ({used} of {} bytes used)",
                 self.capacity
@@ -128,7 +128,9 @@ impl ReplicaStore {
     /// Bytes held: chunks named by replicas, plus those received for
     /// replicas still in flight.
     fn used_bytes(&self) -> u64 {
-        self.tier.used_bytes() + self.unreferenced.load(Ordering::Relaxed)
+        self.tier
+            .used_bytes()
+            .saturating_add(self.unreferenced.load(Ordering::Relaxed))
     }
 
     /// Stores a replica's manifest and its owner, once every chunk it names
@@ -168,7 +170,10 @@ impl ReplicaStore {
             self.set_owner(manifest.shard.clone(), owner)?;
             self.tier.put_manifest(&manifest).await?;
         }
-        let named: u64 = manifest.unique_chunks().values().sum();
+        let named = manifest
+            .unique_chunks()
+            .values()
+            .fold(0u64, |a, b| a.saturating_add(*b));
         let _ = self
             .unreferenced
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {

@@ -144,7 +144,7 @@ impl Admin for AdminService {
             let progress_tx = tx.clone();
             let progress = move |done: u64, total: u64| {
                 let last = last_sent.load(Ordering::Relaxed);
-                if done == total || done - last.min(done) >= PROGRESS_EVERY_BYTES {
+                if done == total || done.saturating_sub(last) >= PROGRESS_EVERY_BYTES {
                     last_sent.store(done, Ordering::Relaxed);
                     let _ = progress_tx.try_send(Ok(pb::VerifyProgress {
                         bytes_done: done,

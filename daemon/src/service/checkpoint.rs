@@ -275,11 +275,13 @@ impl Checkpoint for CheckpointService {
                 };
                 let mut sent = 0;
                 while sent < bytes.len() {
-                    let end = (sent + STREAM_MESSAGE_BYTES).min(bytes.len());
+                    let end = sent.saturating_add(STREAM_MESSAGE_BYTES).min(bytes.len());
                     let msg = pb::ReadShardResponse {
                         msg: Some(pb::read_shard_response::Msg::Data(pb::FileData {
                             file_index: location.file_index as u32,
-                            offset: location.offset + sent as u64,
+                            // In a validated manifest a chunk ends within
+                            // its file's u64 size: never saturates.
+                            offset: location.offset.saturating_add(sent as u64),
                             data: bytes.slice(sent..end).to_vec(),
                         })),
                     };

@@ -112,7 +112,7 @@ impl State {
             .or_else(|| self.pool.iter().enumerate().max_by_key(|(_, f)| f.size))
             .map(|(i, _)| i)?;
         let file = self.pool.swap_remove(index);
-        self.pool_bytes -= file.size;
+        self.pool_bytes = self.pool_bytes.saturating_sub(file.size);
         Some(file)
     }
 }
@@ -170,7 +170,8 @@ impl MemoryTier {
         for rank_dir in dirs_at_depth(&shards_root, 4) {
             match self.check_shard_dir(&shards_root, &rank_dir) {
                 Ok(manifest) => {
-                    state.committed_bytes += manifest.total_bytes();
+                    state.committed_bytes =
+                        state.committed_bytes.saturating_add(manifest.total_bytes());
                     state
                         .shards
                         .insert(manifest.shard.clone(), Arc::new(manifest));
@@ -193,7 +194,7 @@ impl MemoryTier {
         let mut state = self.lock_state();
         for entry in fs::read_dir(pool).into_iter().flatten().flatten() {
             let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            state.pool_bytes += size;
+            state.pool_bytes = state.pool_bytes.saturating_add(size);
             state.pool.push(PoolFile {
                 path: entry.path(),
                 size,
@@ -246,7 +247,9 @@ impl MemoryTier {
     pub fn staged_path_len(&self, id_len: usize, name: &FileName) -> usize {
         let root = self.root.as_os_str().len();
         // <root>/staging/<id>/files/<name>
-        root + STAGING.len() + id_len + FILES.len() + name.as_str().len() + 4
+        [STAGING.len(), id_len, FILES.len(), name.as_str().len(), 4]
+            .into_iter()
+            .fold(root, usize::saturating_add)
     }
 
     fn staging_dir(&self, id: &str) -> PathBuf {
@@ -273,7 +276,10 @@ impl MemoryTier {
         MemoryUsage {
             used: state.used(),
             capacity: self.capacity,
-            reserved: state.reservations.values().sum(),
+            reserved: state
+                .reservations
+                .values()
+                .fold(0, |a, b| a.saturating_add(*b)),
             staging_areas: state.reservations.len(),
             shards: state.shards.len(),
             pool: state.pool_bytes,
@@ -296,7 +302,7 @@ impl MemoryTier {
         };
         while !fits(&state) && state.pool_bytes > bytes {
             let Some(file) = state.pool.pop() else { break };
-            state.pool_bytes -= file.size;
+            state.pool_bytes = state.pool_bytes.saturating_sub(file.size);
             if let Err(e) = fs::remove_file(&file.path) {
                 tracing::warn!(path = %file.path.display(), error = %e, "removing pool file failed");
             }
@@ -369,7 +375,7 @@ impl MemoryTier {
         fs::rename(&staging, &target)
             .io_context(|| format!("renaming {} to {}", staging.display(), target.display()))?;
         state.reservations.remove(id);
-        state.committed_bytes += manifest.total_bytes();
+        state.committed_bytes = state.committed_bytes.saturating_add(manifest.total_bytes());
         state.shards.insert(manifest.shard.clone(), manifest);
         Ok(())
     }
@@ -426,7 +432,7 @@ impl MemoryTier {
             let Some(manifest) = state.shards.remove(key) else {
                 return Ok(false);
             };
-            state.committed_bytes -= manifest.total_bytes();
+            state.committed_bytes = state.committed_bytes.saturating_sub(manifest.total_bytes());
             (manifest, state.exported.remove(key))
         };
         let dir = self.shard_dir(key);
@@ -441,12 +447,12 @@ impl MemoryTier {
                     continue;
                 }
                 let mut state = self.lock_state();
-                if state.pool_bytes + file.size > self.pool_limit {
+                if state.pool_bytes.saturating_add(file.size) > self.pool_limit {
                     break;
                 }
                 let to = self.root.join(POOL).join(uuid::Uuid::new_v4().to_string());
                 if fs::rename(&from, &to).is_ok() {
-                    state.pool_bytes += file.size;
+                    state.pool_bytes = state.pool_bytes.saturating_add(file.size);
                     state.pool.push(PoolFile {
                         path: to,
                         size: file.size,

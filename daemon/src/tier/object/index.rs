@@ -53,11 +53,15 @@ impl KnownChunks {
         let mut lines = 0usize;
         if let Ok(file) = File::open(&path) {
             for line in BufReader::new(file).lines().map_while(std::io::Result::ok) {
-                lines += 1;
+                lines = lines.saturating_add(1);
                 apply_line(&mut entries, &line);
             }
         }
-        if lines > COMPACT_FACTOR * entries.len() + 1024 {
+        if lines
+            > COMPACT_FACTOR
+                .saturating_mul(entries.len())
+                .saturating_add(1024)
+        {
             compact(&path, &entries)?;
         }
         let log = OpenOptions::new()
@@ -126,7 +130,7 @@ fn apply_line(entries: &mut HashMap<(TenantName, ChunkId), u64>, line: &str) {
 }
 
 fn compact(path: &Path, entries: &HashMap<(TenantName, ChunkId), u64>) -> Result<()> {
-    let mut text = String::with_capacity(entries.len() * 100);
+    let mut text = String::with_capacity(entries.len().saturating_mul(100));
     for ((tenant, id), secs) in entries {
         text.push_str(&format!("+ {tenant} {id} {secs}\n"));
     }

@@ -351,8 +351,8 @@ impl ObjectTier {
                         .inc();
                     tracing::warn!(%key, op, attempt, error = %e, "object-store request failed, retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX_DELAY);
-                    attempt += 1;
+                    delay = delay.saturating_mul(2).min(RETRY_MAX_DELAY);
+                    attempt = attempt.saturating_add(1);
                 }
                 Err(e) => {
                     // Absent objects and lost create-only races are answers
@@ -417,7 +417,11 @@ impl ObjectTier {
             // The parts, then the aborts of a failed attempt (one request
             // each, `attempts` of them at most), then slack.
             let parts = whole.len().div_ceil(self.settings.part_size.max(1)) as u32;
-            let outer = self.settings.request_timeout * (parts + self.settings.attempts.max(1) + 2);
+            // Saturating: `request_timeout` and `attempts` come from the config.
+            let requests = parts
+                .saturating_add(self.settings.attempts.max(1))
+                .saturating_add(2);
+            let outer = self.settings.request_timeout.saturating_mul(requests);
             self.retrying_within("put_multipart", path, outer, || {
                 self.put_in_parts(path, whole.clone())
             })
@@ -432,11 +436,11 @@ impl ObjectTier {
         let part_size = self.settings.part_size.max(1);
         let parts = whole.len().div_ceil(part_size).max(1) as u32;
         // Each part gets the stall bound of one request.
-        let deadline = self.settings.request_timeout * parts;
+        let deadline = self.settings.request_timeout.saturating_mul(parts);
         let outcome = {
             let sending = async {
                 for start in (0..whole.len()).step_by(part_size) {
-                    let end = (start + part_size).min(whole.len());
+                    let end = start.saturating_add(part_size).min(whole.len());
                     upload
                         .put_part(PutPayload::from(whole.slice(start..end)))
                         .await?;
@@ -476,7 +480,7 @@ impl ObjectTier {
             }
             tracing::debug!(key = %path, attempt, error, "aborting a failed multipart upload failed; retrying");
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = backoff.saturating_mul(2);
         }
     }
 
@@ -801,7 +805,7 @@ impl ChunkSink for ObjectTier {
         let (header, body) =
             tokio::task::spawn_blocking(move || encode_chunk(data, dtype.as_deref(), &policy))
                 .await?;
-        let stored_len = HEADER_LEN + body.len();
+        let stored_len = body.len().saturating_add(HEADER_LEN);
         let header_bytes = Bytes::copy_from_slice(&header.to_bytes());
         self.put_object(&path, vec![header_bytes, body], stored_len)
             .await?;

@@ -214,11 +214,11 @@ impl ObjectTier {
     pub async fn delete_step(&self, tenant: &TenantName, job: &JobName, step: Step) -> Result<u32> {
         self.delete(&self.marker_path(tenant, job, step)).await?;
         let prefix = self.step_prefix(tenant, job, step);
-        let mut removed = 0;
+        let mut removed = 0u32;
         for meta in self.list_paths(&prefix).await? {
             self.delete(&meta.location).await?;
             if meta.location.extension() == Some(MANIFEST_EXT) {
-                removed += 1;
+                removed = removed.saturating_add(1);
             }
         }
         Ok(removed)
@@ -289,8 +289,11 @@ impl ObjectTier {
                 })
                 .collect();
             if dry_run || victims.is_empty() {
-                report.chunks += victims.len() as u64;
-                report.bytes += victims.iter().map(|(_, m)| m.size).sum::<u64>();
+                report.chunks = report.chunks.saturating_add(victims.len() as u64);
+                report.bytes = victims
+                    .iter()
+                    .map(|(_, m)| m.size)
+                    .fold(report.bytes, u64::saturating_add);
                 continue;
             }
             let ids: Vec<ChunkId> = victims.iter().map(|(id, _)| *id).collect();
@@ -313,8 +316,10 @@ impl ObjectTier {
                 .try_filter_map(|size| async move { Ok(size) })
                 .try_collect()
                 .await?;
-            report.chunks += deleted.len() as u64;
-            report.bytes += deleted.iter().sum::<u64>();
+            report.chunks = report.chunks.saturating_add(deleted.len() as u64);
+            report.bytes = deleted
+                .iter()
+                .fold(report.bytes, |a, b| a.saturating_add(*b));
             tracing::info!(%tenant, chunks = ids.len(), "removed unreferenced chunks from the object store");
         }
         Ok(report)
