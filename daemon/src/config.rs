@@ -92,6 +92,19 @@ pub const DEFAULT_PEER_REQUEST_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_REPLICA_KEEP_LAST: usize = 2;
 /// Where, under the disk tier, the replicas kept for other nodes live.
 pub const REPLICA_SUBDIR: &str = "replicas";
+/// Default interval between two checks of every holder of this node's
+/// shards.
+pub const DEFAULT_HOLDER_CHECK_INTERVAL_SECS: u64 = 60;
+/// Default time a holder may stay unreachable before its copies stop
+/// counting (a restart or a rolling update should not cost a re-copy).
+pub const DEFAULT_HOLDER_GRACE_SECS: u64 = 120;
+/// Longest interval, grace or timeout accepted in `[peers]`: a week.
+pub const MAX_PEER_INTERVAL_SECS: u64 = 7 * 86_400;
+/// Default most holder checks (one request each) per second.
+pub const DEFAULT_HOLDER_CHECKS_PER_SEC: u32 = 50;
+/// Default scrub rate of the replicas held for others: a full pass over
+/// 1 TiB takes about a day (12 MiB/s, a few percent of one core).
+pub const DEFAULT_SCRUB_BYTES_PER_SEC: u64 = 12 * 1024 * 1024;
 
 /// Command-line flags; each also reads an environment variable.
 #[derive(Debug, Parser, Default)]
@@ -221,6 +234,10 @@ struct RawPeers {
     replica_dir: Option<PathBuf>,
     replica_capacity_bytes: Option<u64>,
     replica_keep_last: Option<usize>,
+    check_interval_secs: Option<u64>,
+    holder_grace_secs: Option<u64>,
+    checks_per_sec: Option<u32>,
+    scrub_bytes_per_sec: Option<u64>,
     insecure: Option<bool>,
     #[serde(default)]
     tls: RawTls,
@@ -254,6 +271,15 @@ pub struct PeerConfig {
     pub replica_capacity: u64,
     /// Steps of each job and rank kept as replicas.
     pub replica_keep_last: usize,
+    /// How often every holder of this node's shards is asked whether it
+    /// still holds them (see `node::replicate`).
+    pub check_interval: Duration,
+    /// How long a holder may be unreachable before its copies stop counting.
+    pub holder_grace: Duration,
+    /// Most holder checks per second.
+    pub checks_per_sec: u32,
+    /// Bytes per second the replica store re-hashes (0: no scrubbing).
+    pub scrub_bytes_per_sec: u64,
     /// Certificate files; `None` runs without TLS (`--insecure-peers`).
     pub tls: Option<TlsFiles>,
     /// Where the members come from.
@@ -634,13 +660,31 @@ fn peer_config(
         .request_timeout_secs
         .unwrap_or(DEFAULT_PEER_REQUEST_TIMEOUT_SECS);
     let keep_last = raw.replica_keep_last.unwrap_or(DEFAULT_REPLICA_KEEP_LAST);
+    let check_interval = raw
+        .check_interval_secs
+        .unwrap_or(DEFAULT_HOLDER_CHECK_INTERVAL_SECS);
+    let holder_grace = raw.holder_grace_secs.unwrap_or(DEFAULT_HOLDER_GRACE_SECS);
+    let checks_per_sec = raw.checks_per_sec.unwrap_or(DEFAULT_HOLDER_CHECKS_PER_SEC);
     for (field, value) in [
         ("concurrency", concurrency as u64),
         ("request_timeout_secs", timeout),
         ("replica_keep_last", keep_last as u64),
+        ("check_interval_secs", check_interval),
+        ("checks_per_sec", u64::from(checks_per_sec)),
     ] {
         if value == 0 {
             return invalid(format!("peers.{field} must be above 0"));
+        }
+    }
+    for (field, value) in [
+        ("check_interval_secs", check_interval),
+        ("holder_grace_secs", holder_grace),
+        ("request_timeout_secs", timeout),
+    ] {
+        if value > MAX_PEER_INTERVAL_SECS {
+            return invalid(format!(
+                "peers.{field} must be at most {MAX_PEER_INTERVAL_SECS} (a week), not {value}"
+            ));
         }
     }
     let replica_dir = raw
@@ -685,6 +729,12 @@ fn peer_config(
         replica_dir,
         replica_capacity: raw.replica_capacity_bytes.unwrap_or(0),
         replica_keep_last: keep_last,
+        check_interval: Duration::from_secs(check_interval),
+        holder_grace: Duration::from_secs(holder_grace),
+        checks_per_sec,
+        scrub_bytes_per_sec: raw
+            .scrub_bytes_per_sec
+            .unwrap_or(DEFAULT_SCRUB_BYTES_PER_SEC),
         tls,
         membership,
     }))

@@ -82,6 +82,18 @@ pub const REPLICATION_PENDING: &str = "cairn_replication_pending_shards";
 pub const REPLICATION_FAILURES: &str = "cairn_replication_failures_total";
 /// Members in the current membership view, this node included.
 pub const PEER_MEMBERS: &str = "cairn_peer_members";
+/// Checks that a recorded holder still has a replica whole, by result
+/// (`holds`, `lost`: it answered without the replica or some of its chunks,
+/// `no_answer`).
+pub const HOLDER_CHECKS: &str = "cairn_holder_checks_total";
+/// Holders that stopped counting for one of this node's shards, by reason
+/// (`lost`, `unreachable`: past the grace period).
+pub const HOLDERS_DROPPED: &str = "cairn_holders_dropped_total";
+/// Bytes of replica chunks re-hashed by scrubbing.
+pub const SCRUB_BYTES: &str = "cairn_scrub_bytes_total";
+/// Replica chunks scrubbing found bad (and removed, for the owner to send
+/// again).
+pub const SCRUB_BAD_CHUNKS: &str = "cairn_scrub_bad_chunks_total";
 
 /// The daemon's metrics, registered in their own registry.
 pub struct Metrics {
@@ -154,6 +166,14 @@ pub struct Metrics {
     pub replication_failures: IntCounterVec,
     /// See [`PEER_MEMBERS`].
     pub peer_members: IntGauge,
+    /// See [`HOLDER_CHECKS`].
+    pub holder_checks: IntCounterVec,
+    /// See [`HOLDERS_DROPPED`].
+    pub holders_dropped: IntCounterVec,
+    /// See [`SCRUB_BYTES`].
+    pub scrub_bytes: IntCounter,
+    /// See [`SCRUB_BAD_CHUNKS`].
+    pub scrub_bad_chunks: IntCounter,
 }
 
 /// Latency buckets from 1 ms to about 10 minutes.
@@ -301,6 +321,26 @@ impl Metrics {
                 &["reason"],
             ),
             peer_members: gauge(PEER_MEMBERS, "Members of the peer tier."),
+            holder_checks: counter(
+                HOLDER_CHECKS,
+                "Checks that a holder still has a replica whole.",
+                &["result"],
+            ),
+            holders_dropped: counter(
+                HOLDERS_DROPPED,
+                "Holders that stopped counting for a shard of this node.",
+                &["reason"],
+            ),
+            scrub_bytes: reg(
+                &registry,
+                IntCounter::new(SCRUB_BYTES, "Replica chunk bytes re-hashed by scrubbing.")
+                    .expect("valid metric"),
+            ),
+            scrub_bad_chunks: reg(
+                &registry,
+                IntCounter::new(SCRUB_BAD_CHUNKS, "Replica chunks scrubbing found bad.")
+                    .expect("valid metric"),
+            ),
             registry,
         }
     }

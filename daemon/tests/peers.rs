@@ -98,8 +98,16 @@ impl Cluster {
                 .issue_with_names(&format!("{name}-wrong"), &["node-99"]),
             Cert::ForeignCa => self.foreign.issue(&name),
         };
+        // Scrubbing is off unless a test turns it on: the tests that corrupt
+        // replica chunks on purpose want the restore, not a scrub, to find
+        // them.
+        let scrub = if options.peers_toml.contains("scrub_bytes_per_sec") {
+            ""
+        } else {
+            "scrub_bytes_per_sec = 0\n"
+        };
         let mut toml = format!(
-            "[peers]\nlisten = \"{}:{PEER_PORT}\"\nreplicas = {replicas}\nrequest_timeout_secs = 10\n{}\n\
+            "[peers]\nlisten = \"{}:{PEER_PORT}\"\nreplicas = {replicas}\nrequest_timeout_secs = 10\n{scrub}{}\n\
              [peers.tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n\
              [membership]\nsource = \"static\"\n",
             self.net.addr(i),
@@ -1128,4 +1136,169 @@ async fn a_compromised_member_cannot_plant_replicas_in_other_nodes_names() {
             "node {i} lists the planted step: {steps:?}"
         );
     }
+}
+
+/// `[peers]` keys of the holder-check and scrub tests: check every second,
+/// a holder unreachable for 3 s stops counting, scrub fast.
+const CHECKED: &str =
+    "check_interval_secs = 1\nholder_grace_secs = 3\nscrub_bytes_per_sec = 1073741824\n";
+
+fn checked_options(n: usize) -> HashMap<usize, NodeOptions> {
+    (0..n)
+        .map(|i| {
+            let options = NodeOptions {
+                peers_toml: CHECKED,
+                ..Default::default()
+            };
+            (i, options)
+        })
+        .collect()
+}
+
+/// The value of one sample (`name{labels}` as exposed) in Prometheus text;
+/// 0 when absent.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Issue 16, findings 1 and 4: a holder wiped and restarted with the same id
+/// kept counting ("2/2", `wait --tier peers` at once) while it held nothing,
+/// and `cairn_peer_members` stayed 0 under static membership. Now the owner's
+/// holder checks notice, and the replica is made again; a holder that stays
+/// unreachable past the grace period stops counting too, and
+/// `WaitDurable(PEERS)` blocks until it is back. Finally the refilled holder
+/// alone restores the step, byte-identical, with the owner and the other
+/// holder gone and no bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_or_unreachable_holder_stops_counting_and_is_refilled() {
+    let mut cluster = Cluster::start_with(3, 2, &checked_options(3)).await;
+    let metrics = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+    assert_eq!(metric(&metrics, "cairn_peer_members"), 3.0, "{metrics}");
+    let files = shard_files(16, 24);
+    save_files(&cluster.nodes[0], "held", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "held", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on two peers");
+    let holders = cluster.placement(0, "held", 0, 2);
+    let (refilled, other) = (holders[0], holders[1]);
+
+    // Lost: wiped and back at once, with the same id.
+    wipe_and_restart(&mut cluster.nodes[refilled]).await;
+    wait_for(
+        "the wiped holder is noticed and refilled",
+        Duration::from_secs(30),
+        async || {
+            let metrics = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+            metric(&metrics, "cairn_holders_dropped_total{reason=\"lost\"}") >= 1.0
+                && replica_shards(&cluster.nodes[refilled]).await == 1
+        },
+    )
+    .await;
+    wait_durable(&mut c, "held", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on two peers again");
+    assert!(
+        cluster.nodes[0]
+            .log_text()
+            .contains("a holder no longer counts; replicating the shard again"),
+        "the owner says what it found"
+    );
+
+    // Unreachable: down past the grace period, with no other node to take
+    // its copy (three nodes, two replicas).
+    cluster.nodes[refilled].kill();
+    wait_for(
+        "the unreachable holder stops counting",
+        Duration::from_secs(30),
+        async || {
+            peer_state(&shard_status(&cluster.nodes[0], "held", 1).await) != pb::ShardState::Durable
+        },
+    )
+    .await;
+    let shard = shard_status(&cluster.nodes[0], "held", 1).await;
+    assert_eq!(shard.peer_holders, vec![node_name(other)], "{shard:?}");
+    let err = wait_durable(&mut c, "held", 1, pb::Tier::Peers, 1_000)
+        .await
+        .expect_err("one replica of two is not durable in the peer tier");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let metrics = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+    assert_eq!(metric(&metrics, "cairn_under_replicated_shards"), 1.0);
+    assert!(
+        metric(
+            &metrics,
+            "cairn_holders_dropped_total{reason=\"unreachable\"}"
+        ) >= 1.0
+    );
+    let out = cluster.nodes[0].cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("member {} at", node_name(refilled)))
+            && text.contains("UNREACHABLE"),
+        "{text}"
+    );
+    cluster.nodes[refilled].restart().await;
+    wait_durable(&mut c, "held", 1, pb::Tier::Peers, 60_000)
+        .await
+        .expect("durable on two peers once the holder is back");
+
+    // The refilled holder alone restores the step.
+    cluster.nodes[0].kill();
+    cluster.nodes[other].kill();
+    assert_restores_from_peers(&cluster.nodes[refilled], "held", 1, &files).await;
+}
+
+/// Issue 16, findings 2 and 3: with a holder's replica chunks corrupted,
+/// nothing healed them (re-replication sent only missing chunks) and the
+/// shard still counted. Now the holder's scrubbing finds and removes them,
+/// the owner's next check finds them absent, and they are sent again: the
+/// holder ends with good copies and restores the step alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_replica_chunks_are_scrubbed_and_sent_again() {
+    let mut cluster = Cluster::start_with(3, 1, &checked_options(3)).await;
+    let files = shard_files(17, 24);
+    save_files(&cluster.nodes[0], "scrubbed", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "scrubbed", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on one peer");
+    let holder = cluster.placement(0, "scrubbed", 0, 1)[0];
+    let ids = manifest_chunks(&cluster.nodes[0], "scrubbed", 1).await;
+    for id in &ids {
+        let path = chunk_file(&cluster.nodes[holder], id);
+        let mut stored = std::fs::read(&path).expect("a chunk the holder holds");
+        stored[7] ^= 0xff;
+        std::fs::write(&path, stored).expect("corrupt it");
+    }
+    let all_good = |node: &Daemon| {
+        ids.iter().all(|id| {
+            std::fs::read(chunk_file(node, id))
+                .is_ok_and(|b| blake3::hash(&b).as_bytes().as_slice() == id.as_slice())
+        })
+    };
+    wait_for(
+        "the holder's chunks are good again",
+        Duration::from_secs(60),
+        async || all_good(&cluster.nodes[holder]),
+    )
+    .await;
+    let metrics = metrics_in_namespace(&cluster.net, holder, &cluster.nodes[holder]);
+    assert!(
+        metric(&metrics, "cairn_scrub_bad_chunks_total") >= ids.len() as f64,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "cairn_scrub_bytes_total") > 0.0);
+    let out = cluster.nodes[holder].cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("scrubbing of held replicas:") && text.contains("bad chunk(s) found"),
+        "{text}"
+    );
+    wait_durable(&mut c, "scrubbed", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable again");
+    cluster.nodes[0].kill();
+    assert_restores_from_peers(&cluster.nodes[holder], "scrubbed", 1, &files).await;
 }

@@ -456,6 +456,7 @@ fn write_seed_corpora() {
                     &pb::PeerMissingChunksRequest {
                         tenant: "team-a".into(),
                         ids: vec![id.clone(), vec![7; 32]],
+                        presence_only: false,
                     },
                 ),
             ),

@@ -621,12 +621,17 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             let members: Vec<_> = p
                 .members
                 .iter()
-                .map(|m| json!({"node_id": m.node_id, "address": m.address, "zone": m.zone, "rack": m.rack}))
+                .map(|m| json!({"node_id": m.node_id, "address": m.address, "zone": m.zone, "rack": m.rack,
+                                "unreachable": m.unreachable, "last_contact_unix_ms": m.last_contact_unix_ms,
+                                "holds_shards": m.holds_shards}))
                 .collect();
             json!({"node_id": p.node_id, "replicas": p.replicas, "membership_source": p.membership_source,
                    "members": members, "pending_replications": p.pending_replications,
                    "under_replicated_shards": p.under_replicated_shards, "replica_shards": p.replica_shards,
-                   "replica_bytes": p.replica_bytes, "insecure": p.insecure})
+                   "replica_bytes": p.replica_bytes, "insecure": p.insecure,
+                   "scrub": {"passes": p.scrub_passes, "checked_chunks": p.scrub_checked_chunks,
+                             "pass_chunks": p.scrub_pass_chunks, "bad_chunks": p.scrub_bad_chunks,
+                             "bytes_per_sec": p.scrub_bytes_per_sec}})
         });
         let restores: Vec<_> = s
             .restores
@@ -709,12 +714,47 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             p.replica_shards,
             human_bytes(p.replica_bytes)
         );
+        if p.scrub_bytes_per_sec == 0 {
+            println!("  scrubbing of held replicas: off");
+        } else {
+            println!(
+                "  scrubbing of held replicas: {} pass(es) done, {}/{} chunks of this pass, {} bad chunk(s) found, at most {}/s",
+                p.scrub_passes,
+                p.scrub_checked_chunks,
+                p.scrub_pass_chunks,
+                p.scrub_bad_chunks,
+                human_bytes(p.scrub_bytes_per_sec)
+            );
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for m in &p.members {
             let domain = match (m.zone.as_str(), m.rack.as_str()) {
                 ("", "") => String::new(),
                 (zone, rack) => format!(" zone={zone} rack={rack}"),
             };
-            println!("  member {} at {}{}", m.node_id, m.address, domain);
+            let health = if m.node_id == p.node_id {
+                " (this node)".to_owned()
+            } else {
+                let contact = match m.last_contact_unix_ms {
+                    0 => "no contact yet".to_owned(),
+                    at => format!("last answered {} s ago", now_ms.saturating_sub(at) / 1000),
+                };
+                format!(
+                    ": {}, {contact}, holds {} of this node's shards",
+                    if m.unreachable {
+                        "UNREACHABLE"
+                    } else {
+                        "reachable"
+                    },
+                    m.holds_shards
+                )
+            };
+            println!(
+                "  member {} at {}{}{}",
+                m.node_id, m.address, domain, health
+            );
         }
     }
     Ok(())

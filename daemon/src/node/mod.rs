@@ -17,6 +17,7 @@
 //!   manifest.
 
 mod attempts;
+mod holder_check;
 mod ingest;
 mod listing;
 mod maintenance;
@@ -359,6 +360,7 @@ impl Node {
         if node.peers.is_some() {
             tokio::spawn(Arc::clone(&node).replication_loop(replicate_rx));
             tokio::spawn(Arc::clone(&node).membership_loop());
+            tokio::spawn(Arc::clone(&node).holder_check_loop());
         }
         tokio::spawn(Arc::clone(&node).reap_sessions());
         tokio::spawn(ingest::run(Arc::clone(&node)));

@@ -52,6 +52,42 @@ pub(super) struct Replication {
     attempts: HashMap<ShardKey, u32>,
 }
 
+impl Replication {
+    /// The shards with recorded holders that no replication is about to
+    /// re-check anyway (neither queued nor running), with their holders.
+    pub(super) fn holders_to_check(&self) -> Vec<(ShardKey, Vec<NodeId>)> {
+        self.states
+            .iter()
+            .filter(|(key, view)| {
+                !view.holders.is_empty()
+                    && !self.queued.contains(*key)
+                    && !self.running.contains(*key)
+            })
+            .map(|(key, view)| (key.clone(), view.holders.clone()))
+            .collect()
+    }
+
+    /// Stops counting `gone` as holders of `key`; the shard is short of
+    /// replicas for `why`. False when the shard is not replicated here.
+    pub(super) fn drop_holders(
+        &mut self,
+        key: &ShardKey,
+        gone: &[&NodeId],
+        wanted: usize,
+        why: &str,
+    ) -> bool {
+        let Some(view) = self.states.get_mut(key) else {
+            return false;
+        };
+        view.holders.retain(|h| !gone.contains(&h));
+        view.state = CopyState::Failed(format!(
+            "{} of {wanted} replicas: {why}",
+            view.holders.len()
+        ));
+        true
+    }
+}
+
 impl Node {
     /// Queues a shard for replication; a no-op without a peer tier.
     pub(super) fn queue_replication(&self, key: ShardKey) {
@@ -209,7 +245,7 @@ impl Node {
         });
     }
 
-    fn update_replication_gauges(&self) {
+    pub(super) fn update_replication_gauges(&self) {
         let replication = lock(&self.replication);
         let pending = replication
             .states
@@ -223,6 +259,18 @@ impl Node {
             .count();
         self.metrics.replication_pending.set(pending as i64);
         self.metrics.under_replicated_shards.set(short as i64);
+    }
+
+    /// How many local shards each peer holds a confirmed replica of.
+    pub fn shards_held_by(&self) -> HashMap<NodeId, u32> {
+        let mut held: HashMap<NodeId, u32> = HashMap::new();
+        for view in lock(&self.replication).states.values() {
+            for holder in &view.holders {
+                let n = held.entry(holder.clone()).or_default();
+                *n = n.saturating_add(1);
+            }
+        }
+        held
     }
 
     /// Local shards queued or being replicated, and those short of
@@ -251,6 +299,8 @@ impl Node {
         };
         let mut views = peers.membership();
         let mut last = Arc::clone(&views.borrow_and_update());
+        // The first view may have arrived before this loop: count it too.
+        self.metrics.peer_members.set(last.len() as i64);
         for manifest in self.memory.shards().into_iter().chain(self.disk.shards()) {
             self.queue_replication(manifest.shard.clone());
         }

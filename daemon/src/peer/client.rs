@@ -108,11 +108,31 @@ impl PeerClient {
         }
     }
 
-    /// Of `ids`, those the peer lacks for `tenant`.
+    /// Of `ids`, those the peer lacks for `tenant` (or holds but finds bad
+    /// when it re-hashes the ones it has not verified lately).
     pub async fn missing_chunks(
         &self,
         tenant: &TenantName,
         ids: &[ChunkId],
+    ) -> Result<Vec<ChunkId>> {
+        self.ask_missing(tenant, ids, false).await
+    }
+
+    /// Of `ids`, those the peer has no file for, without re-hashing any:
+    /// the cheap question of a holder check.
+    pub async fn absent_chunks(
+        &self,
+        tenant: &TenantName,
+        ids: &[ChunkId],
+    ) -> Result<Vec<ChunkId>> {
+        self.ask_missing(tenant, ids, true).await
+    }
+
+    async fn ask_missing(
+        &self,
+        tenant: &TenantName,
+        ids: &[ChunkId],
+        presence_only: bool,
     ) -> Result<Vec<ChunkId>> {
         let response = self
             .rpc
@@ -120,6 +140,7 @@ impl PeerClient {
             .missing_chunks(pb::PeerMissingChunksRequest {
                 tenant: tenant.to_string(),
                 ids: ids.iter().map(|id| id.as_bytes().to_vec()).collect(),
+                presence_only,
             })
             .await
             .map_err(|s| self.error("asking which chunks it lacks", s))?

@@ -17,6 +17,7 @@
 //! membership changes) lives in `node::replicate`.
 
 pub mod client;
+mod health;
 pub mod service;
 pub mod store;
 pub mod tls;
@@ -40,6 +41,7 @@ use crate::metrics::Metrics;
 use crate::tier::{ChunkLocation, ChunkRead, ShardSource, TierKind};
 use crate::transfer::copy_shard;
 use client::{PeerClient, ReplicaSink};
+pub use health::{HolderCheck, MemberHealth, ScrubStatus};
 use store::ReplicaStore;
 use tls::PeerTls;
 
@@ -99,6 +101,17 @@ pub struct PeerTier {
     /// The replicas this node keeps for others.
     pub store: Arc<ReplicaStore>,
     metrics: Arc<Metrics>,
+    settings: HealthSettings,
+    health: Mutex<health::HealthBook>,
+}
+
+/// How holders are checked and replicas scrubbed (from `[peers]`).
+#[derive(Clone, Copy, Debug)]
+struct HealthSettings {
+    check_interval: Duration,
+    holder_grace: Duration,
+    checks_per_sec: u32,
+    scrub_bytes_per_sec: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,7 +170,15 @@ impl PeerTier {
             holders: Mutex::new(HoldersCache::default()),
             store,
             metrics,
+            settings: HealthSettings {
+                check_interval: config.check_interval,
+                holder_grace: config.holder_grace,
+                checks_per_sec: config.checks_per_sec,
+                scrub_bytes_per_sec: config.scrub_bytes_per_sec,
+            },
+            health: Mutex::new(health::HealthBook::default()),
         });
+        tokio::spawn(Arc::clone(&tier).scrub_loop(cancel.clone()));
         tokio::spawn(Arc::clone(&tier).collect_garbage_loop(cancel));
         Ok(tier)
     }
@@ -341,6 +362,7 @@ impl PeerTier {
             .await
             {
                 Ok(report) => {
+                    self.record_contact(&node, true);
                     outcome.bytes_sent = outcome.bytes_sent.saturating_add(report.bytes_written);
                     outcome.holders.push(node);
                 }
@@ -355,6 +377,7 @@ impl PeerTier {
                         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => "refused",
                         _ => "error",
                     };
+                    self.record_contact(&node, reason != "unreachable");
                     self.metrics
                         .replication_failures
                         .with_label_values(&[reason])

@@ -138,11 +138,12 @@ impl pb::peer_server::Peer for PeerService {
             .iter()
             .map(|id| chunk_id(id))
             .collect::<Result<Vec<_>, _>>()?;
-        let missing = self
-            .store
-            .missing(&tenant, &ids)
-            .await
-            .map_err(|e| self.refuse(METHOD, e))?;
+        let missing = if request.presence_only {
+            self.store.absent(&tenant, &ids).await
+        } else {
+            self.store.missing(&tenant, &ids).await
+        }
+        .map_err(|e| self.refuse(METHOD, e))?;
         Ok(Response::new(pb::PeerMissingChunksResponse {
             ids: missing.iter().map(|id| id.as_bytes().to_vec()).collect(),
         }))

@@ -34,7 +34,7 @@ use tokio::sync::RwLock;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::tier::disk::{DiskTier, GcReport};
+use crate::tier::disk::{DiskTier, GcReport, Scrubbed};
 use crate::tier::{ChunkSink, ShardSource};
 
 const OWNERS_FILE: &str = "owners.json";
@@ -94,9 +94,25 @@ impl ReplicaStore {
         &self.root
     }
 
-    /// Of `ids`, those not stored for `tenant`.
+    /// Of `ids`, those not stored for `tenant`, or stored but failing a
+    /// re-hash (removed, so that the sender writes them again).
     pub async fn missing(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
         self.tier.missing_chunks(tenant, ids).await
+    }
+
+    /// Every chunk a held replica names, for scrubbing.
+    pub fn referenced_chunks(&self) -> Vec<(TenantName, ChunkId)> {
+        self.tier.referenced_chunks()
+    }
+
+    /// Re-hashes one held chunk, removing it when bad. Blocking.
+    pub fn scrub_chunk(&self, tenant: &TenantName, id: &ChunkId) -> Scrubbed {
+        self.tier.scrub_chunk(tenant, id)
+    }
+
+    /// Of `ids`, those with no file here (nothing re-hashed).
+    pub async fn absent(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        self.tier.absent_chunks(tenant, ids).await
     }
 
     /// Checks a received chunk against its id and stores it.

@@ -95,6 +95,8 @@ impl Admin for AdminService {
             peers: self.node.peers.as_ref().map(|peers| {
                 let (pending, short) = self.node.replication_counts();
                 let (replica_shards, replica_bytes) = peers.store.usage();
+                let held_by = self.node.shards_held_by();
+                let scrub = peers.scrub_status();
                 pb::PeerTierStatus {
                     node_id: peers.node_id().to_string(),
                     replicas: peers.replicas() as u32,
@@ -103,11 +105,20 @@ impl Admin for AdminService {
                         .view()
                         .peers()
                         .iter()
-                        .map(|p| pb::PeerMember {
-                            node_id: p.id().to_string(),
-                            address: p.socket_addr(peers.port()).to_string(),
-                            zone: p.member.zone.clone().unwrap_or_default(),
-                            rack: p.member.rack.clone().unwrap_or_default(),
+                        .map(|p| {
+                            let health = peers.member_health(p.id());
+                            pb::PeerMember {
+                                node_id: p.id().to_string(),
+                                address: p.socket_addr(peers.port()).to_string(),
+                                zone: p.member.zone.clone().unwrap_or_default(),
+                                rack: p.member.rack.clone().unwrap_or_default(),
+                                unreachable: health.unreachable(),
+                                last_contact_unix_ms: health
+                                    .last_contact
+                                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                                    .map_or(0, |d| d.as_millis() as u64),
+                                holds_shards: held_by.get(p.id()).copied().unwrap_or(0),
+                            }
                         })
                         .collect(),
                     pending_replications: pending,
@@ -115,6 +126,11 @@ impl Admin for AdminService {
                     replica_shards,
                     replica_bytes,
                     insecure: peers.insecure(),
+                    scrub_passes: scrub.passes,
+                    scrub_checked_chunks: scrub.checked_in_pass,
+                    scrub_pass_chunks: scrub.chunks_in_pass,
+                    scrub_bad_chunks: scrub.bad_chunks,
+                    scrub_bytes_per_sec: scrub.bytes_per_sec,
                 }
             }),
         }))

@@ -46,6 +46,17 @@ const MANIFESTS: &str = "manifests";
 const TMP: &str = "tmp";
 const MANIFEST_EXT: &str = "manifest";
 
+/// What re-hashing one stored chunk found (see [`DiskTier::scrub_chunk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scrubbed {
+    /// Its bytes match its id (this many bytes read).
+    Good(u64),
+    /// Its bytes do not match: the file was removed (this many bytes read).
+    Bad(u64),
+    /// No file (removed meanwhile, or never written).
+    Absent,
+}
+
 /// What garbage collection found (and removed, unless it was a dry run).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -125,6 +136,10 @@ impl TrustedChunks {
             self.0.clear();
         }
         self.0.insert((tenant.clone(), id), Instant::now());
+    }
+
+    fn forget(&mut self, tenant: &TenantName, id: &ChunkId) {
+        self.0.remove(&(tenant.clone(), *id));
     }
 
     fn trusted(&self, tenant: &TenantName, id: &ChunkId, window: Duration) -> bool {
@@ -308,6 +323,34 @@ impl DiskTier {
     /// Every shard held, for status and retention.
     pub fn shards(&self) -> Vec<Arc<Manifest>> {
         self.lock_index().manifests.values().cloned().collect()
+    }
+
+    /// Every chunk a held manifest names, by tenant: what scrubbing
+    /// re-hashes (chunks no manifest names are garbage collection's).
+    pub fn referenced_chunks(&self) -> Vec<(TenantName, ChunkId)> {
+        self.lock_index().chunk_refs.keys().cloned().collect()
+    }
+
+    /// Re-hashes one stored chunk. A good one counts as verified now (a new
+    /// shard reusing it trusts it for `reverify_after`); a bad one is removed
+    /// at once, so that nothing serves it, a holder check reports it absent
+    /// and the owner sends it again. Blocking.
+    pub fn scrub_chunk(&self, tenant: &TenantName, id: &ChunkId) -> Scrubbed {
+        let path = self.chunk_path(tenant, id);
+        let Ok(bytes) = fs::read(&path) else {
+            return Scrubbed::Absent;
+        };
+        let len = bytes.len() as u64;
+        if ChunkId::of(&bytes) == *id {
+            self.lock_trusted().record(tenant, *id);
+            return Scrubbed::Good(len);
+        }
+        self.lock_trusted().forget(tenant, id);
+        tracing::warn!(%tenant, chunk = %id, path = %path.display(), "scrubbing found a chunk whose bytes do not match its id; removed");
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!(chunk = %id, error = %e, "removing a bad chunk failed");
+        }
+        Scrubbed::Bad(len)
     }
 
     /// Bytes of all stored chunks (each counted once).

@@ -450,7 +450,7 @@ class SourceProgress(_message.Message):
     def __init__(self, source: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class PeerTierStatus(_message.Message):
-    __slots__ = ("node_id", "replicas", "membership_source", "members", "pending_replications", "under_replicated_shards", "replica_shards", "replica_bytes", "insecure")
+    __slots__ = ("node_id", "replicas", "membership_source", "members", "pending_replications", "under_replicated_shards", "replica_shards", "replica_bytes", "insecure", "scrub_passes", "scrub_checked_chunks", "scrub_pass_chunks", "scrub_bad_chunks", "scrub_bytes_per_sec")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -460,6 +460,11 @@ class PeerTierStatus(_message.Message):
     REPLICA_SHARDS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_BYTES_FIELD_NUMBER: _ClassVar[int]
     INSECURE_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_PASSES_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_CHECKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_PASS_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_BAD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SCRUB_BYTES_PER_SEC_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     replicas: int
     membership_source: str
@@ -469,27 +474,40 @@ class PeerTierStatus(_message.Message):
     replica_shards: int
     replica_bytes: int
     insecure: bool
-    def __init__(self, node_id: _Optional[str] = ..., replicas: _Optional[int] = ..., membership_source: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PeerMember, _Mapping]]] = ..., pending_replications: _Optional[int] = ..., under_replicated_shards: _Optional[int] = ..., replica_shards: _Optional[int] = ..., replica_bytes: _Optional[int] = ..., insecure: _Optional[bool] = ...) -> None: ...
+    scrub_passes: int
+    scrub_checked_chunks: int
+    scrub_pass_chunks: int
+    scrub_bad_chunks: int
+    scrub_bytes_per_sec: int
+    def __init__(self, node_id: _Optional[str] = ..., replicas: _Optional[int] = ..., membership_source: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PeerMember, _Mapping]]] = ..., pending_replications: _Optional[int] = ..., under_replicated_shards: _Optional[int] = ..., replica_shards: _Optional[int] = ..., replica_bytes: _Optional[int] = ..., insecure: _Optional[bool] = ..., scrub_passes: _Optional[int] = ..., scrub_checked_chunks: _Optional[int] = ..., scrub_pass_chunks: _Optional[int] = ..., scrub_bad_chunks: _Optional[int] = ..., scrub_bytes_per_sec: _Optional[int] = ...) -> None: ...
 
 class PeerMember(_message.Message):
-    __slots__ = ("node_id", "address", "zone", "rack")
+    __slots__ = ("node_id", "address", "zone", "rack", "unreachable", "last_contact_unix_ms", "holds_shards")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ZONE_FIELD_NUMBER: _ClassVar[int]
     RACK_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    LAST_CONTACT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_SHARDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     zone: str
     rack: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., rack: _Optional[str] = ...) -> None: ...
+    unreachable: bool
+    last_contact_unix_ms: int
+    holds_shards: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., zone: _Optional[str] = ..., rack: _Optional[str] = ..., unreachable: _Optional[bool] = ..., last_contact_unix_ms: _Optional[int] = ..., holds_shards: _Optional[int] = ...) -> None: ...
 
 class PeerMissingChunksRequest(_message.Message):
-    __slots__ = ("tenant", "ids")
+    __slots__ = ("tenant", "ids", "presence_only")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_ONLY_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     ids: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tenant: _Optional[str] = ..., ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    presence_only: bool
+    def __init__(self, tenant: _Optional[str] = ..., ids: _Optional[_Iterable[bytes]] = ..., presence_only: _Optional[bool] = ...) -> None: ...
 
 class PeerMissingChunksResponse(_message.Message):
     __slots__ = ("ids",)
