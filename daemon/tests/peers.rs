@@ -1302,3 +1302,65 @@ async fn corrupt_replica_chunks_are_scrubbed_and_sent_again() {
     cluster.nodes[0].kill();
     assert_restores_from_peers(&cluster.nodes[holder], "scrubbed", 1, &files).await;
 }
+
+/// Issue 16, finding 2: with one holder's copies corrupted, `cairn verify
+/// --tier peers` reported only chunks bad on every holder (none: the other
+/// holder's are good) and `--repair` repaired nothing. Now each holder is
+/// verified on its own, the bad copies are named with their holder, and
+/// `--repair` sends that holder good ones: it exits 0, and so does the next
+/// verify.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_names_each_holders_bad_chunks_and_repair_heals_them() {
+    let cluster = Cluster::start(3, 2).await;
+    let files = shard_files(18, 16);
+    save_files(&cluster.nodes[0], "verified", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "verified", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on two peers");
+    let holders = cluster.placement(0, "verified", 0, 2);
+    let (damaged, good) = (holders[0], holders[1]);
+    let ids = manifest_chunks(&cluster.nodes[0], "verified", 1).await;
+    for id in &ids {
+        let path = chunk_file(&cluster.nodes[damaged], id);
+        let mut stored = std::fs::read(&path).expect("a chunk the holder holds");
+        stored[3] ^= 0xff;
+        std::fs::write(&path, stored).expect("corrupt it");
+    }
+    let verify = |repair: bool| {
+        let mut args = vec![
+            "verify", "--job", "verified", "--step", "1", "--tier", "peers",
+        ];
+        if repair {
+            args.push("--repair");
+        }
+        cluster.nodes[0].cli(&args)
+    };
+    let out = verify(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{text}");
+    let damaged_name = format!("corrupt on {}", node_name(damaged));
+    assert_eq!(text.matches(&damaged_name).count(), ids.len(), "{text}");
+    assert!(!text.contains(&format!("on {}", node_name(good))), "{text}");
+
+    let out = verify(true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("(repaired)").count(), ids.len(), "{text}");
+    let out = verify(false);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for id in &ids {
+        let stored = std::fs::read(chunk_file(&cluster.nodes[damaged], id)).expect("repaired");
+        assert_eq!(blake3::hash(&stored).as_bytes().as_slice(), id.as_slice());
+    }
+}

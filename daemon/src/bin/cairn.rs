@@ -1248,7 +1248,7 @@ async fn verify(
         let chunks: Vec<_> = report
             .bad_chunks
             .iter()
-            .map(|b| json!({"rank": b.rank, "file": b.file, "offset": b.offset, "chunk": hex_id(&b.chunk_id), "problem": b.problem, "repaired": b.repaired}))
+            .map(|b| json!({"rank": b.rank, "file": b.file, "offset": b.offset, "chunk": hex_id(&b.chunk_id), "problem": b.problem, "repaired": b.repaired, "holder": b.holder}))
             .collect();
         println!(
             "{}",
@@ -1262,12 +1262,17 @@ async fn verify(
     } else {
         for b in &report.bad_chunks {
             println!(
-                "rank {} file {} offset {} chunk {}: {}{}",
+                "rank {} file {} offset {} chunk {}: {}{}{}",
                 b.rank,
                 b.file,
                 b.offset,
                 hex_id(&b.chunk_id),
                 b.problem,
+                if b.holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on {}", b.holder)
+                },
                 if b.repaired { " (repaired)" } else { "" }
             );
         }

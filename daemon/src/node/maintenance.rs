@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_core::{JobName, Manifest, ShardKey, Step, TenantName};
+use cairn_core::{JobName, Manifest, NodeId, ShardKey, Step, TenantName};
 use futures::{StreamExt, stream};
 
 use super::{CopyState, Node, StepSelection, TierStatus, VerifyFinding, lock};
 use crate::error::{Error, Result};
+use crate::peer::{PeerHolder, PeerTier};
 use crate::tier::disk::GcReport;
 use crate::tier::object::steps::BucketGcReport;
 use crate::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
@@ -185,6 +186,13 @@ impl Node {
             tenant, job, step, ..
         } = selection;
         let _gc = self.gc_lock.read().await;
+        if tier == TierKind::Peers
+            && let Some(peers) = &self.peers
+        {
+            return self
+                .verify_replicas(peers, selection, repair, progress)
+                .await;
+        }
         let sources = self.sources();
         let Some(&target) = sources.iter().find(|s| s.kind() == tier) else {
             return Err(Error::FailedPrecondition(format!(
@@ -252,9 +260,140 @@ impl Node {
                 chunk: location.chunk.id,
                 problem,
                 repaired,
+                holder: None,
             });
         }
         Ok(findings)
+    }
+
+    /// Verifies every holder's replica of the selected shards on its own:
+    /// each chunk read from that holder alone and re-hashed, so a bad copy
+    /// is named with its holder even where another holder's copy is good
+    /// (a restore would read around it). With `repair`, the holder is sent a
+    /// good copy from this node's tiers, the bucket or another holder; it
+    /// re-hashes it and replaces its own.
+    async fn verify_replicas(
+        &self,
+        peers: &PeerTier,
+        selection: &StepSelection,
+        repair: bool,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<Vec<VerifyFinding>> {
+        let StepSelection {
+            tenant, job, step, ..
+        } = selection;
+        let manifests: Vec<Arc<Manifest>> = peers
+            .list(tenant, Some(job))
+            .await?
+            .into_iter()
+            .filter(|m| selection.matches(&m.shard))
+            .collect();
+        if manifests.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no peer holds a shard of step {step} of job {job}"
+            )));
+        }
+        let mut work: Vec<(NodeId, ChunkLocation)> = Vec::new();
+        for manifest in &manifests {
+            let holders = peers.holders_of(manifest).await;
+            for location in ChunkLocation::all(manifest) {
+                work.extend(holders.iter().map(|h| (h.clone(), location.clone())));
+            }
+        }
+        let total = work
+            .iter()
+            .map(|(_, l)| l.chunk.len)
+            .fold(0, u64::saturating_add);
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let checked: Vec<(NodeId, ChunkLocation, Result<ChunkRead>)> = stream::iter(work)
+            .map(|(holder, location)| {
+                let done = &done;
+                async move {
+                    let result = peers.holder(holder.clone()).read_chunk(&location).await;
+                    let now = done
+                        .fetch_add(location.chunk.len, std::sync::atomic::Ordering::Relaxed)
+                        .saturating_add(location.chunk.len);
+                    progress(now, total);
+                    (holder, location, result)
+                }
+            })
+            .buffer_unordered(self.config.writeback_concurrency)
+            .collect()
+            .await;
+        let mut findings = Vec::new();
+        for (holder, location, result) in checked {
+            let problem = match result {
+                Ok(ChunkRead::Verified(_)) => continue,
+                Ok(ChunkRead::Missing) => "missing".to_owned(),
+                Ok(ChunkRead::Corrupt) => {
+                    self.metrics
+                        .chunk_verify_failures
+                        .with_label_values(&[TierKind::Peers.as_str()])
+                        .inc();
+                    "corrupt".to_owned()
+                }
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(%holder, shard = %location.shard(), file = location.file_name(), offset = location.offset, chunk = %location.chunk.id, %problem, "verify found a bad replica chunk");
+            let repaired = repair && self.repair_replica_chunk(peers, &holder, &location).await;
+            findings.push(VerifyFinding {
+                rank: location.shard().rank,
+                file: location.file_name().to_owned(),
+                offset: location.offset,
+                chunk: location.chunk.id,
+                problem,
+                repaired,
+                holder: Some(holder),
+            });
+        }
+        Ok(findings)
+    }
+
+    /// Sends `holder` a good copy of one chunk: from this node's memory or
+    /// disk, the bucket, or another holder.
+    async fn repair_replica_chunk(
+        &self,
+        peers: &PeerTier,
+        holder: &NodeId,
+        location: &ChunkLocation,
+    ) -> bool {
+        let others: Vec<PeerHolder<'_>> = peers
+            .known_holders(location.shard())
+            .into_iter()
+            .filter(|h| h != holder)
+            .map(|h| peers.holder(h))
+            .collect();
+        let mut from: Vec<&dyn ShardSource> = vec![&*self.memory, &*self.disk];
+        if let Some(object) = &self.object {
+            from.push(&**object);
+        }
+        from.extend(others.iter().map(|h| h as &dyn ShardSource));
+        let (source, bytes) = match transfer::read_first_verified(location, &from, &self.metrics)
+            .await
+        {
+            Ok((source, bytes, _)) => (source, bytes),
+            Err(e) => {
+                tracing::warn!(%holder, chunk = %location.chunk.id, error = %e, "cannot repair a replica chunk: no good copy elsewhere");
+                return false;
+            }
+        };
+        match peers
+            .put_chunk_on(holder, &location.shard().tenant, &location.chunk.id, bytes)
+            .await
+        {
+            Ok(()) => {
+                self.metrics
+                    .chunks_repaired
+                    .with_label_values(&[TierKind::Peers.as_str()])
+                    .inc();
+                tracing::info!(%holder, chunk = %location.chunk.id, %source, "replica chunk repaired");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%holder, chunk = %location.chunk.id, error = %e, "repairing a replica chunk failed");
+                false
+            }
+        }
     }
 
     async fn repair_chunk(

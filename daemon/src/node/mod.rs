@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cairn_core::{Attempt, FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
+use cairn_core::{Attempt, FileName, JobName, Manifest, NodeId, Rank, ShardKey, Step, TenantName};
 use tokio::sync::{RwLock, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -200,6 +200,8 @@ pub struct VerifyFinding {
     pub problem: String,
     /// Whether it was rewritten from another tier.
     pub repaired: bool,
+    /// For the peer tier, the holder whose copy is bad.
+    pub holder: Option<NodeId>,
 }
 
 /// A step of a job, optionally narrowed to one rank.

@@ -473,6 +473,22 @@ impl PeerTier {
         }
     }
 
+    /// Sends one chunk to `node` (which re-hashes it before storing it,
+    /// replacing a bad copy): what `cairn verify --tier peers --repair`
+    /// does for each bad chunk of a holder.
+    pub async fn put_chunk_on(
+        &self,
+        node: &NodeId,
+        tenant: &TenantName,
+        id: &ChunkId,
+        data: bytes::Bytes,
+    ) -> Result<()> {
+        let client = self.client(&self.view(), node)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("{node} is not a member of the peer tier"))
+        })?;
+        client.put_chunk(tenant, id, data).await
+    }
+
     /// One holder as a source of its own, so that a restore can plan which
     /// chunks to read from which holder.
     pub fn holder(&self, node: NodeId) -> PeerHolder<'_> {

@@ -190,6 +190,7 @@ impl Admin for AdminService {
                             chunk_id: f.chunk.as_bytes().to_vec(),
                             problem: f.problem,
                             repaired: f.repaired,
+                            holder: f.holder.map(|h| h.to_string()).unwrap_or_default(),
                         })
                         .collect(),
                     done: true,

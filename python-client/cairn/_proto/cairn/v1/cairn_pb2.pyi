@@ -602,20 +602,22 @@ class VerifyRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., step: _Optional[int] = ..., rank: _Optional[int] = ..., tier: _Optional[_Union[Tier, str]] = ..., repair: _Optional[bool] = ...) -> None: ...
 
 class BadChunk(_message.Message):
-    __slots__ = ("rank", "file", "offset", "chunk_id", "problem", "repaired")
+    __slots__ = ("rank", "file", "offset", "chunk_id", "problem", "repaired", "holder")
     RANK_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     rank: int
     file: str
     offset: int
     chunk_id: bytes
     problem: str
     repaired: bool
-    def __init__(self, rank: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_id: _Optional[bytes] = ..., problem: _Optional[str] = ..., repaired: _Optional[bool] = ...) -> None: ...
+    holder: str
+    def __init__(self, rank: _Optional[int] = ..., file: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_id: _Optional[bytes] = ..., problem: _Optional[str] = ..., repaired: _Optional[bool] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class VerifyProgress(_message.Message):
     __slots__ = ("bytes_done", "bytes_total", "bad_chunks", "done")
