@@ -36,6 +36,11 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A tier the answer depends on could not be asked (the bucket did not
+    /// answer a listing): UNAVAILABLE, so that "nothing found" is never
+    /// mistaken for "nothing there".
+    #[error("{0}")]
+    TierUnavailable(String),
     /// A local filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -136,9 +141,10 @@ impl Error {
             }
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::ObjectStore { .. } | Error::Peer { .. } | Error::ShuttingDown => {
-                Code::Unavailable
-            }
+            Error::ObjectStore { .. }
+            | Error::Peer { .. }
+            | Error::ShuttingDown
+            | Error::TierUnavailable(_) => Code::Unavailable,
         }
     }
 }

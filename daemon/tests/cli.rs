@@ -124,3 +124,60 @@ async fn errors_are_one_readable_line_with_an_exit_code() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cairn.sock"));
 }
+
+/// Issue 16, finding 5: with the bucket unreachable, a listing waited on it
+/// and did not say so ("no step is restorable" read as data missing), and a
+/// restore that failed on the bucket exited 3, "daemon unreachable". Now the
+/// listing answers without the bucket and labels the view partial, and a
+/// command that needed the bucket exits 6 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_bucket_gives_a_labelled_partial_view_and_its_own_exit_code() {
+    // Nothing listens on port 1: every request is refused, as by a bucket
+    // endpoint that is down.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("cairnd.toml");
+    std::fs::write(
+        &config,
+        "[object_store]\nurl = \"s3://cairn/ckpt\"\nrequest_timeout_secs = 3\n\
+         [object_store.options]\nendpoint = \"http://127.0.0.1:1\"\nallow_http = \"true\"\n\
+         region = \"us-east-1\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n",
+    )
+    .expect("write config");
+    let d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let mut c = d.clients().await;
+    save(&mut c, shard("partial", 1, 0), &[("w.bin", b"weights")])
+        .await
+        .expect("save: the bucket is not needed to save");
+
+    let started = std::time::Instant::now();
+    let out = d.cli(&["list", "--job", "partial"]);
+    let took = started.elapsed();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("partial view: the object store: "), "{text}");
+    assert!(text.contains("partial"), "the local step is listed: {text}");
+    // It does not wait out the bucket's own retries (about 1.5 s by design;
+    // generous here for a loaded machine).
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    let out = d.cli(&["--json", "list", "--job", "partial"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        listed["left_out"][0]
+            .as_str()
+            .is_some_and(|l| l.starts_with("the object store")),
+        "{listed}"
+    );
+
+    // Nothing local: whether a step exists cannot be told without the bucket.
+    let out = d.cli(&["restore", "--job", "elsewhere"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("cannot tell") && err.contains("object store"),
+        "{err}"
+    );
+    let out = d.cli(&["status", "--job", "elsewhere"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("left out: the object store"), "{err}");
+}

@@ -35,6 +35,7 @@ from cairn.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    TierUnavailable,
 )
 
 __version__ = "0.1.0"
@@ -60,5 +61,6 @@ __all__ = [
     "ShardStatus",
     "StepInfo",
     "Tier",
+    "TierUnavailable",
     "errors",
 ]

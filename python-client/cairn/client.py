@@ -81,6 +81,7 @@ from cairn.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    TierUnavailable,
     from_rpc_error,
 )
 
@@ -1308,7 +1309,15 @@ class Client:
     # -- listing and lifecycle -------------------------------------------
 
     def list_steps(self, job: str) -> list[StepInfo]:
-        """The job's steps on this node, oldest first (empty for an unknown job)."""
+        """The job's steps on this node, oldest first (empty for an unknown job).
+
+        A tier that did not answer (the bucket, a peer) is left out and
+        logged; :meth:`latest_step` refuses to answer "none" without the
+        bucket."""
+        return self._list_steps(job)[0]
+
+    def _list_steps(self, job: str) -> tuple[list[StepInfo], list[str]]:
+        """The job's steps, and the tiers the daemon's listing left out."""
         if not job:
             raise InvalidArgument("job: must not be empty")
         try:
@@ -1318,7 +1327,10 @@ class Client:
                 pb.ListStepsRequest(tenant=self.tenant, job=job),
             )
         except NotFound:
-            return []
+            return [], []
+        left_out = list(response.left_out)
+        for what in left_out:
+            log.warning("cairn daemon at %s: listing %s without %s", self.target, job, what)
         steps: list[StepInfo] = []
         for job_steps in response.jobs:
             if job_steps.job != job:
@@ -1342,7 +1354,7 @@ class Client:
                     StepInfo(step.step, step.restorable, shards, step.object_store_complete)
                 )
         steps.sort(key=lambda s: s.step)
-        return steps
+        return steps, left_out
 
     def list_jobs(self) -> list[str]:
         """The tenant's jobs on this node."""
@@ -1354,9 +1366,23 @@ class Client:
         return sorted(j.job for j in response.jobs)
 
     def latest_step(self, job: str, complete_only: bool = True) -> int | None:
-        """The newest step of ``job`` (restorable only, by default), or None."""
-        steps = [s.step for s in self.list_steps(job) if s.restorable or not complete_only]
-        return max(steps) if steps else None
+        """The newest step of ``job`` (restorable only, by default), or None.
+
+        Raises TierUnavailable rather than return None when the bucket did
+        not answer: a trainer told "no checkpoint" would start over.
+        """
+        listed, left_out = self._list_steps(job)
+        steps = [s.step for s in listed if s.restorable or not complete_only]
+        if steps:
+            return max(steps)
+        bucket = [what for what in left_out if what.startswith("the object store")]
+        if bucket:
+            raise TierUnavailable(
+                f"cannot tell whether job {job} has a checkpoint: no tier that answered "
+                f"holds one, and {bucket[0]}",
+                grpc.StatusCode.UNAVAILABLE,
+            )
+        return None
 
     def delete(self, job: str, step: int) -> int:
         """Deletes every shard of a step from this node's tiers; returns how many.

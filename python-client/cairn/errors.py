@@ -59,6 +59,11 @@ class DaemonUnavailable(CairnError, ConnectionError):
         self.retried_for = retried_for
 
 
+class TierUnavailable(CairnError, ConnectionError):
+    """The daemon answered, but a tier the answer depends on did not (the
+    bucket): "no checkpoint" cannot be told from "cannot see it now"."""
+
+
 class NotFound(CairnError, LookupError):
     """No such job, step, shard or session."""
 

@@ -520,3 +520,35 @@ def test_jax_save_and_restore_fail_on_a_hung_daemon(restartable_daemon: Daemon) 
             assert np.array_equal(np.asarray(restored["w"]), tree["w"])
 
         _nothing_half_written(restartable_daemon, c, "jax-hung", [1], same_tree)
+
+
+# -- a tier away ------------------------------------------------------------
+
+DEAD_BUCKET = """
+[object_store]
+url = "s3://cairn/ckpt"
+request_timeout_secs = 3
+[object_store.options]
+endpoint = "http://127.0.0.1:1"
+allow_http = "true"
+region = "us-east-1"
+access_key_id = "k"
+secret_access_key = "s"
+"""
+
+
+def test_latest_step_never_answers_none_without_the_bucket() -> None:
+    # Nothing listens on port 1: the bucket refuses every request. A trainer
+    # told "no checkpoint" would start over from step 0, so without the
+    # bucket's answer latest_step raises instead; what the node holds itself
+    # is still found.
+    d = Daemon(config=DEAD_BUCKET)
+    try:
+        with d.client(retry_for=0) as c:
+            with pytest.raises(cairn.TierUnavailable, match="object store"):
+                c.latest_step("resume-me")
+            c.save("resume-me", 3, 0, tensors_for(3))
+            assert c.latest_step("resume-me") == 3
+            assert_step(c, "resume-me", 3)
+    finally:
+        d.cleanup()

@@ -2,8 +2,10 @@
 //!
 //! Human tables by default, `--json` for scripts; progress bars (on a
 //! terminal) for long work. Errors print one line, `cairn: <what went wrong>`,
-//! and exit with a code by kind: 2 invalid input, 3 daemon unreachable, 4 not
-//! found, 5 verification found bad chunks, 1 anything else.
+//! and exit with a code by kind (the table is in `docs/operations.md`): 2
+//! invalid input, 3 daemon unreachable, 4 not found, 5 verification found bad
+//! chunks, 6 a tier the command needs is unreachable (the daemon answered,
+//! the bucket or the peers did not), 1 anything else.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -154,11 +156,22 @@ struct Failure {
     message: String,
 }
 
+/// Exit code: the daemon could not be reached.
+const EXIT_DAEMON_UNREACHABLE: u8 = 3;
+/// Exit code: the daemon answered that a tier it needs (the bucket, the
+/// peers) is unreachable.
+const EXIT_TIER_UNREACHABLE: u8 = 6;
+
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         let code = match s.code() {
             tonic::Code::InvalidArgument => 2,
-            tonic::Code::Unavailable => 3,
+            // A status the daemon sent has no source; one made from a
+            // transport error (no connection, the daemon gone) has one.
+            tonic::Code::Unavailable if std::error::Error::source(&s).is_none() => {
+                EXIT_TIER_UNREACHABLE
+            }
+            tonic::Code::Unavailable => EXIT_DAEMON_UNREACHABLE,
             tonic::Code::NotFound => 4,
             _ => 1,
         };
@@ -530,12 +543,22 @@ async fn job_status(
         })
         .await?
         .into_inner();
+    let left_out = resp.left_out.clone();
     let Some(steps) = resp
         .jobs
         .into_iter()
         .find(|j| j.job == job)
         .map(|j| j.steps)
     else {
+        if !left_out.is_empty() {
+            return Err(fail(
+                EXIT_TIER_UNREACHABLE,
+                format!(
+                    "job {job} has no checkpoint in what answered; left out: {}",
+                    left_out.join("; ")
+                ),
+            ));
+        }
         return Err(fail(
             4,
             format!("job {job} has no checkpoint this node can see"),
@@ -551,7 +574,11 @@ async fn job_status(
             })
             .map(|t| tier_name(t.tier).to_owned())
             .collect();
-        places.extend(r.peer_holders.iter().map(|h| format!("peer {h}")));
+        places.extend(
+            r.peer_holders
+                .iter()
+                .map(|h| format!("peer {h}{}", unreachable_mark(&left_out, h))),
+        );
         places
     };
     if json {
@@ -570,13 +597,19 @@ async fn job_status(
             .collect();
         println!(
             "{}",
-            json!({"job": job, "latest_restorable": latest, "steps": steps})
+            json!({"job": job, "latest_restorable": latest, "steps": steps, "left_out": left_out})
         );
         return Ok(());
     }
+    print_left_out(&left_out);
     match latest {
         Some(step) => println!("job {job}: latest restorable step {step}"),
-        None => println!("job {job}: no step is restorable (some rank is missing from every step)"),
+        None if left_out.is_empty() => {
+            println!("job {job}: no step is restorable (some rank is missing from every step)")
+        }
+        None => println!(
+            "job {job}: no step is restorable from what answered (the view is partial, see above)"
+        ),
     }
     for s in steps.iter().rev() {
         println!(
@@ -799,11 +832,19 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                 json!({"job": j.job, "steps": steps})
             })
             .collect();
-        println!("{}", json!({ "jobs": jobs }));
+        println!("{}", json!({ "jobs": jobs, "left_out": resp.left_out }));
         return Ok(());
     }
+    print_left_out(&resp.left_out);
     if resp.jobs.is_empty() {
-        println!("no checkpoints");
+        println!(
+            "no checkpoints{}",
+            if resp.left_out.is_empty() {
+                ""
+            } else {
+                " in what answered"
+            }
+        );
         return Ok(());
     }
     println!(
@@ -848,7 +889,11 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
                         if r.peer_holders.is_empty() {
                             "none".to_owned()
                         } else {
-                            r.peer_holders.join(", ")
+                            r.peer_holders
+                                .iter()
+                                .map(|h| format!("{h}{}", unreachable_mark(&resp.left_out, h)))
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         },
                         if r.peer_problem.is_empty() {
                             String::new()
@@ -861,6 +906,25 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
         }
     }
     Ok(())
+}
+
+/// Says, before a listing, what it could not ask: the view is partial.
+fn print_left_out(left_out: &[String]) {
+    for what in left_out {
+        println!("partial view: {what}");
+    }
+}
+
+/// " (unreachable)" for a holder the listing could not reach.
+fn unreachable_mark(left_out: &[String], holder: &str) -> &'static str {
+    if left_out
+        .iter()
+        .any(|l| l == &format!("peer {holder}: unreachable"))
+    {
+        " (unreachable)"
+    } else {
+        ""
+    }
 }
 
 /// Regular files under `dir`, as (relative name, path, size), sorted by name.

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cairn_core::{
     JobName, Manifest, Rank, ShardKey, ShardPresence, Step, TenantName, latest_complete_step,
@@ -12,13 +13,50 @@ use crate::error::{Error, Result};
 use crate::tier::{ChunkLocation, ShardSource, TierKind};
 use crate::transfer;
 
+/// How long a listing for people (`ListSteps`: `cairn list`, `cairn
+/// status --job`) waits for a remote tier before showing the rest without
+/// it, saying so. Lookups that decide what to restore wait as long as the
+/// tier's own timeouts allow instead.
+const LISTING_REMOTE_DEADLINE: Duration = Duration::from_millis(1500);
+
+/// What the tiers listed.
+#[derive(Default)]
+struct TierListing {
+    /// Every shard, the fastest tier's manifest for each.
+    shards: BTreeMap<ShardKey, Arc<Manifest>>,
+    /// Which shards each tier listed.
+    by_tier: BTreeMap<TierKind, BTreeSet<ShardKey>>,
+    /// Remote tiers or members left out, and why.
+    left_out: Vec<String>,
+}
+
+/// Steps by job, and what could not be asked.
+pub struct StepsView {
+    /// Steps of each job.
+    pub jobs: BTreeMap<JobName, Vec<StepView>>,
+    /// Remote tiers or peers that were left out, each with why: the view is
+    /// partial (a step may be listed as not restorable, or missing, only
+    /// because of them).
+    pub left_out: Vec<String>,
+}
+
+/// A tier as the subject of a sentence.
+fn tier_noun(tier: TierKind) -> &'static str {
+    match tier {
+        TierKind::Memory => "the memory tier",
+        TierKind::Disk => "the disk tier",
+        TierKind::Peers => "the peer tier",
+        TierKind::ObjectStore => "the object store",
+    }
+}
+
 impl Node {
     pub(super) async fn all_shards(
         &self,
         tenant: &TenantName,
         job: Option<&JobName>,
     ) -> Result<BTreeMap<ShardKey, Arc<Manifest>>> {
-        Ok(self.shards_by_tier(tenant, job).await?.0)
+        Ok(self.shards_by_tier(tenant, job, None).await?.shards)
     }
 
     /// The shards this node's own tiers (memory and disk) hold: what it
@@ -42,34 +80,57 @@ impl Node {
     }
 
     /// Every shard any tier holds (the fastest tier's manifest for each),
-    /// and which shards each tier holds. An unreachable object store is
-    /// logged and left out, so local work never waits on a bucket.
+    /// and which shards each tier holds. A remote tier that fails, or does
+    /// not answer within `remote_deadline`, is left out and named in
+    /// `left_out` (and logged), so local work never waits on a bucket.
     async fn shards_by_tier(
         &self,
         tenant: &TenantName,
         job: Option<&JobName>,
-    ) -> Result<(
-        BTreeMap<ShardKey, Arc<Manifest>>,
-        BTreeMap<TierKind, BTreeSet<ShardKey>>,
-    )> {
-        let mut all = BTreeMap::new();
-        let mut by_tier: BTreeMap<TierKind, BTreeSet<ShardKey>> = BTreeMap::new();
+        remote_deadline: Option<Duration>,
+    ) -> Result<TierListing> {
+        let mut listing = TierListing::default();
         for source in self.sources().into_iter().rev() {
-            let listed = match source.list(tenant, job).await {
+            let remote = matches!(source.kind(), TierKind::ObjectStore | TierKind::Peers);
+            let listed = match remote_deadline.filter(|_| remote) {
+                Some(deadline) => tokio::time::timeout(deadline, source.list(tenant, job))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::DeadlineExceeded(format!(
+                            "no answer within {:.1} s",
+                            deadline.as_secs_f64()
+                        )))
+                    }),
+                None => source.list(tenant, job).await,
+            };
+            let listed = match listed {
                 Ok(listed) => listed,
-                Err(e) if matches!(source.kind(), TierKind::ObjectStore | TierKind::Peers) => {
+                Err(e) if remote => {
                     tracing::warn!(tier = %source.kind(), error = %e, "cannot list a remote tier; showing the others only");
+                    listing
+                        .left_out
+                        .push(format!("{}: {e}", tier_noun(source.kind())));
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let keys = by_tier.entry(source.kind()).or_default();
+            let keys = listing.by_tier.entry(source.kind()).or_default();
             for m in listed {
                 keys.insert(m.shard.clone());
-                all.insert(m.shard.clone(), m);
+                listing.shards.insert(m.shard.clone(), m);
             }
         }
-        Ok((all, by_tier))
+        if let Some(peers) = &self.peers {
+            // Members that did not answer the listing (or a check) just now.
+            for peer in peers.view().peers() {
+                if peer.id() != peers.node_id() && peers.member_health(peer.id()).unreachable() {
+                    listing
+                        .left_out
+                        .push(format!("peer {}: unreachable", peer.id()));
+                }
+            }
+        }
+        Ok(listing)
     }
 
     /// Steps of one job (or every job of the tenant), with each shard's state.
@@ -77,13 +138,27 @@ impl Node {
         &self,
         tenant: &TenantName,
         job: Option<&JobName>,
-    ) -> Result<BTreeMap<JobName, Vec<StepView>>> {
-        let (all, by_tier) = self.shards_by_tier(tenant, job).await?;
+    ) -> Result<StepsView> {
+        let TierListing {
+            shards: all,
+            by_tier,
+            mut left_out,
+        } = self
+            .shards_by_tier(tenant, job, Some(LISTING_REMOTE_DEADLINE))
+            .await?;
         let in_tier = |tier: TierKind, key: &ShardKey| {
             by_tier.get(&tier).is_some_and(|keys| keys.contains(key))
         };
         let writeback = lock(&self.writeback).clone();
-        let marked = self.complete_steps_in_bucket(tenant, &all).await;
+        let bucket_answered = !left_out
+            .iter()
+            .any(|l| l.starts_with(tier_noun(TierKind::ObjectStore)));
+        let marked = if bucket_answered {
+            self.complete_steps_in_bucket(tenant, &all, &mut left_out)
+                .await
+        } else {
+            BTreeSet::new()
+        };
         let mut jobs: BTreeMap<JobName, BTreeMap<Step, Vec<ShardView>>> = BTreeMap::new();
         for (key, m) in &all {
             let disk = if self.disk.contains(key) {
@@ -134,7 +209,7 @@ impl Node {
                     peers,
                 });
         }
-        Ok(jobs
+        let jobs = jobs
             .into_iter()
             .map(|(job, steps)| {
                 let views = steps
@@ -157,7 +232,8 @@ impl Node {
                     .collect();
                 (job, views)
             })
-            .collect())
+            .collect();
+        Ok(StepsView { jobs, left_out })
     }
 
     /// The steps whose completion marker is in the bucket, among the jobs of
@@ -166,6 +242,7 @@ impl Node {
         &self,
         tenant: &TenantName,
         shards: &BTreeMap<ShardKey, Arc<Manifest>>,
+        left_out: &mut Vec<String>,
     ) -> BTreeSet<(JobName, Step)> {
         let mut marked = BTreeSet::new();
         let Some(object) = &self.object else {
@@ -173,14 +250,26 @@ impl Node {
         };
         let jobs: BTreeSet<&JobName> = shards.keys().map(|k| &k.job).collect();
         for job in jobs {
-            match object.steps(tenant, job).await {
+            let listed = tokio::time::timeout(LISTING_REMOTE_DEADLINE, object.steps(tenant, job))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::DeadlineExceeded(format!(
+                        "no answer within {:.1} s",
+                        LISTING_REMOTE_DEADLINE.as_secs_f64()
+                    )))
+                });
+            match listed {
                 Ok(steps) => marked.extend(
                     steps
                         .into_iter()
                         .filter(|(_, s)| s.complete)
                         .map(|(step, _)| (job.clone(), step)),
                 ),
-                Err(e) => tracing::warn!(%job, error = %e, "cannot list the object store's steps"),
+                Err(e) => {
+                    tracing::warn!(%job, error = %e, "cannot list the object store's steps");
+                    left_out.push(format!("the object store's step markers of {job}: {e}"));
+                    break;
+                }
             }
         }
         marked
@@ -194,11 +283,23 @@ impl Node {
         job: &JobName,
         rank: Option<Rank>,
     ) -> Result<Option<Step>> {
-        let all = self.all_shards(tenant, Some(job)).await?;
-        Ok(latest_complete_step(
-            all.values().map(|m| ShardPresence::from(&**m)),
+        let listing = self.shards_by_tier(tenant, Some(job), None).await?;
+        let latest = latest_complete_step(
+            listing.shards.values().map(|m| ShardPresence::from(&**m)),
             rank,
-        ))
+        );
+        // "No step" must mean none: a trainer would start over from scratch.
+        // Without the bucket's answer this node cannot tell.
+        let bucket = tier_noun(TierKind::ObjectStore);
+        if latest.is_none()
+            && let Some(why) = listing.left_out.iter().find(|l| l.starts_with(bucket))
+        {
+            return Err(Error::TierUnavailable(format!(
+                "cannot tell whether job {job} of tenant {tenant} has a complete step: no tier \
+                 that answered holds one, and {why}"
+            )));
+        }
+        Ok(latest)
     }
 
     /// Resolves "this step, or the newest complete one".

@@ -20,6 +20,7 @@ mod attempts;
 mod holder_check;
 mod ingest;
 mod listing;
+pub use listing::StepsView;
 mod maintenance;
 pub mod progress;
 mod replicate;

@@ -308,10 +308,12 @@ impl Checkpoint for CheckpointService {
             } else {
                 Some(convert::job("job", &req.job)?)
             })?;
-            let jobs = self.node.list_steps(&tenant, job.as_ref()).await?;
+            let view = self.node.list_steps(&tenant, job.as_ref()).await?;
             let wanted = self.node.peers.as_ref().map_or(0, |p| p.replicas() as u32);
             Ok(pb::ListStepsResponse {
-                jobs: jobs
+                left_out: view.left_out,
+                jobs: view
+                    .jobs
                     .into_iter()
                     .map(|(job, steps)| pb::JobSteps {
                         job: job.to_string(),

@@ -296,10 +296,12 @@ class JobSteps(_message.Message):
     def __init__(self, job: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ...) -> None: ...
 
 class ListStepsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "left_out")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobSteps]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[JobSteps, _Mapping]]] = ...) -> None: ...
+    left_out: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobSteps, _Mapping]]] = ..., left_out: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
     __slots__ = ("shard",)
