@@ -180,6 +180,11 @@ pub struct PodInfo {
     /// may still answer for its grace period, but must not be given new
     /// replicas.
     pub deleting: bool,
+    /// Whether the pod is Cairn's node agent: controlled by the Cairn
+    /// DaemonSet (its controller owner reference), not merely carrying its
+    /// labels. A stray pod with the same labels (a debug pod, another
+    /// workload) must never become a node's member.
+    pub daemon_pod: bool,
 }
 
 /// What the Kubernetes source reports about one node: its name and labels.
@@ -542,7 +547,7 @@ pub fn view_from_pods(
     }
     let mut chosen: BTreeMap<&str, (&PodInfo, IpAddr, &NodeInfo)> = BTreeMap::new();
     for pod in pods {
-        if !pod.ready || pod.deleting {
+        if !pod.ready || pod.deleting || !pod.daemon_pod {
             continue;
         }
         let (Some(node_name), Some(ip)) = (pod.node_name.as_deref(), pod.pod_ip) else {
@@ -707,6 +712,7 @@ mod tests {
             pod_ip: Some(ip(last)),
             ready: true,
             deleting: false,
+            daemon_pod: true,
         }
     }
 
@@ -800,6 +806,27 @@ mod tests {
         let pods = [not_ready, deleting, no_ip, unscheduled, unknown_node];
         let view = view_from_pods(&pods, &nodes, &TopologyLabels::default()).expect("valid");
         assert!(view.is_empty(), "{view:?}");
+    }
+
+    #[test]
+    fn a_stray_pod_with_the_agents_labels_never_takes_a_nodes_entry() {
+        // Regression: a Ready pod "aaa-debug" carrying app.kubernetes.io/name=cairn
+        // on gpu-1 sorted before the agent and became gpu-1's member for every
+        // daemon, so replication to gpu-1 went to a pod that does not serve.
+        let nodes = [labelled("gpu-1", None, None)];
+        let stray = PodInfo {
+            daemon_pod: false,
+            ..pod("aaa-debug", "gpu-1", 9)
+        };
+        let pods = [stray.clone(), pod("cairn-x1", "gpu-1", 1)];
+        let view = view_from_pods(&pods, &nodes, &TopologyLabels::default()).expect("valid");
+        assert_eq!(view.len(), 1);
+        assert_eq!(view.peers()[0].ip, ip(1), "the agent, not the stray pod");
+        let view = view_from_pods(&[stray], &nodes, &TopologyLabels::default()).expect("valid");
+        assert!(
+            view.is_empty(),
+            "a stray pod alone makes no member: {view:?}"
+        );
     }
 
     #[test]
@@ -992,6 +1019,8 @@ mod tests {
                         pod_ip: has_ip.then(|| IpAddr::V4(Ipv4Addr::new(10, n, 0, last))),
                         ready: ready || i == 0,
                         deleting: deleting && i != 0,
+                        // Some stray pods beside the agents.
+                        daemon_pod: i == 0 || last % 4 != 0,
                     });
                 }
                 if let Some((zone, rack)) = domains {
@@ -1066,15 +1095,15 @@ mod tests {
             prop_assert_eq!(a, b);
         }
 
-        /// Only ready, live pods with an IP on a known node make members, and
-        /// every such node makes exactly one.
+        /// Only the agent's ready, live pods with an IP on a known node make
+        /// members, and every such node makes exactly one.
         #[test]
         fn only_serving_pods_become_members((pods, nodes) in cluster()) {
             let view = view_from_pods(&pods, &nodes, &TopologyLabels::default()).expect("valid");
             let known: BTreeSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
             let serving: Vec<&PodInfo> = pods
                 .iter()
-                .filter(|p| p.ready && !p.deleting && p.pod_ip.is_some())
+                .filter(|p| p.ready && !p.deleting && p.daemon_pod && p.pod_ip.is_some())
                 .filter(|p| p.node_name.as_deref().is_some_and(|n| known.contains(n)))
                 .collect();
             let expected: BTreeSet<&str> =

@@ -181,3 +181,44 @@ async fn a_dead_bucket_gives_a_labelled_partial_view_and_its_own_exit_code() {
     assert_eq!(out.status.code(), Some(6), "{err}");
     assert!(err.contains("left out: the object store"), "{err}");
 }
+
+/// Issue 16: with no way to reach the Kubernetes API (no service account,
+/// no kubeconfig), cairnd served and reported ready with an empty
+/// membership, logged once and never retried. Now it retries, and `cairn
+/// status` (the DaemonSet's readiness probe) says the peer tier is down and
+/// exits 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_that_cannot_start_marks_the_peer_tier_down() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("cairnd.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    std::fs::write(
+        &config,
+        format!("node_name = \"gpu-1\"\n[peers]\nlisten = \"127.0.0.1:{port}\"\ninsecure = true\n\
+         [membership]\nsource = \"kubernetes\"\nmatch_labels = {{ \"app.kubernetes.io/name\" = \"cairn\" }}\n"),
+    )
+    .expect("write config");
+    let missing = dir.path().join("no-kubeconfig");
+    let d = Daemon::start_with_env(
+        &["--config", config.to_str().expect("utf-8")],
+        &[
+            ("KUBECONFIG", missing.to_str().expect("utf-8")),
+            ("KUBERNETES_SERVICE_HOST", ""),
+            ("HOME", dir.path().to_str().expect("utf-8")),
+        ],
+    )
+    .await;
+    let out = d.cli(&["status"]);
+    let text = stdout(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{text}{err}");
+    assert!(text.contains("DOWN: "), "{text}");
+    assert!(err.contains("the peer tier is down"), "{err}");
+    assert!(
+        d.log_text().contains("membership did not start"),
+        "logged, and retried"
+    );
+}

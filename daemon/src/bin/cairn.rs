@@ -662,6 +662,7 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
                    "members": members, "pending_replications": p.pending_replications,
                    "under_replicated_shards": p.under_replicated_shards, "replica_shards": p.replica_shards,
                    "replica_bytes": p.replica_bytes, "insecure": p.insecure,
+                   "membership_problem": p.membership_problem,
                    "scrub": {"passes": p.scrub_passes, "checked_chunks": p.scrub_checked_chunks,
                              "pass_chunks": p.scrub_pass_chunks, "bad_chunks": p.scrub_bad_chunks,
                              "bytes_per_sec": p.scrub_bytes_per_sec}})
@@ -684,7 +685,7 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
                    "pending_uploads": s.pending_uploads, "tiers": tiers, "peers": peers,
                    "restores": restores})
         );
-        return Ok(());
+        return peer_tier_up(&s);
     }
     println!(
         "node {} (cairnd {}), default tenant {}",
@@ -740,6 +741,9 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
                 ", mutual TLS"
             }
         );
+        if !p.membership_problem.is_empty() {
+            println!("  DOWN: {}", p.membership_problem);
+        }
         println!(
             "  replicating {} shard(s), {} short of replicas; holding {} replica(s) ({}) for other nodes",
             p.pending_replications,
@@ -790,7 +794,19 @@ async fn status(clients: &mut Clients, json: bool) -> Result<(), Failure> {
             );
         }
     }
-    Ok(())
+    peer_tier_up(&s)
+}
+
+/// Fails (exit 6) when the node's peer tier is down, so that `cairn
+/// status`, the DaemonSet's readiness probe, reports it.
+fn peer_tier_up(s: &pb::StatusResponse) -> Result<(), Failure> {
+    match s.peers.as_ref().map(|p| p.membership_problem.as_str()) {
+        Some(problem) if !problem.is_empty() => Err(fail(
+            EXIT_TIER_UNREACHABLE,
+            format!("the peer tier is down: {problem}"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> Result<(), Failure> {

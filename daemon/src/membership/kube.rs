@@ -12,8 +12,12 @@
 //! leaves and rejoins the view, e.g. on restart.) Both go through the pure
 //! `cairn_core::membership::view_from_pods`, which decides who counts.
 //!
-//! The daemon needs `get`, `list` and `watch` on pods in its namespace and
-//! `get` on nodes (`deploy/base/rbac.yaml`).
+//! Only pods a DaemonSet controls (the configured one, when named) count as
+//! agents: a stray pod carrying the labels never becomes a member. The watch
+//! retries within seconds after API server errors ([`WatchBackoff`]).
+//!
+//! The daemon needs `list` and `watch` on pods in its namespace and `get` on
+//! nodes (`deploy/base/rbac.yaml`).
 //!
 //! No API server can run where the tests run, so the tests here cover what
 //! needs none: the conversion of pod and node objects, the watcher's
@@ -22,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::pin;
+use std::time::Duration;
 
 use cairn_core::membership::view_from_pods;
 use cairn_core::{NodeInfo, PodInfo, TopologyLabels};
@@ -40,6 +45,48 @@ use super::{Backoff, MembershipError, Publisher};
 /// list of a large cluster).
 pub const NODE_FETCH_CONCURRENCY: usize = 8;
 
+/// First delay of the pod watch after a failure.
+const WATCH_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// Longest delay of the pod watch between two tries.
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Backoff of the pod watch: [`WATCH_RETRY_FIRST`] doubling to
+/// [`WATCH_RETRY_MAX`], each delay drawn between half and all of it, and back
+/// to the start after any event that arrives (the watch works again).
+///
+/// kube's default backoff caps at 30 s and forgets past failures only after
+/// 120 s without one; after an API server outage each of the errors a
+/// recovering server gives (410 Gone for the stale resource version, a brief
+/// 403) cost another capped step, and changes were seen 28 to 106 s after the
+/// server was back. With this one they are seen within about 5 s.
+#[derive(Debug, Default)]
+struct WatchBackoff {
+    failures: u32,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let full = WATCH_RETRY_FIRST
+            .saturating_mul(1 << self.failures.min(8))
+            .min(WATCH_RETRY_MAX);
+        self.failures = self.failures.saturating_add(1);
+        // Jitter from the clock, so that nodes that lost the server together
+        // do not come back in step.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Some(full.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 /// A validated Kubernetes source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KubernetesSettings {
@@ -50,6 +97,9 @@ pub struct KubernetesSettings {
     pub match_labels: BTreeMap<String, String>,
     /// Which node labels hold zone and rack.
     pub labels: TopologyLabels,
+    /// The DaemonSet that must control a pod for it to count (any
+    /// DaemonSet when `None`).
+    pub daemonset: Option<String>,
 }
 
 impl KubernetesSettings {
@@ -72,9 +122,16 @@ impl KubernetesSettings {
 }
 
 /// What membership needs of a pod; `None` for a pod without a name (never
-/// sent by an API server).
-pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+/// sent by an API server). `daemonset`: the DaemonSet that must control the
+/// pod for it to be Cairn's agent (any DaemonSet when `None`).
+pub fn pod_info(pod: &Pod, daemonset: Option<&str>) -> Option<PodInfo> {
     let name = pod.metadata.name.clone()?;
+    let daemon_pod = pod.metadata.owner_references.iter().flatten().any(|owner| {
+        owner.controller == Some(true)
+            && owner.kind == "DaemonSet"
+            && owner.api_version == "apps/v1"
+            && daemonset.is_none_or(|wanted| owner.name == wanted)
+    });
     let status = pod.status.as_ref();
     let ready = status
         .and_then(|s| s.conditions.as_ref())
@@ -93,6 +150,7 @@ pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
             .and_then(|ip| ip.parse().ok()),
         ready,
         deleting: pod.metadata.deletion_timestamp.is_some(),
+        daemon_pod,
     })
 }
 
@@ -112,9 +170,19 @@ pub struct PodSet {
     pods: BTreeMap<String, PodInfo>,
     relisting: Option<BTreeMap<String, PodInfo>>,
     synced: bool,
+    daemonset: Option<String>,
 }
 
 impl PodSet {
+    /// An empty set whose pods count as agents when `daemonset` controls
+    /// them (see [`pod_info`]).
+    pub fn new(daemonset: Option<String>) -> Self {
+        Self {
+            daemonset,
+            ..Self::default()
+        }
+    }
+
     /// Applies one watcher event; returns whether the set of pods changed in
     /// a way worth recomputing the view for (only once the first list is
     /// complete).
@@ -125,7 +193,10 @@ impl PodSet {
                 false
             }
             Event::InitApply(pod) => {
-                if let (Some(buffer), Some(info)) = (self.relisting.as_mut(), pod_info(&pod)) {
+                if let (Some(buffer), Some(info)) = (
+                    self.relisting.as_mut(),
+                    pod_info(&pod, self.daemonset.as_deref()),
+                ) {
                     buffer.insert(info.name.clone(), info);
                 }
                 false
@@ -137,7 +208,7 @@ impl PodSet {
                 self.synced = true;
                 true
             }
-            Event::Apply(pod) => match pod_info(&pod) {
+            Event::Apply(pod) => match pod_info(&pod, self.daemonset.as_deref()) {
                 Some(info) => {
                     let changed = self.pods.get(&info.name) != Some(&info);
                     self.pods.insert(info.name.clone(), info);
@@ -216,10 +287,10 @@ async fn run(
 ) {
     let mut events = pin!(
         watcher::watcher(pods_api, settings.watcher_config())
-            .default_backoff()
+            .backoff(WatchBackoff::default())
             .into_stream()
     );
-    let mut pods = PodSet::default();
+    let mut pods = PodSet::new(settings.daemonset.clone());
     let mut nodes: HashMap<String, NodeInfo> = HashMap::new();
     let mut node_backoff = Backoff::default();
     let mut retry_at: Option<Instant> = None;
@@ -319,7 +390,7 @@ async fn fetch_nodes(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::{PodCondition, PodSpec, PodStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 
     use super::super::MembershipConfig;
     use super::super::MembershipSettings;
@@ -329,6 +400,7 @@ mod tests {
         Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
+                owner_references: Some(vec![owner("DaemonSet", "cairn")]),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec {
@@ -351,6 +423,17 @@ mod tests {
                 ]),
                 ..PodStatus::default()
             }),
+        }
+    }
+
+    fn owner(kind: &str, name: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "0".into(),
+            controller: Some(true),
+            block_owner_deletion: None,
         }
     }
 
@@ -386,7 +469,7 @@ mod tests {
 
     #[test]
     fn pods_convert_with_readiness_address_and_deletion() {
-        let info = pod_info(&pod("cairn-a", "gpu-1", "10.0.0.1", "True")).expect("named");
+        let info = pod_info(&pod("cairn-a", "gpu-1", "10.0.0.1", "True"), None).expect("named");
         assert_eq!(
             info,
             PodInfo {
@@ -395,27 +478,60 @@ mod tests {
                 pod_ip: Some("10.0.0.1".parse().expect("ip")),
                 ready: true,
                 deleting: false,
+                daemon_pod: true,
             }
         );
         assert!(
-            !pod_info(&pod("b", "gpu-1", "10.0.0.1", "False"))
+            !pod_info(&pod("b", "gpu-1", "10.0.0.1", "False"), None)
                 .expect("named")
                 .ready
         );
         let mut no_status = pod("c", "gpu-1", "10.0.0.1", "True");
         no_status.status = None;
-        let info = pod_info(&no_status).expect("named");
+        let info = pod_info(&no_status, None).expect("named");
         assert!(!info.ready && info.pod_ip.is_none());
-        let garbled = pod_info(&pod("d", "gpu-1", "not-an-ip", "True")).expect("named");
+        let garbled = pod_info(&pod("d", "gpu-1", "not-an-ip", "True"), None).expect("named");
         assert_eq!(garbled.pod_ip, None);
         let mut deleting = pod("e", "gpu-1", "fd00::1", "True");
         deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
-        let info = pod_info(&deleting).expect("named");
+        let info = pod_info(&deleting, None).expect("named");
         assert!(info.deleting);
         assert_eq!(info.pod_ip, Some("fd00::1".parse().expect("ip")));
         let mut nameless = pod("f", "gpu-1", "10.0.0.1", "True");
         nameless.metadata.name = None;
-        assert_eq!(pod_info(&nameless), None);
+        assert_eq!(pod_info(&nameless, None), None);
+    }
+
+    /// Regression (issue 16): a Ready debug pod carrying the agent's labels
+    /// took a node's entry. Only a pod the (named) DaemonSet controls counts.
+    #[test]
+    fn only_pods_the_daemonset_controls_are_agents() {
+        let agent = pod("cairn-x", "gpu-1", "10.0.0.1", "True");
+        assert!(pod_info(&agent, Some("cairn")).expect("named").daemon_pod);
+        assert!(pod_info(&agent, None).expect("named").daemon_pod);
+        let mut stray = agent.clone();
+        stray.metadata.owner_references = None;
+        assert!(!pod_info(&stray, None).expect("named").daemon_pod);
+        stray.metadata.owner_references = Some(vec![owner("ReplicaSet", "debug")]);
+        assert!(!pod_info(&stray, None).expect("named").daemon_pod);
+        stray.metadata.owner_references = Some(vec![owner("DaemonSet", "other-agent")]);
+        assert!(!pod_info(&stray, Some("cairn")).expect("named").daemon_pod);
+        let mut not_controller = owner("DaemonSet", "cairn");
+        not_controller.controller = None;
+        stray.metadata.owner_references = Some(vec![not_controller]);
+        assert!(!pod_info(&stray, Some("cairn")).expect("named").daemon_pod);
+    }
+
+    #[test]
+    fn the_watch_retries_within_seconds_and_starts_over_once_it_works() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = WatchBackoff::default();
+        let delays: Vec<Duration> = (0..20).map(|_| backoff.next().expect("endless")).collect();
+        assert!(delays[0] <= WATCH_RETRY_FIRST && delays[0] >= WATCH_RETRY_FIRST / 2);
+        assert!(delays.iter().all(|d| *d <= WATCH_RETRY_MAX), "{delays:?}");
+        assert!(delays[19] >= WATCH_RETRY_MAX / 2, "{delays:?}");
+        backoff.reset();
+        assert!(backoff.next().expect("endless") <= WATCH_RETRY_FIRST);
     }
 
     #[test]

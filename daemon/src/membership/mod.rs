@@ -116,6 +116,12 @@ pub enum MembershipConfig {
         /// Node label holding the rack (default `topology.cairn.dev/rack`).
         #[serde(default)]
         rack_label: Option<String>,
+        /// The name of the DaemonSet whose pods are the members. A pod
+        /// counts only when a DaemonSet controls it (its controller owner
+        /// reference), this one when set, so that a stray pod carrying the
+        /// labels never becomes a member.
+        #[serde(default)]
+        daemonset: Option<String>,
     },
 }
 
@@ -161,9 +167,13 @@ impl MembershipConfig {
                 match_labels,
                 zone_label,
                 rack_label,
+                daemonset,
             } => {
                 if let Some(namespace) = namespace {
                     check_namespace("membership.namespace", namespace)?;
+                }
+                if let Some(name) = daemonset {
+                    check_dns_name("membership.daemonset", name)?;
                 }
                 if match_labels.is_empty() {
                     return Err(invalid(
@@ -188,6 +198,7 @@ impl MembershipConfig {
                     namespace: namespace.clone(),
                     match_labels: match_labels.clone(),
                     labels,
+                    daemonset: daemonset.clone(),
                 }))
             }
         }

@@ -103,6 +103,9 @@ pub struct PeerTier {
     metrics: Arc<Metrics>,
     settings: HealthSettings,
     health: Mutex<health::HealthBook>,
+    /// Why the peer tier has no membership (not started yet, or its source
+    /// failed to start); `None` once a view arrived.
+    membership_problem: Arc<Mutex<Option<String>>>,
 }
 
 /// How holders are checked and replicas scrubbed (from `[peers]`).
@@ -140,14 +143,33 @@ impl PeerTier {
         let settings = config.membership.clone();
         let source = membership::source_name(&settings);
         let stop = cancel.clone();
+        let membership_problem = Arc::new(Mutex::new(Some(format!(
+            "no membership view yet from the {source} source"
+        ))));
+        let problem = Arc::clone(&membership_problem);
         tokio::spawn(async move {
-            let mut source = match membership::start(settings, stop.clone()).await {
-                Ok(source) => source,
-                Err(e) => {
-                    tracing::error!(error = %e, "membership did not start; the peer tier stays empty");
-                    return;
+            // A source that cannot start (no kubeconfig, no service account)
+            // is retried: the peer tier is down meanwhile, and says so.
+            let mut backoff = membership::Backoff::default();
+            let mut source = loop {
+                match membership::start(settings.clone(), stop.clone()).await {
+                    Ok(source) => break source,
+                    Err(membership::MembershipError::Cancelled) => return,
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::error!(error = %e, retry_in_s = delay.as_secs(), "membership did not start; the peer tier is down until it does");
+                        *lock(&problem) = Some(format!(
+                            "membership did not start: {e} (retrying every {} s at most)",
+                            delay.as_secs()
+                        ));
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
                 }
             };
+            *lock(&problem) = None;
             loop {
                 let view = Arc::clone(&source.borrow_and_update());
                 publish.send_replace(view);
@@ -170,6 +192,7 @@ impl PeerTier {
             holders: Mutex::new(HoldersCache::default()),
             store,
             metrics,
+            membership_problem,
             settings: HealthSettings {
                 check_interval: config.check_interval,
                 holder_grace: config.holder_grace,
@@ -243,6 +266,12 @@ impl PeerTier {
     /// A receiver of membership views, for the server and the pipeline.
     pub fn membership(&self) -> watch::Receiver<Arc<MembershipView>> {
         self.membership.clone()
+    }
+
+    /// Why the tier has no membership yet (its source has not delivered a
+    /// view, or could not start); `None` when it works.
+    pub fn membership_problem(&self) -> Option<String> {
+        lock(&self.membership_problem).clone()
     }
 
     /// The current membership view.

@@ -131,6 +131,7 @@ impl Admin for AdminService {
                     scrub_pass_chunks: scrub.chunks_in_pass,
                     scrub_bad_chunks: scrub.bad_chunks,
                     scrub_bytes_per_sec: scrub.bytes_per_sec,
+                    membership_problem: peers.membership_problem().unwrap_or_default(),
                 }
             }),
         }))

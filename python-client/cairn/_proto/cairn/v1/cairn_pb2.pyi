@@ -452,7 +452,7 @@ class SourceProgress(_message.Message):
     def __init__(self, source: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class PeerTierStatus(_message.Message):
-    __slots__ = ("node_id", "replicas", "membership_source", "members", "pending_replications", "under_replicated_shards", "replica_shards", "replica_bytes", "insecure", "scrub_passes", "scrub_checked_chunks", "scrub_pass_chunks", "scrub_bad_chunks", "scrub_bytes_per_sec")
+    __slots__ = ("node_id", "replicas", "membership_source", "members", "pending_replications", "under_replicated_shards", "replica_shards", "replica_bytes", "insecure", "scrub_passes", "scrub_checked_chunks", "scrub_pass_chunks", "scrub_bad_chunks", "scrub_bytes_per_sec", "membership_problem")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MEMBERSHIP_SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -467,6 +467,7 @@ class PeerTierStatus(_message.Message):
     SCRUB_PASS_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SCRUB_BAD_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SCRUB_BYTES_PER_SEC_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     replicas: int
     membership_source: str
@@ -481,7 +482,8 @@ class PeerTierStatus(_message.Message):
     scrub_pass_chunks: int
     scrub_bad_chunks: int
     scrub_bytes_per_sec: int
-    def __init__(self, node_id: _Optional[str] = ..., replicas: _Optional[int] = ..., membership_source: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PeerMember, _Mapping]]] = ..., pending_replications: _Optional[int] = ..., under_replicated_shards: _Optional[int] = ..., replica_shards: _Optional[int] = ..., replica_bytes: _Optional[int] = ..., insecure: _Optional[bool] = ..., scrub_passes: _Optional[int] = ..., scrub_checked_chunks: _Optional[int] = ..., scrub_pass_chunks: _Optional[int] = ..., scrub_bad_chunks: _Optional[int] = ..., scrub_bytes_per_sec: _Optional[int] = ...) -> None: ...
+    membership_problem: str
+    def __init__(self, node_id: _Optional[str] = ..., replicas: _Optional[int] = ..., membership_source: _Optional[str] = ..., members: _Optional[_Iterable[_Union[PeerMember, _Mapping]]] = ..., pending_replications: _Optional[int] = ..., under_replicated_shards: _Optional[int] = ..., replica_shards: _Optional[int] = ..., replica_bytes: _Optional[int] = ..., insecure: _Optional[bool] = ..., scrub_passes: _Optional[int] = ..., scrub_checked_chunks: _Optional[int] = ..., scrub_pass_chunks: _Optional[int] = ..., scrub_bad_chunks: _Optional[int] = ..., scrub_bytes_per_sec: _Optional[int] = ..., membership_problem: _Optional[str] = ...) -> None: ...
 
 class PeerMember(_message.Message):
     __slots__ = ("node_id", "address", "zone", "rack", "unreachable", "last_contact_unix_ms", "holds_shards")
