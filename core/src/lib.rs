@@ -28,7 +28,8 @@ pub use chunk::{ChunkId, ChunkSize, DEFAULT_CHUNK_SIZE, chunk_ranges};
 pub use error::CoreError;
 pub use manifest::{ChunkRef, FileEntry, MANIFEST_VERSION, Manifest};
 pub use membership::{
-    MembershipDiff, MembershipView, NodeInfo, Peer, PeerChange, PodInfo, StaticPeer, TopologyLabels,
+    DepartureGrace, MembershipDiff, MembershipView, NodeInfo, Peer, PeerChange, PodInfo,
+    StaticPeer, TopologyLabels,
 };
 pub use names::{Attempt, FileName, JobName, Rank, ShardKey, Step, TenantName};
 pub use placement::{

@@ -256,6 +256,59 @@ impl fmt::Display for Peer {
     }
 }
 
+/// Members that dropped out of the source's view, kept in the published
+/// view for a grace period: a member that blinks (a pod NotReady for a few
+/// seconds, a daemon restarting, a rolling update) must not make every node
+/// re-copy what it holds, and then leave extra copies when it returns.
+///
+/// Pure: the caller passes the clock (any monotonic count, in milliseconds).
+#[derive(Clone, Debug, Default)]
+pub struct DepartureGrace {
+    /// Each departed member as last seen, and when it left the source's view.
+    departed: BTreeMap<NodeId, (Peer, u64)>,
+}
+
+impl DepartureGrace {
+    /// The view to publish: `current` (what the source sees now) plus the
+    /// members of `previous` that left it less than `grace_ms` ago; and
+    /// when (in the caller's clock) the next of those runs out, if any. A
+    /// member back in `current` is forgotten as departed.
+    pub fn apply(
+        &mut self,
+        previous: &MembershipView,
+        current: MembershipView,
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> (MembershipView, Option<u64>) {
+        for peer in previous.peers() {
+            if current.get(peer.id()).is_none() {
+                self.departed
+                    .entry(peer.id().clone())
+                    .or_insert_with(|| (peer.clone(), now_ms));
+            }
+        }
+        self.departed.retain(|id, (_, since)| {
+            current.get(id).is_none() && now_ms.saturating_sub(*since) < grace_ms
+        });
+        if self.departed.is_empty() {
+            return (current, None);
+        }
+        let next_expiry = self
+            .departed
+            .values()
+            .map(|(_, since)| since.saturating_add(grace_ms))
+            .min();
+        let mut peers = current.peers().to_vec();
+        peers.extend(self.departed.values().map(|(peer, _)| peer.clone()));
+        match MembershipView::new("membership", peers) {
+            Ok(view) => (view, next_expiry),
+            // Cannot happen (the departed are not in `current`, and every
+            // peer was valid in its own view); publish what the source sees.
+            Err(_) => (current, None),
+        }
+    }
+}
+
 /// The peers a node knows of at one moment, validated and indexed for
 /// placement.
 ///
@@ -809,6 +862,34 @@ mod tests {
     }
 
     #[test]
+    fn a_member_that_blinks_stays_for_the_grace_period() {
+        let nodes = [labelled("gpu-1", None, None), labelled("gpu-2", None, None)];
+        let both = view_from_pods(
+            &[pod("a", "gpu-1", 1), pod("b", "gpu-2", 2)],
+            &nodes,
+            &TopologyLabels::default(),
+        )
+        .expect("valid");
+        let one = view_from_pods(&[pod("a", "gpu-1", 1)], &nodes, &TopologyLabels::default())
+            .expect("valid");
+        let mut grace = DepartureGrace::default();
+        // gpu-2 goes NotReady at t=1000: still a member until t=61000.
+        let (view, expiry) = grace.apply(&both, one.clone(), 1_000, 60_000);
+        assert_eq!(view, both);
+        assert_eq!(expiry, Some(61_000));
+        let (view, _) = grace.apply(&view, one.clone(), 30_000, 60_000);
+        assert_eq!(view, both, "still within the grace period");
+        // Back at t=40000: nothing changed for anyone.
+        let (view, expiry) = grace.apply(&view, both.clone(), 40_000, 60_000);
+        assert_eq!((view.clone(), expiry), (both.clone(), None));
+        // Gone for good from t=50000: leaves at t=110000.
+        let (view, _) = grace.apply(&view, one.clone(), 50_000, 60_000);
+        assert_eq!(view, both);
+        let (view, expiry) = grace.apply(&view, one.clone(), 110_000, 60_000);
+        assert_eq!((view, expiry), (one, None));
+    }
+
+    #[test]
     fn a_stray_pod_with_the_agents_labels_never_takes_a_nodes_entry() {
         // Regression: a Ready pod "aaa-debug" carrying app.kubernetes.io/name=cairn
         // on gpu-1 sorted before the agent and became gpu-1's member for every
@@ -1116,6 +1197,32 @@ mod tests {
                         && p.node_name.as_deref() == Some(peer.id().as_str())),
                     "{} is not the address of a serving pod", peer
                 );
+            }
+        }
+
+        /// The grace never hides a member the source sees, keeps every
+        /// departed one for exactly the grace period, and then publishes
+        /// the source's view as it is.
+        #[test]
+        fn the_grace_period_keeps_departures_only_for_its_length(
+            old in view_strategy(),
+            new in view_strategy(),
+            elapsed in 0u64..120_000,
+        ) {
+            let mut grace = DepartureGrace::default();
+            let (first, _) = grace.apply(&old, new.clone(), 0, 60_000);
+            for peer in new.peers() {
+                prop_assert_eq!(first.get(peer.id()), Some(peer));
+            }
+            for peer in old.peers() {
+                prop_assert!(first.get(peer.id()).is_some(), "{} left at once", peer);
+            }
+            let (later, expiry) = grace.apply(&first, new.clone(), elapsed, 60_000);
+            if elapsed >= 60_000 {
+                prop_assert_eq!(later, new);
+                prop_assert_eq!(expiry, None);
+            } else {
+                prop_assert_eq!(later, first);
             }
         }
 

@@ -29,7 +29,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use cairn_core::membership::view_from_pods;
-use cairn_core::{NodeInfo, PodInfo, TopologyLabels};
+use cairn_core::{DepartureGrace, MembershipView, NodeInfo, PodInfo, TopologyLabels};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::WatchStreamExt;
@@ -100,6 +100,8 @@ pub struct KubernetesSettings {
     /// The DaemonSet that must control a pod for it to count (any
     /// DaemonSet when `None`).
     pub daemonset: Option<String>,
+    /// How long a member that left the pods' view stays one.
+    pub leave_grace: Duration,
 }
 
 impl KubernetesSettings {
@@ -294,6 +296,11 @@ async fn run(
     let mut nodes: HashMap<String, NodeInfo> = HashMap::new();
     let mut node_backoff = Backoff::default();
     let mut retry_at: Option<Instant> = None;
+    // Members that left stay for `leave_grace` (see `DepartureGrace`).
+    let mut grace = DepartureGrace::default();
+    let mut published = MembershipView::empty();
+    let started = Instant::now();
+    let grace_ms = settings.leave_grace.as_millis() as u64;
     loop {
         let retry = async {
             match retry_at {
@@ -343,7 +350,18 @@ async fn run(
         }
         let node_list: Vec<NodeInfo> = nodes.values().cloned().collect();
         match view_from_pods(&pods.pods(), &node_list, &settings.labels) {
-            Ok(view) => publisher.publish(view),
+            Ok(view) => {
+                let now_ms = started.elapsed().as_millis() as u64;
+                let (view, expiry) = grace.apply(&published, view, now_ms, grace_ms);
+                if let Some(at) =
+                    expiry.and_then(|ms| started.checked_add(Duration::from_millis(ms)))
+                {
+                    // Look again when the first departed member's grace ends.
+                    retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                }
+                published = view.clone();
+                publisher.publish(view);
+            }
             Err(error) => warn!(
                 %error,
                 "membership: the daemon pods make no valid view; keeping the last"

@@ -61,6 +61,13 @@ pub const RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);
 /// Longest delay between two retries.
 pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
 
+/// Default seconds a Kubernetes member that left the pods' view stays a
+/// member: a blink (NotReady for a moment, a restart, a rolling update)
+/// must not move replicas around.
+pub const DEFAULT_LEAVE_GRACE_SECS: u64 = 60;
+/// Longest `membership.leave_grace_secs` accepted: an hour.
+pub const MAX_LEAVE_GRACE_SECS: u64 = 3600;
+
 /// Why membership could not be configured or started.
 #[derive(Debug, Error)]
 pub enum MembershipError {
@@ -122,6 +129,10 @@ pub enum MembershipConfig {
         /// labels never becomes a member.
         #[serde(default)]
         daemonset: Option<String>,
+        /// Seconds a member that left the pods' view (NotReady, deleted)
+        /// stays a member (default [`DEFAULT_LEAVE_GRACE_SECS`]).
+        #[serde(default)]
+        leave_grace_secs: Option<u64>,
     },
 }
 
@@ -168,7 +179,15 @@ impl MembershipConfig {
                 zone_label,
                 rack_label,
                 daemonset,
+                leave_grace_secs,
             } => {
+                let grace = leave_grace_secs.unwrap_or(DEFAULT_LEAVE_GRACE_SECS);
+                if grace > MAX_LEAVE_GRACE_SECS {
+                    return Err(invalid(
+                        "membership.leave_grace_secs",
+                        format!("{grace} must be at most {MAX_LEAVE_GRACE_SECS}"),
+                    ));
+                }
                 if let Some(namespace) = namespace {
                     check_namespace("membership.namespace", namespace)?;
                 }
@@ -199,6 +218,7 @@ impl MembershipConfig {
                     match_labels: match_labels.clone(),
                     labels,
                     daemonset: daemonset.clone(),
+                    leave_grace: Duration::from_secs(grace),
                 }))
             }
         }
