@@ -244,8 +244,35 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Kills the daemon and removes its directories. When the test is
+    /// failing, the daemon's log is kept first (copied next to the temp
+    /// dirs, its path and last lines printed with the test's output): a
+    /// failure without the log cannot be diagnosed.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!(
+                "cairnd-failed-{}-{}.log",
+                std::process::id(),
+                self.dir
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            if std::fs::copy(&self.log, &kept).is_ok() {
+                let text = self.log_text();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!(
+                    "--- cairnd log kept at {} (last {} lines) ---",
+                    kept.display(),
+                    tail.len()
+                );
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.memory_dir);
     }
 }
