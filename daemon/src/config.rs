@@ -153,6 +153,10 @@ pub struct Args {
     /// Steps per job kept in the disk tier.
     #[arg(long, env = "CAIRN_DISK_KEEP_LAST")]
     pub disk_keep_last: Option<usize>,
+    /// Bytes per second the disk tier's chunks are re-hashed at in the
+    /// background (0: no scrubbing).
+    #[arg(long, env = "CAIRN_DISK_SCRUB_BYTES_PER_SEC")]
+    pub disk_scrub_bytes_per_sec: Option<u64>,
     /// Object-store tier (T3) URL: s3://, gs://, az:// or file:///.
     #[arg(long, env = "CAIRN_OBJECT_STORE_URL")]
     pub object_store_url: Option<String>,
@@ -386,6 +390,7 @@ struct RawDisk {
     keep_last: Option<usize>,
     writeback_concurrency: Option<usize>,
     reverify_after_secs: Option<u64>,
+    scrub_bytes_per_sec: Option<u64>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -434,6 +439,9 @@ pub struct Config {
     /// How long a disk chunk stays trusted after it was written or checked:
     /// older ones are re-hashed before a new shard reuses them.
     pub disk_reverify_after: Duration,
+    /// Bytes per second the disk tier's own chunks are re-hashed at in the
+    /// background (0: no scrubbing).
+    pub disk_scrub_bytes_per_sec: u64,
     /// The object-store tier, if configured.
     pub object_store: Option<ObjectStoreConfig>,
     /// Ingest of CSI volumes.
@@ -611,6 +619,10 @@ impl Config {
                     .reverify_after_secs
                     .unwrap_or(DEFAULT_DISK_REVERIFY_AFTER_SECS),
             ),
+            disk_scrub_bytes_per_sec: args
+                .disk_scrub_bytes_per_sec
+                .or(raw.disk.scrub_bytes_per_sec)
+                .unwrap_or(DEFAULT_SCRUB_BYTES_PER_SEC),
             object_store,
             ingest,
             peers,

@@ -89,10 +89,11 @@ pub const HOLDER_CHECKS: &str = "cairn_holder_checks_total";
 /// Holders that stopped counting for one of this node's shards, by reason
 /// (`lost`, `unreachable`: past the grace period).
 pub const HOLDERS_DROPPED: &str = "cairn_holders_dropped_total";
-/// Bytes of replica chunks re-hashed by scrubbing.
+/// Bytes of chunks re-hashed by scrubbing, by `store` (`replicas`: those
+/// held for other nodes; `disk`: the disk tier's own).
 pub const SCRUB_BYTES: &str = "cairn_scrub_bytes_total";
-/// Replica chunks scrubbing found bad (and removed, for the owner to send
-/// again).
+/// Chunks scrubbing found bad, by `store`: replica chunks are removed for
+/// their owners to send again, disk chunks rewritten from another tier.
 pub const SCRUB_BAD_CHUNKS: &str = "cairn_scrub_bad_chunks_total";
 
 /// The daemon's metrics, registered in their own registry.
@@ -171,9 +172,9 @@ pub struct Metrics {
     /// See [`HOLDERS_DROPPED`].
     pub holders_dropped: IntCounterVec,
     /// See [`SCRUB_BYTES`].
-    pub scrub_bytes: IntCounter,
+    pub scrub_bytes: IntCounterVec,
     /// See [`SCRUB_BAD_CHUNKS`].
-    pub scrub_bad_chunks: IntCounter,
+    pub scrub_bad_chunks: IntCounterVec,
 }
 
 /// Latency buckets from 1 ms to about 10 minutes.
@@ -331,16 +332,12 @@ impl Metrics {
                 "Holders that stopped counting for a shard of this node.",
                 &["reason"],
             ),
-            scrub_bytes: reg(
-                &registry,
-                IntCounter::new(SCRUB_BYTES, "Replica chunk bytes re-hashed by scrubbing.")
-                    .expect("valid metric"),
+            scrub_bytes: counter(
+                SCRUB_BYTES,
+                "Chunk bytes re-hashed by scrubbing.",
+                &["store"],
             ),
-            scrub_bad_chunks: reg(
-                &registry,
-                IntCounter::new(SCRUB_BAD_CHUNKS, "Replica chunks scrubbing found bad.")
-                    .expect("valid metric"),
-            ),
+            scrub_bad_chunks: counter(SCRUB_BAD_CHUNKS, "Chunks scrubbing found bad.", &["store"]),
             registry,
         }
     }

@@ -199,3 +199,96 @@ async fn a_bad_disk_chunk_is_rewritten_when_a_new_step_reuses_it() {
         assert_eq!(got["w"], data, "step {step}");
     }
 }
+
+/// Issue 16: the disk tier's own chunks were re-hashed only when a new step
+/// reused them or `cairn verify` ran, so a chunk that rotted on disk stayed
+/// "durable" until a restore needed it. Now scrubbing finds it in the
+/// background and rewrites it from another tier; with no good copy
+/// anywhere, the shard leaves the disk tier instead of being listed as
+/// durable there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrubbing_rewrites_a_bad_disk_chunk_or_stops_claiming_its_shard() {
+    let d = Daemon::start(&[
+        "--disk-scrub-bytes-per-sec",
+        "1073741824",
+        "--memory-keep-last",
+        "1",
+    ])
+    .await;
+    let mut c = d.clients().await;
+    let first = bytes(21, 4 * TEST_CHUNK as usize);
+    let second = bytes(22, 4 * TEST_CHUNK as usize);
+    save(&mut c, shard("rot", 1, 0), &[("w", &first)])
+        .await
+        .expect("save 1");
+    wait_disk(&mut c, "rot", 1).await;
+    let (resp1, _) = restore(&mut c, "rot", Some(1), 0).await.expect("restore 1");
+    save(&mut c, shard("rot", 2, 0), &[("w", &second)])
+        .await
+        .expect("save 2");
+    wait_disk(&mut c, "rot", 2).await;
+    let (resp2, _) = restore(&mut c, "rot", Some(2), 0).await.expect("restore 2");
+    let disk_chunk = |hex: &str| {
+        d.disk_dir
+            .join("tenants/default/chunks")
+            .join(&hex[..2])
+            .join(hex)
+    };
+    let good = |path: &std::path::Path, hex: &str| {
+        std::fs::read(path).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == hex)
+    };
+
+    // Step 2 is still in memory: its bad disk chunk is rewritten from there.
+    let hex2 = chunk_hex(&resp2, 1);
+    flip_byte(&disk_chunk(&hex2), 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !good(&disk_chunk(&hex2), &hex2) {
+        assert!(std::time::Instant::now() < deadline, "never rewritten");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        d.log_text()
+            .contains("scrubbing rewrote a bad disk chunk from another tier"),
+        "{}",
+        d.log_text()
+    );
+
+    // Step 1 left memory (keep_last 1) and no other tier exists: the disk
+    // tier stops claiming it rather than list it as durable.
+    let hex1 = chunk_hex(&resp1, 2);
+    flip_byte(&disk_chunk(&hex1), 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let steps: Vec<u64> = c
+            .checkpoint
+            .list_steps(pb::ListStepsRequest {
+                tenant: String::new(),
+                job: "rot".into(),
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .jobs
+            .into_iter()
+            .flat_map(|j| j.steps)
+            .map(|s| s.step)
+            .collect();
+        if steps == vec![2] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step 1 still listed: {steps:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        d.log_text().contains("the shard leaves the disk tier"),
+        "{}",
+        d.log_text()
+    );
+    let (_, got) = restore(&mut c, "rot", Some(2), 0)
+        .await
+        .expect("step 2 restores");
+    assert_eq!(got["w"], second);
+}

@@ -26,6 +26,7 @@ pub mod progress;
 mod replicate;
 mod restore;
 mod save;
+mod scrub;
 mod upload;
 pub mod volumes;
 mod writeback;
@@ -365,6 +366,7 @@ impl Node {
             tokio::spawn(Arc::clone(&node).membership_loop());
             tokio::spawn(Arc::clone(&node).holder_check_loop());
         }
+        tokio::spawn(Arc::clone(&node).disk_scrub_loop());
         tokio::spawn(Arc::clone(&node).reap_sessions());
         tokio::spawn(ingest::run(Arc::clone(&node)));
         node.update_usage_metrics();

@@ -6,7 +6,7 @@
 //!   for every chunk the manifest names. Two small requests and no chunk
 //!   bytes: the chunk question is answered from presence alone
 //!   (`presence_only`), since re-hashing is scrubbing's job. The node's
-//!   pipeline (`node::replicate`) runs the checks on a timer and stops
+//!   pipeline (`node::holder_check`) runs the checks on a timer and stops
 //!   counting holders that fail them.
 //! * *Contact* ([`MemberHealth`]): when each member last answered, and since
 //!   when it has not, so that an unreachable holder keeps counting for a
@@ -203,7 +203,10 @@ impl PeerTier {
                 let read = match scrubbed {
                     Ok(Scrubbed::Good(read)) => read,
                     Ok(Scrubbed::Bad(read)) => {
-                        self.metrics.scrub_bad_chunks.inc();
+                        self.metrics
+                            .scrub_bad_chunks
+                            .with_label_values(&["replicas"])
+                            .inc();
                         let mut book = lock(&self.health);
                         book.scrub.bad_chunks = book.scrub.bad_chunks.saturating_add(1);
                         read
@@ -214,7 +217,10 @@ impl PeerTier {
                         0
                     }
                 };
-                self.metrics.scrub_bytes.inc_by(read);
+                self.metrics
+                    .scrub_bytes
+                    .with_label_values(&["replicas"])
+                    .inc_by(read);
                 {
                     let mut book = lock(&self.health);
                     book.scrub.checked_in_pass = book.scrub.checked_in_pass.saturating_add(1);

@@ -89,6 +89,16 @@ impl Daemon {
         if !self.extra_args.iter().any(|a| a == "--chunk-size") {
             cmd.arg("--chunk-size").arg(TEST_CHUNK.to_string());
         }
+        // Background scrubbing of the disk tier is off unless a test turns
+        // it on: tests that damage disk chunks on purpose want the restore
+        // or the verify they run, not a scrub, to find them.
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a == "--disk-scrub-bytes-per-sec")
+        {
+            cmd.arg("--disk-scrub-bytes-per-sec").arg("0");
+        }
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--memory-dir")
