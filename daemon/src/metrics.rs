@@ -89,6 +89,8 @@ pub const HOLDER_CHECKS: &str = "cairn_holder_checks_total";
 /// Holders that stopped counting for one of this node's shards, by reason
 /// (`lost`, `unreachable`: past the grace period).
 pub const HOLDERS_DROPPED: &str = "cairn_holders_dropped_total";
+/// Surplus copies former holders dropped at this node's request.
+pub const SURPLUS_REPLICAS_DROPPED: &str = "cairn_surplus_replicas_dropped_total";
 /// Bytes of chunks re-hashed by scrubbing, by `store` (`replicas`: those
 /// held for other nodes; `disk`: the disk tier's own).
 pub const SCRUB_BYTES: &str = "cairn_scrub_bytes_total";
@@ -171,6 +173,8 @@ pub struct Metrics {
     pub holder_checks: IntCounterVec,
     /// See [`HOLDERS_DROPPED`].
     pub holders_dropped: IntCounterVec,
+    /// See [`SURPLUS_REPLICAS_DROPPED`].
+    pub surplus_replicas_dropped: IntCounter,
     /// See [`SCRUB_BYTES`].
     pub scrub_bytes: IntCounterVec,
     /// See [`SCRUB_BAD_CHUNKS`].
@@ -331,6 +335,14 @@ impl Metrics {
                 HOLDERS_DROPPED,
                 "Holders that stopped counting for a shard of this node.",
                 &["reason"],
+            ),
+            surplus_replicas_dropped: reg(
+                &registry,
+                IntCounter::new(
+                    SURPLUS_REPLICAS_DROPPED,
+                    "Surplus replica copies former holders dropped.",
+                )
+                .expect("valid metric"),
             ),
             scrub_bytes: counter(
                 SCRUB_BYTES,

@@ -1565,3 +1565,53 @@ async fn soak_the_peer_tier_under_churn() {
         saved.len()
     );
 }
+
+/// Issue 16: a holder that stayed unreachable past the grace period stopped
+/// counting and its copy was made on the next candidate; when it came back
+/// it kept its old copy for good (R + 1 copies; a rolling update would leave
+/// one more per node). Now the owner asks it to drop the surplus copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_holder_that_returns_after_its_copy_moved_drops_the_surplus() {
+    let mut cluster = Cluster::start_with(3, 1, &checked_options(3)).await;
+    let files = shard_files(19, 8);
+    save_files(&cluster.nodes[0], "surplus", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "surplus", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on one peer");
+    let placed = cluster.placement(0, "surplus", 0, 1)[0];
+    let other = 3 - placed;
+    cluster.nodes[placed].kill();
+    wait_for(
+        "the copy moved to the other node",
+        Duration::from_secs(60),
+        async || {
+            let shard = shard_status(&cluster.nodes[0], "surplus", 1).await;
+            peer_state(&shard) == pb::ShardState::Durable
+                && shard.peer_holders == vec![node_name(other)]
+        },
+    )
+    .await;
+    assert_eq!(replica_shards(&cluster.nodes[other]).await, 1);
+    // Back, with its old copy.
+    cluster.nodes[placed].restart().await;
+    wait_for(
+        "the returning holder dropped its surplus copy",
+        Duration::from_secs(30),
+        async || replica_shards(&cluster.nodes[placed]).await == 0,
+    )
+    .await;
+    let metrics = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+    assert_eq!(
+        metric(&metrics, "cairn_surplus_replicas_dropped_total"),
+        1.0
+    );
+    let shard = shard_status(&cluster.nodes[0], "surplus", 1).await;
+    assert_eq!(shard.peer_holders, vec![node_name(other)]);
+    assert_eq!(replica_shards(&cluster.nodes[other]).await, 1);
+    assert!(
+        cluster.nodes[placed]
+            .log_text()
+            .contains("surplus replica dropped at its owner's request")
+    );
+}

@@ -24,7 +24,7 @@ use std::time::Duration;
 use cairn_core::{NodeId, ShardKey};
 
 use super::{Node, lock};
-use crate::peer::HolderCheck;
+use crate::peer::{HolderCheck, PeerTier};
 
 /// Why a holder stopped counting, for logs and the metric's label.
 struct Dropped {
@@ -86,6 +86,35 @@ impl Node {
                 if !dropped.is_empty() {
                     self.drop_holders(&key, &dropped);
                 }
+            }
+            let surplus = lock(&self.replication).surplus_to_drop();
+            for (key, nodes) in surplus {
+                for node in nodes {
+                    tokio::select! {
+                        () = self.cancel.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    self.drop_surplus_copy(&peers, &key, &node).await;
+                }
+            }
+        }
+    }
+
+    /// Asks a former holder of a shard that is durable without it to drop
+    /// its copy, so that a holder coming back after its copy was made
+    /// elsewhere does not leave R + 1 copies behind; kept for the next
+    /// round while it does not answer.
+    async fn drop_surplus_copy(&self, peers: &PeerTier, key: &ShardKey, node: &NodeId) {
+        match peers.drop_surplus(node, key).await {
+            Ok(dropped) => {
+                if dropped {
+                    self.metrics.surplus_replicas_dropped.inc();
+                    tracing::info!(shard = %key, holder = %node, "asked a former holder to drop its surplus copy");
+                }
+                lock(&self.replication).forget_surplus(key, node);
+            }
+            Err(e) => {
+                tracing::debug!(shard = %key, holder = %node, error = %e, "a former holder did not drop its copy yet; asking again next round");
             }
         }
     }

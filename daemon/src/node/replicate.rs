@@ -50,6 +50,10 @@ pub(super) struct Replication {
     /// Queued again while running: replicate once more when done.
     again: HashSet<ShardKey>,
     attempts: HashMap<ShardKey, u32>,
+    /// Holders that stopped counting and may still hold a copy (one that was
+    /// unreachable and comes back): once the shard is durable without them,
+    /// they are asked to drop it (see `node::holder_check`).
+    surplus: HashMap<ShardKey, HashSet<NodeId>>,
 }
 
 impl Replication {
@@ -84,7 +88,36 @@ impl Replication {
             "{} of {wanted} replicas: {why}",
             view.holders.len()
         ));
+        self.surplus
+            .entry(key.clone())
+            .or_default()
+            .extend(gone.iter().map(|h| (*h).clone()));
         true
+    }
+
+    /// Shards durable without some former holders, with those holders: the
+    /// copies to drop.
+    pub(super) fn surplus_to_drop(&self) -> Vec<(ShardKey, Vec<NodeId>)> {
+        self.surplus
+            .iter()
+            .filter(|(key, _)| {
+                self.states
+                    .get(*key)
+                    .is_some_and(|v| v.state == CopyState::Durable)
+            })
+            .map(|(key, nodes)| (key.clone(), nodes.iter().cloned().collect()))
+            .collect()
+    }
+
+    /// Forgets `node` as a possible surplus holder of `key` (it dropped its
+    /// copy, held none, or counts again).
+    pub(super) fn forget_surplus(&mut self, key: &ShardKey, node: &NodeId) {
+        if let Some(nodes) = self.surplus.get_mut(key) {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                self.surplus.remove(key);
+            }
+        }
     }
 }
 
@@ -171,6 +204,7 @@ impl Node {
             let mut replication = lock(&self.replication);
             replication.states.remove(key);
             replication.attempts.remove(key);
+            replication.surplus.remove(key);
             drop(replication);
             self.update_replication_gauges();
             return;
@@ -197,6 +231,9 @@ impl Node {
                     ))
                 },
             };
+            if let Some(surplus) = replication.surplus.get_mut(key) {
+                surplus.retain(|n| !outcome.holders.contains(n));
+            }
             let previous = replication.states.insert(key.clone(), view);
             let was_durable = previous.is_some_and(|p| p.state == CopyState::Durable);
             let attempt = if durable {

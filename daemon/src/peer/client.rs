@@ -202,6 +202,20 @@ impl PeerClient {
         }
     }
 
+    /// Asks the peer to drop its replica of a shard this node owns; whether
+    /// it held one.
+    pub async fn drop_replica(&self, key: &ShardKey) -> Result<bool> {
+        let response = self
+            .rpc
+            .clone()
+            .drop_replica(pb::PeerDropReplicaRequest {
+                shard: Some(shard_ref(key)),
+            })
+            .await
+            .map_err(|s| self.error(format!("asking it to drop its replica of {key}"), s))?;
+        Ok(response.into_inner().dropped)
+    }
+
     /// The replicas the peer holds for a tenant (one job, or all).
     pub async fn replicas(
         &self,

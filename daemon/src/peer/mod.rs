@@ -502,6 +502,17 @@ impl PeerTier {
         }
     }
 
+    /// Asks `node` to drop its replica of `key`, a shard of this node's
+    /// that it no longer counts; whether it held one.
+    pub async fn drop_surplus(&self, node: &NodeId, key: &ShardKey) -> Result<bool> {
+        let client = self.client(&self.view(), node)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("{node} is not a member of the peer tier"))
+        })?;
+        let dropped = client.drop_replica(key).await;
+        self.record_contact(node, dropped.is_ok());
+        dropped
+    }
+
     /// Sends one chunk to `node` (which re-hashes it before storing it,
     /// replacing a bad copy): what `cairn verify --tier peers --repair`
     /// does for each bad chunk of a holder.

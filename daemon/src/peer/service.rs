@@ -218,6 +218,32 @@ impl pb::peer_server::Peer for PeerService {
         }
     }
 
+    async fn drop_replica(
+        &self,
+        request: Request<pb::PeerDropReplicaRequest>,
+    ) -> RpcResult<pb::PeerDropReplicaResponse> {
+        const METHOD: &str = "Peer/DropReplica";
+        let caller = self.caller(&request, METHOD)?;
+        let shard = request
+            .into_inner()
+            .shard
+            .ok_or_else(|| Status::invalid_argument("shard: required"))?;
+        let key = ShardKey {
+            tenant: self.tenant(METHOD, &shard.tenant)?,
+            job: convert::job("shard.job", &shard.job).map_err(|e| self.refuse(METHOD, e))?,
+            step: Step(shard.step),
+            rank: Rank(shard.rank),
+        };
+        let dropped = self
+            .store
+            .drop_replica(&key, &caller)
+            .map_err(|e| self.refuse(METHOD, e))?;
+        if dropped {
+            tracing::info!(shard = %key, owner = %caller, "surplus replica dropped at its owner's request");
+        }
+        Ok(Response::new(pb::PeerDropReplicaResponse { dropped }))
+    }
+
     async fn list_replicas(
         &self,
         request: Request<pb::PeerListReplicasRequest>,

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_core::{ChunkId, JobName, Manifest, Member, PlacementKey, ShardKey, TenantName};
+use cairn_core::{ChunkId, JobName, Manifest, Member, NodeId, PlacementKey, ShardKey, TenantName};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
@@ -283,6 +283,30 @@ impl ReplicaStore {
         self.tier.list(tenant, job).await
     }
 
+    /// Drops the replica of `shard` when `caller` is its recorded owner (a
+    /// surplus copy the owner no longer counts); returns whether one was
+    /// held. Its chunks go at the next collection.
+    pub fn drop_replica(&self, shard: &ShardKey, caller: &NodeId) -> Result<bool> {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        match owners.get(shard) {
+            None => return Ok(false),
+            Some(owner) if &owner.id != caller => {
+                return Err(Error::PermissionDenied(format!(
+                    "node {caller} asked to drop the replica of shard {shard}, whose owner is node {}",
+                    owner.id
+                )));
+            }
+            Some(_) => {}
+        }
+        let before = self.tier.used_bytes();
+        let held = self.tier.remove_shard(shard)?;
+        let released = before.saturating_sub(self.tier.used_bytes());
+        self.unreferenced.fetch_add(released, Ordering::Relaxed);
+        owners.remove(shard);
+        self.save_owners(&owners)?;
+        Ok(held)
+    }
+
     /// Every replica held, with its owner.
     pub fn replicas(&self) -> Vec<(Arc<Manifest>, Option<Member>)> {
         let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
@@ -369,6 +393,41 @@ mod tests {
                 .await
                 .expect("put chunk");
         }
+    }
+
+    #[tokio::test]
+    async fn only_the_owner_drops_its_replica() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = ReplicaStore::open(dir.path(), 0, 2).expect("open");
+        let chunks = vec![chunk(5)];
+        let m = manifest(1, &chunks);
+        put_all(&store, &m, &chunks).await;
+        store
+            .put_manifest(m.clone(), owner())
+            .await
+            .expect("stored");
+        let stranger = NodeId::parse("node", "node-z".into()).expect("id");
+        let err = store
+            .drop_replica(&m.shard, &stranger)
+            .expect_err("not the owner");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.to_string().contains("node-z") && err.to_string().contains("node-a"));
+        assert!(store.manifest(&m.shard).await.expect("read").is_some());
+        assert!(
+            store
+                .drop_replica(&m.shard, &owner().id)
+                .expect("the owner")
+        );
+        assert!(store.manifest(&m.shard).await.expect("read").is_none());
+        assert!(
+            !store
+                .drop_replica(&m.shard, &owner().id)
+                .expect("nothing left")
+        );
+        // The owner record went too: a restart does not bring it back.
+        drop(store);
+        let reopened = ReplicaStore::open(dir.path(), 0, 2).expect("reopen");
+        assert!(reopened.replicas().is_empty());
     }
 
     #[tokio::test]

@@ -718,3 +718,15 @@ class UnbindVolumeResponse(_message.Message):
     WAS_BOUND_FIELD_NUMBER: _ClassVar[int]
     was_bound: bool
     def __init__(self, was_bound: _Optional[bool] = ...) -> None: ...
+
+class PeerDropReplicaRequest(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardRef
+    def __init__(self, shard: _Optional[_Union[ShardRef, _Mapping]] = ...) -> None: ...
+
+class PeerDropReplicaResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    def __init__(self, dropped: _Optional[bool] = ...) -> None: ...

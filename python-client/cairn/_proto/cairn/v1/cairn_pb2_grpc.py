@@ -855,6 +855,11 @@ class PeerStub:
                 request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.SerializeToString,
                 response_deserializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
                 _registered_method=True)
+        self.DropReplica = channel.unary_unary(
+                '/cairn.v1.Peer/DropReplica',
+                request_serializer=cairn_dot_v1_dot_cairn__pb2.PeerDropReplicaRequest.SerializeToString,
+                response_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerDropReplicaResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -920,6 +925,16 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropReplica(self, request, context):
+        """Drops this node's replica of a shard, asked by the shard's recorded
+        owner only (PERMISSION_DENIED for anyone else): a surplus copy the owner
+        no longer counts, left by a holder that came back after its copy was
+        made elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -957,6 +972,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Prefetch,
                     request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.FromString,
                     response_serializer=cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.SerializeToString,
+            ),
+            'DropReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropReplica,
+                    request_deserializer=cairn_dot_v1_dot_cairn__pb2.PeerDropReplicaRequest.FromString,
+                    response_serializer=cairn_dot_v1_dot_cairn__pb2.PeerDropReplicaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1153,6 +1173,33 @@ class Peer:
             '/cairn.v1.Peer/Prefetch',
             cairn_dot_v1_dot_cairn__pb2.PeerPrefetchRequest.SerializeToString,
             cairn_dot_v1_dot_cairn__pb2.PrefetchProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cairn.v1.Peer/DropReplica',
+            cairn_dot_v1_dot_cairn__pb2.PeerDropReplicaRequest.SerializeToString,
+            cairn_dot_v1_dot_cairn__pb2.PeerDropReplicaResponse.FromString,
             options,
             channel_credentials,
             insecure,
