@@ -156,7 +156,7 @@ async fn a_dead_bucket_gives_a_labelled_partial_view_and_its_own_exit_code() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("partial view: the object store: "), "{text}");
     assert!(text.contains("partial"), "the local step is listed: {text}");
-    // It does not wait out the bucket's own retries (about 1.5 s by design;
+    // It does not wait out the bucket's own retries (about a second by design;
     // generous here for a loaded machine).
     assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
     let out = d.cli(&["--json", "list", "--job", "partial"]);

@@ -17,7 +17,7 @@ use crate::transfer;
 /// status --job`) waits for a remote tier before showing the rest without
 /// it, saying so. Lookups that decide what to restore wait as long as the
 /// tier's own timeouts allow instead.
-const LISTING_REMOTE_DEADLINE: Duration = Duration::from_millis(1500);
+const LISTING_REMOTE_DEADLINE: Duration = Duration::from_secs(1);
 
 /// What the tiers listed.
 #[derive(Default)]
