@@ -1286,10 +1286,10 @@ async fn corrupt_replica_chunks_are_scrubbed_and_sent_again() {
     .await;
     let metrics = metrics_in_namespace(&cluster.net, holder, &cluster.nodes[holder]);
     assert!(
-        metric(&metrics, "cairn_scrub_bad_chunks_total") >= ids.len() as f64,
+        metric(&metrics, "cairn_scrub_bad_chunks_total{store=\"replicas\"}") >= ids.len() as f64,
         "{metrics}"
     );
-    assert!(metric(&metrics, "cairn_scrub_bytes_total") > 0.0);
+    assert!(metric(&metrics, "cairn_scrub_bytes_total{store=\"replicas\"}") > 0.0);
     let out = cluster.nodes[holder].cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

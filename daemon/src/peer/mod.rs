@@ -143,9 +143,12 @@ impl PeerTier {
         let settings = config.membership.clone();
         let source = membership::source_name(&settings);
         let stop = cancel.clone();
-        let membership_problem = Arc::new(Mutex::new(Some(format!(
-            "no membership view yet from the {source} source"
-        ))));
+        // A static list is its own first view; the other sources have none
+        // until they deliver one.
+        let membership_problem = Arc::new(Mutex::new(
+            (!matches!(settings, membership::MembershipSettings::Static(_)))
+                .then(|| format!("no membership view yet from the {source} source")),
+        ));
         let problem = Arc::clone(&membership_problem);
         tokio::spawn(async move {
             // A source that cannot start (no kubeconfig, no service account)
