@@ -119,6 +119,17 @@ impl PeerService {
     fn tenant(&self, method: &str, tenant: &str) -> Result<TenantName, Status> {
         TenantName::parse("tenant", tenant.to_owned()).map_err(|e| self.refuse(method, e.into()))
     }
+
+    /// The shard a request names (`shard`, required), validated.
+    fn shard_key(&self, method: &str, shard: Option<pb::ShardRef>) -> Result<ShardKey, Status> {
+        let shard = shard.ok_or_else(|| Status::invalid_argument("shard: required"))?;
+        Ok(ShardKey {
+            tenant: self.tenant(method, &shard.tenant)?,
+            job: convert::job("shard.job", &shard.job).map_err(|e| self.refuse(method, e))?,
+            step: Step(shard.step),
+            rank: Rank(shard.rank),
+        })
+    }
 }
 
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -199,16 +210,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> RpcResult<pb::PeerGetReplicaResponse> {
         const METHOD: &str = "Peer/GetReplica";
         self.caller(&request, METHOD)?;
-        let shard = request
-            .into_inner()
-            .shard
-            .ok_or_else(|| Status::invalid_argument("shard: required"))?;
-        let key = ShardKey {
-            tenant: self.tenant(METHOD, &shard.tenant)?,
-            job: convert::job("shard.job", &shard.job).map_err(|e| self.refuse(METHOD, e))?,
-            step: Step(shard.step),
-            rank: Rank(shard.rank),
-        };
+        let key = self.shard_key(METHOD, request.into_inner().shard)?;
         match self.store.manifest(&key).await {
             Ok(Some(manifest)) => Ok(Response::new(pb::PeerGetReplicaResponse {
                 manifest: manifest.encode(),
@@ -224,16 +226,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> RpcResult<pb::PeerDropReplicaResponse> {
         const METHOD: &str = "Peer/DropReplica";
         let caller = self.caller(&request, METHOD)?;
-        let shard = request
-            .into_inner()
-            .shard
-            .ok_or_else(|| Status::invalid_argument("shard: required"))?;
-        let key = ShardKey {
-            tenant: self.tenant(METHOD, &shard.tenant)?,
-            job: convert::job("shard.job", &shard.job).map_err(|e| self.refuse(METHOD, e))?,
-            step: Step(shard.step),
-            rank: Rank(shard.rank),
-        };
+        let key = self.shard_key(METHOD, request.into_inner().shard)?;
         let dropped = self
             .store
             .drop_replica(&key, &caller)
