@@ -154,7 +154,7 @@ pub fn peer_request(data: &[u8]) {
     let Some((&method, body)) = data.split_first() else {
         return;
     };
-    match method % 7 {
+    match method % 8 {
         0 => {
             if let Ok(req) = pb::PeerMissingChunksRequest::decode(body) {
                 peer_tenant("Peer/MissingChunks", &req.tenant);
@@ -208,6 +208,14 @@ pub fn peer_request(data: &[u8]) {
             if let Ok(req) = pb::PeerGetChunkRequest::decode(body) {
                 peer_tenant("Peer/GetChunk", &req.tenant);
                 refused_status("Peer/GetChunk", chunk_id(&req.id));
+            }
+        }
+        7 => {
+            if let Ok(req) = pb::PeerDropReplicaRequest::decode(body)
+                && let Some(shard) = req.shard
+            {
+                peer_tenant("Peer/DropReplica", &shard.tenant);
+                refused("Peer/DropReplica", convert::job("shard.job", &shard.job));
             }
         }
         _ => {

@@ -521,6 +521,15 @@ fn write_seed_corpora() {
                     },
                 ),
             ),
+            (
+                "drop_replica",
+                request(
+                    7,
+                    &pb::PeerDropReplicaRequest {
+                        shard: Some(shard_ref()),
+                    },
+                ),
+            ),
         ],
     );
 
