@@ -57,6 +57,7 @@ async fn steps(c: &mut cairn_daemon::client::Clients) -> Vec<pb::StepStatus> {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: "run".into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

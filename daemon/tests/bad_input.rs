@@ -260,6 +260,7 @@ async fn streams_that_lie_about_sizes_are_rejected_and_leave_nothing() {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: "stream".into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

@@ -264,6 +264,7 @@ async fn scrubbing_rewrites_a_bad_disk_chunk_or_stops_claiming_its_shard() {
             .list_steps(pb::ListStepsRequest {
                 tenant: String::new(),
                 job: "rot".into(),
+                wait_for_all_tiers: true,
             })
             .await
             .expect("list")

@@ -16,6 +16,7 @@ async fn listed_steps(c: &mut cairn_daemon::client::Clients, job: &str) -> Vec<u
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

@@ -28,6 +28,7 @@ async fn list(c: &mut cairn_daemon::client::Clients, job: &str) -> Vec<pb::StepS
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

@@ -39,6 +39,7 @@ async fn steps(c: &mut Clients, job: &str) -> BTreeSet<u64> {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("ListSteps")

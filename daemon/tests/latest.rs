@@ -95,6 +95,7 @@ async fn check_latest(d: &Daemon, job: &str, saved: &BTreeSet<(u64, u32)>) {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

@@ -550,6 +550,7 @@ async fn gcs_bucket_is_listed_and_restored_from() {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: "gcsjob".into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

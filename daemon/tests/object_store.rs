@@ -66,6 +66,7 @@ async fn list_job(c: &mut cairn_daemon::client::Clients, job: &str) -> Vec<pb::S
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")

@@ -182,6 +182,7 @@ async fn shard_status(node: &Daemon, job: &str, step: u64) -> pb::ShardStatus {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list steps")
@@ -1122,6 +1123,7 @@ async fn a_compromised_member_cannot_plant_replicas_in_other_nodes_names() {
             .list_steps(pb::ListStepsRequest {
                 tenant: String::new(),
                 job: job.into(),
+                wait_for_all_tiers: true,
             })
             .await
             .expect("list steps")

@@ -168,6 +168,7 @@ async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest()
             .list_steps(pb::ListStepsRequest {
                 tenant: String::new(),
                 job: "lora".into(),
+                wait_for_all_tiers: true,
             })
             .await
             .expect("list")
@@ -302,6 +303,7 @@ async fn latest_is_the_newest_complete_step_and_tenants_are_isolated() {
         .list_steps(pb::ListStepsRequest {
             tenant: "team-b".into(),
             job: String::new(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("list")
@@ -536,6 +538,7 @@ async fn retention_removes_a_step_from_listings_all_at_once() {
             .list_steps(pb::ListStepsRequest {
                 tenant: String::new(),
                 job: "evicted".into(),
+                wait_for_all_tiers: true,
             })
             .await
             .expect("list")

@@ -564,6 +564,7 @@ async fn listed(c: &mut Clients, job: &str) -> Result<BTreeMap<u64, (bool, bool)
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await;
     match response {
@@ -1541,6 +1542,7 @@ async fn object_store_state(c: &mut Clients, job: &str, step: u64) -> Option<pb:
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .ok()?
@@ -1813,6 +1815,7 @@ async fn disk_states(c: &mut Clients, job: &str) -> BTreeMap<u64, pb::ShardState
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
     else {

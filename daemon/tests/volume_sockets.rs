@@ -112,6 +112,7 @@ async fn everything(
             .list_steps(pb::ListStepsRequest {
                 tenant: (*tenant).into(),
                 job: String::new(),
+                wait_for_all_tiers: true,
             })
             .await
             .expect("ListSteps")
@@ -409,6 +410,7 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
                 .list_steps(pb::ListStepsRequest {
                     tenant: "team-b".into(),
                     job: String::new(),
+                    wait_for_all_tiers: true,
                 })
                 .await,
         ),
@@ -421,6 +423,7 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
                 .list_steps(pb::ListStepsRequest {
                     tenant: String::new(),
                     job: "job-b".into(),
+                    wait_for_all_tiers: true,
                 })
                 .await,
         ),

@@ -364,6 +364,7 @@ fn write_seed_corpora() {
                     &pb::ListStepsRequest {
                         tenant: "team-a".into(),
                         job: "llama-7b".into(),
+                        wait_for_all_tiers: false,
                     },
                 ),
             ),

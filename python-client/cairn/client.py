@@ -1316,15 +1316,20 @@ class Client:
         bucket."""
         return self._list_steps(job)[0]
 
-    def _list_steps(self, job: str) -> tuple[list[StepInfo], list[str]]:
-        """The job's steps, and the tiers the daemon's listing left out."""
+    def _list_steps(
+        self, job: str, wait_for_all_tiers: bool = False
+    ) -> tuple[list[StepInfo], list[str]]:
+        """The job's steps, and the tiers the daemon's listing left out
+        (with ``wait_for_all_tiers``, only those that failed, not slow ones)."""
         if not job:
             raise InvalidArgument("job: must not be empty")
         try:
             response = self._call(
                 "ListSteps",
                 self._stubs.checkpoint.ListSteps,
-                pb.ListStepsRequest(tenant=self.tenant, job=job),
+                pb.ListStepsRequest(
+                    tenant=self.tenant, job=job, wait_for_all_tiers=wait_for_all_tiers
+                ),
             )
         except NotFound:
             return [], []
@@ -1371,7 +1376,9 @@ class Client:
         Raises TierUnavailable rather than return None when the bucket did
         not answer: a trainer told "no checkpoint" would start over.
         """
-        listed, left_out = self._list_steps(job)
+        # A slow bucket is waited for (its own timeouts bound it): the answer
+        # decides where a job resumes.
+        listed, left_out = self._list_steps(job, wait_for_all_tiers=True)
         steps = [s.step for s in listed if s.restorable or not complete_only]
         if steps:
             return max(steps)

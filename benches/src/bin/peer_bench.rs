@@ -434,6 +434,7 @@ async fn peer_holders(c: &mut Clients, job: &str, step: u64) -> Result<Vec<Strin
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await?
         .into_inner()

@@ -171,6 +171,7 @@ impl Daemon {
             .list_steps(cpb::ListStepsRequest {
                 tenant: TENANT.into(),
                 job: job.into(),
+                wait_for_all_tiers: true,
             })
             .await
             .expect("ListSteps")

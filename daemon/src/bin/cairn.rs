@@ -540,6 +540,7 @@ async fn job_status(
         .list_steps(pb::ListStepsRequest {
             tenant: tenant.to_owned(),
             job: job.clone(),
+            wait_for_all_tiers: false,
         })
         .await?
         .into_inner();
@@ -815,6 +816,7 @@ async fn list(clients: &mut Clients, tenant: &str, job: String, json: bool) -> R
         .list_steps(pb::ListStepsRequest {
             tenant: tenant.to_owned(),
             job,
+            wait_for_all_tiers: false,
         })
         .await?
         .into_inner();

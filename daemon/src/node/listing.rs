@@ -133,19 +133,21 @@ impl Node {
         Ok(listing)
     }
 
-    /// Steps of one job (or every job of the tenant), with each shard's state.
+    /// Steps of one job (or every job of the tenant), with each shard's
+    /// state. With `wait_for_all_tiers`, remote tiers get as long as their
+    /// own timeouts allow; otherwise [`LISTING_REMOTE_DEADLINE`].
     pub async fn list_steps(
         &self,
         tenant: &TenantName,
         job: Option<&JobName>,
+        wait_for_all_tiers: bool,
     ) -> Result<StepsView> {
+        let deadline = (!wait_for_all_tiers).then_some(LISTING_REMOTE_DEADLINE);
         let TierListing {
             shards: all,
             by_tier,
             mut left_out,
-        } = self
-            .shards_by_tier(tenant, job, Some(LISTING_REMOTE_DEADLINE))
-            .await?;
+        } = self.shards_by_tier(tenant, job, deadline).await?;
         let in_tier = |tier: TierKind, key: &ShardKey| {
             by_tier.get(&tier).is_some_and(|keys| keys.contains(key))
         };
@@ -154,7 +156,7 @@ impl Node {
             .iter()
             .any(|l| l.starts_with(tier_noun(TierKind::ObjectStore)));
         let marked = if bucket_answered {
-            self.complete_steps_in_bucket(tenant, &all, &mut left_out)
+            self.complete_steps_in_bucket(tenant, &all, deadline, &mut left_out)
                 .await
         } else {
             BTreeSet::new()
@@ -242,6 +244,7 @@ impl Node {
         &self,
         tenant: &TenantName,
         shards: &BTreeMap<ShardKey, Arc<Manifest>>,
+        deadline: Option<Duration>,
         left_out: &mut Vec<String>,
     ) -> BTreeSet<(JobName, Step)> {
         let mut marked = BTreeSet::new();
@@ -250,14 +253,17 @@ impl Node {
         };
         let jobs: BTreeSet<&JobName> = shards.keys().map(|k| &k.job).collect();
         for job in jobs {
-            let listed = tokio::time::timeout(LISTING_REMOTE_DEADLINE, object.steps(tenant, job))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::DeadlineExceeded(format!(
-                        "no answer within {:.1} s",
-                        LISTING_REMOTE_DEADLINE.as_secs_f64()
-                    )))
-                });
+            let listed = match deadline {
+                Some(deadline) => tokio::time::timeout(deadline, object.steps(tenant, job))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::DeadlineExceeded(format!(
+                            "no answer within {:.1} s",
+                            deadline.as_secs_f64()
+                        )))
+                    }),
+                None => object.steps(tenant, job).await,
+            };
             match listed {
                 Ok(steps) => marked.extend(
                     steps

@@ -308,7 +308,10 @@ impl Checkpoint for CheckpointService {
             } else {
                 Some(convert::job("job", &req.job)?)
             })?;
-            let view = self.node.list_steps(&tenant, job.as_ref()).await?;
+            let view = self
+                .node
+                .list_steps(&tenant, job.as_ref(), req.wait_for_all_tiers)
+                .await?;
             let wanted = self.node.peers.as_ref().map_or(0, |p| p.replicas() as u32);
             Ok(pb::ListStepsResponse {
                 left_out: view.left_out,

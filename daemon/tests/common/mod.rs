@@ -491,6 +491,7 @@ pub async fn in_memory(c: &mut Clients, job: &str, step: u64) -> bool {
         .list_steps(pb::ListStepsRequest {
             tenant: String::new(),
             job: job.into(),
+            wait_for_all_tiers: true,
         })
         .await
         .expect("ListSteps")

@@ -280,12 +280,14 @@ class StepStatus(_message.Message):
     def __init__(self, step: _Optional[int] = ..., restorable: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., object_store_complete: _Optional[bool] = ...) -> None: ...
 
 class ListStepsRequest(_message.Message):
-    __slots__ = ("tenant", "job")
+    __slots__ = ("tenant", "job", "wait_for_all_tiers")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_ALL_TIERS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     job: str
-    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+    wait_for_all_tiers: bool
+    def __init__(self, tenant: _Optional[str] = ..., job: _Optional[str] = ..., wait_for_all_tiers: _Optional[bool] = ...) -> None: ...
 
 class JobSteps(_message.Message):
     __slots__ = ("job", "steps")
