@@ -20,12 +20,12 @@ use crate::config::Config;
 use crate::error::{Error, IoContext, Result};
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::peer::service::{PeerService, PrefetchTarget, ReplicaPlacement};
-use crate::peer::{self, PeerTier};
 use crate::service;
 use crate::service::access::{Access, VolumeSockets};
 use crate::service::admin::AdminService;
 use crate::service::checkpoint::CheckpointService;
+use crate::service::peer::{PeerService, PrefetchTarget, ReplicaPlacement};
+use crate::tier::peer::{self, PeerTier};
 
 /// HTTP/2 windows large enough for streamed shards to approach raw TCP speed.
 const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;

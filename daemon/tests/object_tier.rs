@@ -21,8 +21,8 @@ use cairn_daemon::error::Error;
 use cairn_daemon::metrics::Metrics;
 use cairn_daemon::tier::disk::DiskTier;
 use cairn_daemon::tier::object::{ObjectTier, ObjectTierSettings};
+use cairn_daemon::tier::transfer::{CopyReport, PlannedSource, copy_shard, fill_planned};
 use cairn_daemon::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
-use cairn_daemon::transfer::{CopyReport, PlannedSource, copy_shard, fill_planned};
 
 const CHUNK: u64 = 64 * 1024;
 const NO_OPTIONS: [(&str, &str); 0] = [];

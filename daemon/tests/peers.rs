@@ -1009,8 +1009,8 @@ async fn a_compromised_member_cannot_plant_replicas_in_other_nodes_names() {
         ChunkId, ChunkRef, ChunkSize, FileEntry, FileName, MANIFEST_VERSION, Manifest, ShardKey,
         Step,
     };
-    use cairn_daemon::peer::client::PeerClient;
-    use cairn_daemon::peer::tls::{PeerTls, TlsFiles};
+    use cairn_daemon::tier::peer::client::PeerClient;
+    use cairn_daemon::tier::peer::tls::{PeerTls, TlsFiles};
 
     let cluster = Cluster::start(3, 1).await;
     let job = "victim";

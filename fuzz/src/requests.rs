@@ -5,8 +5,8 @@
 
 use cairn_core::{ChunkId, Manifest, Member, NodeId, TenantName};
 use cairn_daemon::error::{Error, Result};
-use cairn_daemon::peer::client::chunk_id;
 use cairn_daemon::service::convert;
+use cairn_daemon::wire::chunk_id;
 use cairn_proto::v1 as pb;
 use prost::Message;
 

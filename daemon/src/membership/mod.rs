@@ -30,7 +30,7 @@
 //!   peer leaving at once, which would start re-replicating everything.
 //! - The channel only carries views that differ from the previous one.
 //!
-//! The peer tier ([`crate::peer::PeerTier`]) starts the configured source
+//! The peer tier ([`crate::tier::peer::PeerTier`]) starts the configured source
 //! and the replication pipeline reacts to its views.
 
 pub mod dns;

@@ -7,7 +7,7 @@
 //! would still count, and the tier would report more durability than it has.
 //! So every `peers.check_interval` this node asks each recorded holder of
 //! each of its shards whether it still has the same manifest and a file for
-//! every chunk ([`crate::peer::PeerTier::check_holder`]: two small requests,
+//! every chunk ([`crate::tier::peer::PeerTier::check_holder`]: two small requests,
 //! no chunk bytes), at most `peers.checks_per_sec` checks a second.
 //!
 //! A holder that answers without the replica (or part of it) stops counting
@@ -24,7 +24,7 @@ use std::time::Duration;
 use cairn_core::{NodeId, ShardKey};
 
 use super::{Node, lock};
-use crate::peer::{HolderCheck, PeerTier};
+use crate::tier::peer::{HolderCheck, PeerTier};
 
 /// Why a holder stopped counting, for logs and the metric's label.
 struct Dropped {

@@ -10,8 +10,8 @@ use cairn_core::{
 
 use super::{CopyState, Node, ReplicationView, ShardView, StepView, lock};
 use crate::error::{Error, Result};
+use crate::tier::transfer;
 use crate::tier::{ChunkLocation, ShardSource, TierKind};
-use crate::transfer;
 
 /// How long a listing for people (`ListSteps`: `cairn list`, `cairn
 /// status --job`) waits for a remote tier before showing the rest without

@@ -9,11 +9,11 @@ use futures::{StreamExt, stream};
 
 use super::{CopyState, Node, StepSelection, TierStatus, VerifyFinding, lock};
 use crate::error::{Error, Result};
-use crate::peer::{PeerHolder, PeerTier};
 use crate::tier::disk::GcReport;
 use crate::tier::object::steps::BucketGcReport;
+use crate::tier::peer::{PeerHolder, PeerTier};
+use crate::tier::transfer;
 use crate::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
-use crate::transfer;
 
 /// What a garbage collection removed, per tier.
 #[derive(Clone, Debug)]

@@ -45,10 +45,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, UPLOAD_JOURNAL_DIR};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::peer::PeerTier;
 use crate::tier::disk::DiskTier;
 use crate::tier::memory::MemoryTier;
 use crate::tier::object::ObjectTier;
+use crate::tier::peer::PeerTier;
 use crate::tier::{ShardSource, TierKind};
 use upload::UploadJournal;
 

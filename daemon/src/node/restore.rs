@@ -12,9 +12,9 @@ use super::progress::RestoreGuard;
 use super::{Node, RestoreOutcome, lock};
 use crate::error::{Error, Result};
 use crate::hashing;
-use crate::peer::PeerHolder;
+use crate::tier::peer::PeerHolder;
+use crate::tier::transfer::{self, FillReport, PlannedSource};
 use crate::tier::{ChunkLocation, ShardSource, TierKind};
-use crate::transfer::{self, FillReport, PlannedSource};
 
 /// Most chunks a restore has in flight across all its sources (memory use
 /// is this times the chunk size).

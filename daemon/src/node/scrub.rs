@@ -18,8 +18,8 @@ use cairn_core::{ChunkId, ShardKey, TenantName};
 
 use super::Node;
 use crate::tier::disk::Scrubbed;
+use crate::tier::transfer;
 use crate::tier::{ChunkLocation, ShardSource, TierKind};
-use crate::transfer;
 
 /// Pause between two passes.
 const PASS_PAUSE: Duration = Duration::from_secs(10);

@@ -24,7 +24,7 @@ use crate::failpoint::crash_point;
 use crate::fsutil;
 use crate::tier::ShardSource;
 use crate::tier::object::ObjectTier;
-use crate::transfer::{self, CopyReport};
+use crate::tier::transfer::{self, CopyReport};
 
 /// First wait before retrying a failed upload; doubles up to the maximum.
 const UPLOAD_RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::tier::ShardSource;
 use crate::tier::disk::DiskReservation;
-use crate::transfer;
+use crate::tier::transfer;
 
 impl Node {
     /// Queues a shard for write-back to disk, once. With an object store

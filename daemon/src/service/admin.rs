@@ -17,7 +17,8 @@ use super::convert;
 use super::to_status;
 use crate::error::Error;
 use crate::node::{Node, StepSelection};
-use crate::peer::service::{PrefetchEvents, PrefetchTarget};
+use crate::service::peer::PrefetchTarget;
+use crate::wire::PrefetchEvents;
 
 /// The service; cheap to clone.
 #[derive(Clone)]

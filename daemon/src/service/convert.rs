@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use cairn_core::{Attempt, FileName, JobName, Manifest, Rank, ShardKey, Step, TenantName};
+use cairn_core::{Attempt, FileName, JobName, Rank, ShardKey, Step, TenantName};
 use cairn_proto::v1 as pb;
 
 use crate::error::{Error, Result};
 use crate::node::progress::ProgressSnapshot;
 use crate::node::{BeginShard, FileSpec, Node};
 use crate::tier::TierKind;
+pub use crate::wire::{attempt_to_pb, job, manifest_to_pb, required, shard_info, shard_ref};
 
 /// Longest metadata key or value accepted, and most entries per map.
 const MAX_METADATA_LEN: usize = 4096;
@@ -34,18 +35,6 @@ fn metadata(
         }
     }
     Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-}
-
-/// A required sub-message.
-pub fn required<'a, T>(field: &str, value: &'a Option<T>) -> Result<&'a T> {
-    value
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument(format!("{field} is required")))
-}
-
-/// The job name in `field`.
-pub fn job(field: &str, value: &str) -> Result<JobName> {
-    Ok(JobName::parse(field, value.to_owned())?)
 }
 
 /// Resolves a request's tenant: as the socket's access allows in the
@@ -144,72 +133,6 @@ pub fn tier_to_pb(tier: TierKind) -> pb::Tier {
         TierKind::Disk => pb::Tier::Disk,
         TierKind::Peers => pb::Tier::Peers,
         TierKind::ObjectStore => pb::Tier::ObjectStore,
-    }
-}
-
-/// The wire form of a shard key.
-pub fn shard_ref(key: &ShardKey) -> pb::ShardRef {
-    pb::ShardRef {
-        tenant: key.tenant.to_string(),
-        job: key.job.to_string(),
-        step: key.step.0,
-        rank: key.rank.0,
-    }
-}
-
-/// The wire form of a manifest.
-pub fn manifest_to_pb(m: &Manifest) -> pb::ShardManifest {
-    pb::ShardManifest {
-        shard: Some(shard_ref(&m.shard)),
-        world_size: m.world_size,
-        chunk_size: m.chunk_size.get(),
-        files: m
-            .files
-            .iter()
-            .map(|f| pb::FileManifest {
-                name: f.name.to_string(),
-                size: f.size,
-                chunks: f
-                    .chunks
-                    .iter()
-                    .map(|c| pb::ChunkRef {
-                        id: c.id.as_bytes().to_vec(),
-                        len: c.len,
-                    })
-                    .collect(),
-                metadata: f
-                    .metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-            })
-            .collect(),
-        metadata: m
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        manifest_hash: m.hash().as_bytes().to_vec(),
-        committed_unix_ms: m.committed_unix_ms,
-        attempt: attempt_to_pb(m.attempt.as_ref()),
-    }
-}
-
-/// The wire form of an optional attempt (empty: none).
-pub fn attempt_to_pb(attempt: Option<&Attempt>) -> String {
-    attempt.map(|a| a.as_str().to_owned()).unwrap_or_default()
-}
-
-/// The summary returned by commits.
-pub fn shard_info(m: &Manifest) -> pb::ShardInfo {
-    pb::ShardInfo {
-        shard: Some(shard_ref(&m.shard)),
-        total_bytes: m.total_bytes(),
-        file_count: m.files.len() as u32,
-        chunk_count: m.chunk_count() as u32,
-        manifest_hash: m.hash().as_bytes().to_vec(),
-        committed_unix_ms: m.committed_unix_ms,
-        attempt: attempt_to_pb(m.attempt.as_ref()),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod access;
 pub mod admin;
 pub mod checkpoint;
 pub mod convert;
+pub mod peer;
 
 use crate::error::Error;
 use crate::metrics::Metrics;

@@ -7,11 +7,13 @@
 //! manifest last. The memory tier (T0) is a source only, since it holds
 //! shards as whole files that clients write directly; the disk tier (T1) is
 //! both. The peer tier (T2) and object-store tier (T3) plug in as further
-//! sources and sinks without changing the callers in [`crate::transfer`].
+//! sources and sinks without changing the callers in [`crate::tier::transfer`].
 
 pub mod disk;
 pub mod memory;
 pub mod object;
+pub mod peer;
+pub mod transfer;
 
 use std::fmt;
 use std::sync::Arc;

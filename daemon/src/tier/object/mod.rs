@@ -12,7 +12,7 @@
 //! Chunk ids are BLAKE3 hashes of their bytes, so a chunk is uploaded once per
 //! tenant however many steps name it, and overwriting one is harmless. A
 //! manifest is written only after every chunk it names (the caller,
-//! [`crate::transfer::copy_shard`], guarantees the order), and with
+//! [`crate::tier::transfer::copy_shard`], guarantees the order), and with
 //! create-only semantics: a bucket never swaps one manifest of a shard for a
 //! different one. Every read re-hashes the bytes, since a bucket is the one
 //! tier the daemon does not control. Object-store puts are atomic, so there is

@@ -9,7 +9,7 @@
 //! * [`PeerTier`] (here) ties them to the membership: it works out where a
 //!   shard's replicas belong ([`cairn_core::placement`]), copies a shard to
 //!   them through the same loop as every other tier
-//!   ([`crate::transfer::copy_shard`]), and is the tier restore reads from:
+//!   ([`crate::tier::transfer::copy_shard`]), and is the tier restore reads from:
 //!   it finds the nodes holding a shard and spreads chunk reads across them,
 //!   verifying each chunk and moving to another holder on a bad copy.
 //!
@@ -17,8 +17,8 @@
 //! membership changes) lives in `node::replicate`.
 
 pub mod client;
+mod config;
 mod health;
-pub mod service;
 pub mod store;
 pub mod tls;
 
@@ -34,13 +34,13 @@ use futures::{StreamExt, stream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PeerConfig;
 use crate::error::{Error, Result};
 use crate::membership;
 use crate::metrics::Metrics;
+use crate::tier::transfer::copy_shard;
 use crate::tier::{ChunkLocation, ChunkRead, ShardSource, TierKind};
-use crate::transfer::copy_shard;
 use client::{PeerClient, ReplicaSink};
+pub use config::PeerConfig;
 pub use health::{HolderCheck, MemberHealth, ScrubStatus};
 use store::ReplicaStore;
 use tls::PeerTls;
@@ -323,7 +323,7 @@ impl PeerTier {
         &self,
         node: &NodeId,
         shard: cairn_proto::v1::ShardSelector,
-    ) -> Result<service::PrefetchEvents<tonic::Status>> {
+    ) -> Result<crate::wire::PrefetchEvents<tonic::Status>> {
         let view = self.view();
         let Some(peer) = view.get(node) else {
             return Err(Error::NotFound(format!(

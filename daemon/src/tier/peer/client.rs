@@ -16,13 +16,12 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use super::service::PrefetchEvents;
 use super::tls::{NODE_HEADER, PeerTls};
 use super::{CONNECTION_WINDOW_BYTES, MAX_PEER_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::service::convert::shard_ref;
 use crate::tier::{ChunkLocation, ChunkSink, TierKind};
+use crate::wire::{PrefetchEvents, chunk_id, shard_ref};
 
 /// How long dialing a peer may take before the peer counts as unreachable:
 /// short, so a dead peer costs replication and restore little time.
@@ -291,18 +290,7 @@ impl PeerClient {
     }
 }
 
-/// A 32-byte chunk id off the wire.
-pub fn chunk_id(bytes: &[u8]) -> std::result::Result<ChunkId, tonic::Status> {
-    let array: [u8; 32] = bytes.try_into().map_err(|_| {
-        tonic::Status::invalid_argument(format!(
-            "a chunk id is 32 bytes of BLAKE3, not {} bytes",
-            bytes.len()
-        ))
-    })?;
-    Ok(ChunkId::from_bytes(array))
-}
-
-/// Writes a replica to one peer through [`crate::transfer::copy_shard`]: the
+/// Writes a replica to one peer through [`crate::tier::transfer::copy_shard`]: the
 /// peer's copy of a shard whose owner is `owner`.
 pub struct ReplicaSink<'a> {
     /// The peer.

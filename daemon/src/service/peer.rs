@@ -1,7 +1,7 @@
 //! The `cairn.v1.Peer` service: what other daemons call to keep replicas
 //! here and read them back.
 //!
-//! Every request is authenticated first ([`super::tls::authenticate`]) and
+//! Every request is authenticated first ([`crate::tier::peer::tls::authenticate`]) and
 //! must come from a member of the current membership view; the replicas are
 //! any tenant's, since daemons act for all the node's jobs. Peers are
 //! trusted to store and serve bytes, not to speak for other nodes: a replica
@@ -9,27 +9,23 @@
 //! from a holder re-placing it), and only where placement puts it
 //! ([`may_store_replica`]).
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use cairn_core::{
     Manifest, Member, MembershipView, NodeId, PlacementKey, Rank, ShardKey, Step, TenantName,
 };
 use cairn_proto::v1 as pb;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::client::chunk_id;
-use super::store::ReplicaStore;
-use super::tls::{NODE_HEADER, authenticate};
+use super::convert;
 use crate::error::Error;
 use crate::failpoint::crash_point;
 use crate::metrics::Metrics;
-use crate::service::convert;
-
-/// A prefetch's progress messages, then its result.
-pub type PrefetchEvents<E> = Pin<Box<dyn Stream<Item = Result<pb::PrefetchProgress, E>> + Send>>;
+use crate::tier::peer::store::ReplicaStore;
+use crate::tier::peer::tls::{NODE_HEADER, authenticate};
+use crate::wire::{PrefetchEvents, chunk_id};
 
 /// What the peer service asks of its own node: a restore into the memory
 /// tier, for a prefetch another node forwards.
@@ -298,7 +294,7 @@ impl pb::peer_server::Peer for PeerService {
         let metrics = Arc::clone(&self.metrics);
         let events = Arc::clone(&self.target)
             .prefetch(selector)
-            .map(move |event| event.map_err(|e| crate::service::to_status(&metrics, METHOD, e)));
+            .map(move |event| event.map_err(|e| super::to_status(&metrics, METHOD, e)));
         Ok(Response::new(Box::pin(events)))
     }
 }
