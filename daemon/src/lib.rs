@@ -22,6 +22,7 @@ pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod pod_fs;
+pub mod retry;
 pub mod server;
 pub mod service;
 pub mod tier;

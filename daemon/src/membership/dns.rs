@@ -31,7 +31,7 @@ use cairn_core::membership::view_from_addresses;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Backoff, Publisher};
+use super::{Publisher, source_backoff};
 
 /// A validated DNS source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub async fn resolve(name: &str) -> std::io::Result<Vec<IpAddr>> {
 /// backoff) while lookups fail.
 pub(super) fn start(settings: DnsSettings, mut publisher: Publisher, cancel: CancellationToken) {
     tokio::spawn(async move {
-        let mut backoff = Backoff::default();
+        let mut backoff = source_backoff();
         loop {
             let delay = match resolve(&settings.name).await {
                 Ok(addresses) => {

@@ -39,51 +39,47 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Backoff, MembershipError, Publisher};
+use super::{MembershipError, Publisher, source_backoff};
+use crate::retry::{Backoff, RetryPolicy};
 
 /// Node labels fetched at once when many nodes appear together (the first
 /// list of a large cluster).
 pub const NODE_FETCH_CONCURRENCY: usize = 8;
 
-/// First delay of the pod watch after a failure.
-const WATCH_RETRY_FIRST: Duration = Duration::from_millis(250);
-/// Longest delay of the pod watch between two tries.
-const WATCH_RETRY_MAX: Duration = Duration::from_secs(4);
-
-/// Backoff of the pod watch: [`WATCH_RETRY_FIRST`] doubling to
-/// [`WATCH_RETRY_MAX`], each delay drawn between half and all of it, and back
-/// to the start after any event that arrives (the watch works again).
+/// Backoff of the pod watch: 125 ms doubling to 2 s, each wait stretched by
+/// a random 0 to 100 % (so 125–250 ms first, never over 4 s, and nodes that
+/// lost the server together do not come back in step), and back to the
+/// start after any event that arrives (the watch works again).
 ///
 /// kube's default backoff caps at 30 s and forgets past failures only after
 /// 120 s without one; after an API server outage each of the errors a
 /// recovering server gives (410 Gone for the stale resource version, a brief
 /// 403) cost another capped step, and changes were seen 28 to 106 s after the
 /// server was back. With this one they are seen within about 5 s.
-#[derive(Debug, Default)]
-struct WatchBackoff {
-    failures: u32,
+const WATCH_RETRY: RetryPolicy =
+    RetryPolicy::new(Duration::from_millis(125), Duration::from_secs(2)).jittered();
+
+/// [`WATCH_RETRY`] as the watcher takes it.
+#[derive(Debug)]
+struct WatchBackoff(Backoff);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self(Backoff::new(WATCH_RETRY))
+    }
 }
 
 impl Iterator for WatchBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let full = WATCH_RETRY_FIRST
-            .saturating_mul(1 << self.failures.min(8))
-            .min(WATCH_RETRY_MAX);
-        self.failures = self.failures.saturating_add(1);
-        // Jitter from the clock, so that nodes that lost the server together
-        // do not come back in step.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        Some(full.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0))
+        Some(self.0.next_delay())
     }
 }
 
 impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
-        self.failures = 0;
+        self.0.reset();
     }
 }
 
@@ -294,7 +290,7 @@ async fn run(
     );
     let mut pods = PodSet::new(settings.daemonset.clone());
     let mut nodes: HashMap<String, NodeInfo> = HashMap::new();
-    let mut node_backoff = Backoff::default();
+    let mut node_backoff = source_backoff();
     let mut retry_at: Option<Instant> = None;
     // Members that left stay for `leave_grace` (see `DepartureGrace`).
     let mut grace = DepartureGrace::default();
@@ -545,11 +541,13 @@ mod tests {
         use kube::runtime::utils::Backoff as _;
         let mut backoff = WatchBackoff::default();
         let delays: Vec<Duration> = (0..20).map(|_| backoff.next().expect("endless")).collect();
-        assert!(delays[0] <= WATCH_RETRY_FIRST && delays[0] >= WATCH_RETRY_FIRST / 2);
-        assert!(delays.iter().all(|d| *d <= WATCH_RETRY_MAX), "{delays:?}");
-        assert!(delays[19] >= WATCH_RETRY_MAX / 2, "{delays:?}");
+        let first = Duration::from_millis(250);
+        let most = Duration::from_secs(4);
+        assert!(delays[0] <= first && delays[0] >= first / 2, "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= most), "{delays:?}");
+        assert!(delays[19] >= most / 2, "{delays:?}");
         backoff.reset();
-        assert!(backoff.next().expect("endless") <= WATCH_RETRY_FIRST);
+        assert!(backoff.next().expect("endless") <= first);
     }
 
     #[test]

@@ -51,6 +51,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::retry::{Backoff, RetryPolicy};
+
 /// Default interval between two DNS lookups.
 pub const DEFAULT_DNS_INTERVAL_SECS: u64 = 10;
 /// Longest DNS interval accepted: a longer one would hide a lost node from
@@ -373,27 +375,11 @@ impl Publisher {
     }
 }
 
-/// Exponential backoff for retries: [`RETRY_FIRST_DELAY`] doubling to
-/// [`RETRY_MAX_DELAY`], reset after a success.
-#[derive(Debug, Default)]
-pub(crate) struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    /// The delay before the next try after one more failure.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let delay = RETRY_FIRST_DELAY
-            .saturating_mul(1 << self.failures.min(16))
-            .min(RETRY_MAX_DELAY);
-        self.failures = self.failures.saturating_add(1);
-        delay
-    }
-
-    /// Forgets past failures.
-    pub(crate) fn reset(&mut self) {
-        self.failures = 0;
-    }
+/// The backoff of a source whose lookups or API calls fail:
+/// [`RETRY_FIRST_DELAY`] doubling to [`RETRY_MAX_DELAY`], reset after a
+/// success.
+pub fn source_backoff() -> Backoff {
+    Backoff::new(RetryPolicy::new(RETRY_FIRST_DELAY, RETRY_MAX_DELAY))
 }
 
 #[cfg(test)]
@@ -538,8 +524,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_its_cap_and_resets() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<u64> = (0..8).map(|_| backoff.next_delay().as_secs()).collect();
+        let mut backoff = source_backoff();
+        let delays: Vec<u64> = (0..8)
+            .map(|_| backoff.next_delay().as_secs_f64().round() as u64)
+            .collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), RETRY_FIRST_DELAY);

@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, UPLOAD_JOURNAL_DIR};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::retry::RetryPolicy;
 use crate::tier::disk::DiskTier;
 use crate::tier::memory::MemoryTier;
 use crate::tier::object::ObjectTier;
@@ -52,13 +53,13 @@ use crate::tier::peer::PeerTier;
 use crate::tier::{ShardSource, TierKind};
 use upload::UploadJournal;
 
-/// Write-back attempts before a shard is marked failed.
-const WRITEBACK_ATTEMPTS: u32 = 3;
 /// How long a write-back that found the disk tier full waits before it is
 /// tried again.
 const DISK_FULL_RETRY_DELAY: Duration = Duration::from_secs(10);
-/// First delay between write-back attempts; doubles each time.
-const WRITEBACK_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How a failed write-back is retried in place: 3 tries, 1 s then 2 s
+/// apart, before the shard is marked failed.
+const WRITEBACK_RETRY: RetryPolicy =
+    RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(2)).tries(3);
 
 /// One file a client wants to save.
 #[derive(Clone, Debug)]

@@ -21,14 +21,15 @@ use cairn_core::{NodeId, ShardKey};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{CopyState, Node, lock, now_ms};
+use crate::retry::RetryPolicy;
 use crate::tier::ShardSource;
 
 /// Shards replicated at once.
 const CONCURRENT_REPLICATIONS: usize = 2;
-/// First delay before a shard short of replicas is tried again.
-const RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);
-/// Longest delay between two tries.
-const RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+/// How a shard short of replicas is queued again: 1 s doubling to 60 s,
+/// until it has them.
+const REPLICATION_RETRY: RetryPolicy =
+    RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Where one of this node's shards stands in the peer tier.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -261,9 +262,9 @@ impl Node {
             }
             return;
         }
-        let delay = RETRY_FIRST_DELAY
-            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-            .min(RETRY_MAX_DELAY);
+        let delay = REPLICATION_RETRY
+            .delay_after(attempt)
+            .unwrap_or(REPLICATION_RETRY.max_delay);
         tracing::warn!(
             holders = outcome.holders.len(),
             wanted,

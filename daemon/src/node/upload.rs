@@ -22,14 +22,14 @@ use super::{CopyState, Node, lock, now_ms};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint::crash_point;
 use crate::fsutil;
+use crate::retry::RetryPolicy;
 use crate::tier::ShardSource;
 use crate::tier::object::ObjectTier;
 use crate::tier::transfer::{self, CopyReport};
 
-/// First wait before retrying a failed upload; doubles up to the maximum.
-const UPLOAD_RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);
-/// Longest wait between two attempts of one upload.
-const UPLOAD_RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+/// How a failed upload is queued again: 1 s doubling to 60 s, until it
+/// succeeds (each of its bucket requests has its own bounded retries).
+const UPLOAD_RETRY: RetryPolicy = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Shards queued for upload, one file per shard, so that the queue survives
 /// a restart.
@@ -280,9 +280,9 @@ impl Node {
             *n = n.saturating_add(1);
             *n
         };
-        let delay = UPLOAD_RETRY_FIRST_DELAY
-            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-            .min(UPLOAD_RETRY_MAX_DELAY);
+        let delay = UPLOAD_RETRY
+            .delay_after(attempt)
+            .unwrap_or(UPLOAD_RETRY.max_delay);
         tracing::warn!(%error, attempt, retry_in_s = delay.as_secs(), "upload to the object store failed, retrying");
         self.metrics
             .writeback_failures

@@ -1,6 +1,7 @@
 //! Background work after a commit: write-back to disk and retention.
 
 use crate::config::UploadAfter;
+use crate::retry::retry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,9 +9,7 @@ use std::time::Instant;
 use cairn_core::{ChunkId, JobName, Manifest, ShardKey, Step, StepResidency, TenantName};
 use tokio::sync::mpsc;
 
-use super::{
-    CopyState, DISK_FULL_RETRY_DELAY, Node, WRITEBACK_ATTEMPTS, WRITEBACK_RETRY_DELAY, lock,
-};
+use super::{CopyState, DISK_FULL_RETRY_DELAY, Node, WRITEBACK_RETRY, lock};
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::tier::ShardSource;
@@ -158,34 +157,29 @@ impl Node {
             return false;
         };
         let started = Instant::now();
-        let mut delay = WRITEBACK_RETRY_DELAY;
-        let mut attempt = 1;
-        let outcome = loop {
-            let result = async {
-                let _room = self.reserve_disk(&manifest).await?;
-                let _gc = self.gc_lock.read().await;
-                transfer::copy_shard(
-                    &manifest,
-                    &[&*self.memory],
-                    &*self.disk,
-                    self.config.writeback_concurrency,
-                    None,
-                    &self.metrics,
-                )
-                .await
-            }
-            .await;
-            match result {
-                Ok(report) => break Ok(report),
-                Err(e) if attempt < WRITEBACK_ATTEMPTS && !self.cancel.is_cancelled() => {
-                    tracing::warn!(error = %e, attempt, "write-back to disk failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = delay.saturating_mul(2);
-                    attempt = attempt.saturating_add(1);
-                }
-                Err(e) => break Err(e),
-            }
-        };
+        let mut attempt: u32 = 1;
+        let outcome = retry(
+            &WRITEBACK_RETRY,
+            || async {
+            let _room = self.reserve_disk(&manifest).await?;
+            let _gc = self.gc_lock.read().await;
+            transfer::copy_shard(
+                &manifest,
+                &[&*self.memory],
+                &*self.disk,
+                self.config.writeback_concurrency,
+                None,
+                &self.metrics,
+            )
+            .await
+        },
+            |_| !self.cancel.is_cancelled(),
+            |e, wait| {
+                tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs_f64(), "write-back to disk failed, retrying");
+                attempt = attempt.saturating_add(1);
+            },
+        )
+        .await;
         let disk_full = outcome.as_ref().is_err_and(Error::is_out_of_space);
         match outcome {
             Ok(report) => {

@@ -48,6 +48,7 @@ use super::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::metrics::Metrics;
+use crate::retry::{RetryPolicy, retry};
 
 const TENANTS: &str = "tenants";
 const CHUNKS: &str = "chunks";
@@ -163,6 +164,98 @@ fn is_transient(e: &object_store::Error) -> bool {
     )
 }
 
+/// `object_store`'s own retries, set explicitly rather than left at its
+/// default (10 retries within 180 s, under each of Cairn's attempts, so one
+/// failing request could retry for many minutes). It keeps a couple of quick
+/// retries for a request that failed on the way (a reset connection, a 5xx,
+/// a throttling answer), which are cheap where they happen, and the whole of
+/// them lives inside one of Cairn's attempts, whose `request_timeout` bounds
+/// it. So a request takes at most `attempts` × `request_timeout` plus the
+/// waits between attempts (under 10 s each), and at most `attempts` × 3 HTTP
+/// requests: the layers add up, they do not multiply.
+fn backend_retry(settings: &ObjectTierSettings) -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: BACKEND_RETRIES,
+        retry_timeout: settings.request_timeout,
+    }
+}
+
+/// Retries `object_store` makes itself within one of Cairn's attempts.
+pub const BACKEND_RETRIES: usize = 2;
+
+/// The backend `url` names, configured by `options` (keys a backend does
+/// not know are ignored, as `object_store::parse_url_opts` does) and
+/// retrying as `retry` says.
+fn open_backend(
+    url: &Url,
+    options: Vec<(String, String)>,
+    retry: object_store::RetryConfig,
+) -> object_store::Result<(Box<dyn ObjectStore>, Path)> {
+    use object_store::ObjectStoreScheme as Scheme;
+    use object_store::aws::AmazonS3Builder;
+    use object_store::azure::MicrosoftAzureBuilder;
+    use object_store::gcp::GoogleCloudStorageBuilder;
+
+    /// Applies every option the builder knows.
+    fn configured<B, K: std::str::FromStr>(
+        builder: B,
+        options: Vec<(String, String)>,
+        with: fn(B, K, String) -> B,
+    ) -> B {
+        options.into_iter().fold(builder, |b, (key, value)| {
+            match key.to_ascii_lowercase().parse() {
+                Ok(key) => with(b, key, value),
+                Err(_) => b,
+            }
+        })
+    }
+
+    let (scheme, path) = Scheme::parse(url)?;
+    let path = Path::parse(path)?;
+    let store: Box<dyn ObjectStore> = match scheme {
+        Scheme::Local => Box::new(object_store::local::LocalFileSystem::new()),
+        Scheme::Memory => Box::new(object_store::memory::InMemory::new()),
+        Scheme::AmazonS3 => Box::new(
+            configured(
+                AmazonS3Builder::new().with_url(url.as_str()),
+                options,
+                AmazonS3Builder::with_config,
+            )
+            .with_retry(retry)
+            .build()?,
+        ),
+        Scheme::GoogleCloudStorage => Box::new(
+            configured(
+                GoogleCloudStorageBuilder::new().with_url(url.as_str()),
+                options,
+                GoogleCloudStorageBuilder::with_config,
+            )
+            .with_retry(retry)
+            .build()?,
+        ),
+        Scheme::MicrosoftAzure => Box::new(
+            configured(
+                MicrosoftAzureBuilder::new().with_url(url.as_str()),
+                options,
+                MicrosoftAzureBuilder::with_config,
+            )
+            .with_retry(retry)
+            .build()?,
+        ),
+        other => {
+            return Err(generic_error(format!(
+                "{other:?} URLs are not supported (s3://, gs://, az:// or file://)"
+            )));
+        }
+    };
+    Ok((store, path))
+}
+
 fn generic_error(why: String) -> object_store::Error {
     object_store::Error::Generic {
         store: "cairn",
@@ -219,7 +312,7 @@ impl ObjectTier {
                 identity.push_str(&format!(" {key}={value}"));
             }
         }
-        let (store, prefix) = object_store::parse_url_opts(&parsed, all_options)
+        let (store, prefix) = open_backend(&parsed, all_options, backend_retry(&settings))
             .map_err(|e| invalid(e.to_string()))?;
         Self::build(
             Arc::from(store),
@@ -326,53 +419,56 @@ impl ObjectTier {
         F: FnMut() -> Fut,
         Fut: Future<Output = object_store::Result<T>>,
     {
-        let mut delay = RETRY_FIRST_DELAY;
-        let mut attempt = 1;
-        loop {
-            let injected = fail::eval(FAULT_FAILPOINT, |_| {
+        let try_once = || {
+            let request = match fail::eval(FAULT_FAILPOINT, |_| {
                 generic_error(format!("fault injected by failpoint {FAULT_FAILPOINT}"))
-            });
-            let result = match injected {
+            }) {
                 Some(fault) => Err(fault),
-                None => tokio::time::timeout(attempt_timeout, request())
+                None => Ok(request()),
+            };
+            async move {
+                tokio::time::timeout(attempt_timeout, request?)
                     .await
                     .unwrap_or_else(|_| {
                         Err(generic_error(format!(
                             "no answer within {} s",
                             attempt_timeout.as_secs_f64()
                         )))
-                    }),
-            };
-            match result {
-                Err(e) if is_transient(&e) && attempt < self.settings.attempts => {
-                    self.metrics
-                        .object_store_retries
-                        .with_label_values(&[op])
-                        .inc();
-                    tracing::warn!(%key, op, attempt, error = %e, "object-store request failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = delay.saturating_mul(2).min(RETRY_MAX_DELAY);
-                    attempt = attempt.saturating_add(1);
-                }
-                Err(e) => {
-                    // Absent objects and lost create-only races are answers
-                    // the callers expect, not failures.
-                    if !matches!(
-                        e,
-                        object_store::Error::NotFound { .. }
-                            | object_store::Error::AlreadyExists { .. }
-                            | object_store::Error::Precondition { .. }
-                    ) {
-                        self.metrics
-                            .object_store_errors
-                            .with_label_values(&[op])
-                            .inc();
-                    }
-                    return Err(e);
-                }
-                Ok(value) => return Ok(value),
+                    })
             }
+        };
+        let mut attempt: u32 = 1;
+        let result = retry(&self.request_retry(), try_once, is_transient, |e, wait| {
+            self.metrics
+                .object_store_retries
+                .with_label_values(&[op])
+                .inc();
+            tracing::warn!(%key, op, attempt, error = %e, retry_in_ms = wait.as_millis(), "object-store request failed, retrying");
+            attempt = attempt.saturating_add(1);
+        })
+        .await;
+        // Absent objects and lost create-only races are answers the callers
+        // expect, not failures.
+        if let Err(e) = &result
+            && !matches!(
+                e,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+            )
+        {
+            self.metrics
+                .object_store_errors
+                .with_label_values(&[op])
+                .inc();
         }
+        result
+    }
+
+    /// How one request is retried: [`RETRY_FIRST_DELAY`] doubling to
+    /// [`RETRY_MAX_DELAY`], `attempts` tries in all.
+    fn request_retry(&self) -> RetryPolicy {
+        RetryPolicy::new(RETRY_FIRST_DELAY, RETRY_MAX_DELAY).tries(self.settings.attempts)
     }
 
     /// The bytes at `path`, or `None` when there is no such object.
@@ -465,22 +561,20 @@ impl ObjectTier {
     /// bucket that failed the upload may well fail its abort once too), so
     /// no orphaned parts stay behind. One that still fails is logged.
     async fn abort_upload(&self, path: &Path, upload: &mut dyn object_store::MultipartUpload) {
-        let attempts = self.settings.attempts.max(1);
-        let mut backoff = RETRY_FIRST_DELAY;
-        for attempt in 1..=attempts {
+        let mut waits = self.request_retry().delays();
+        for attempt in 1_u32.. {
             let error =
                 match tokio::time::timeout(self.settings.request_timeout, upload.abort()).await {
                     Ok(Ok(())) | Ok(Err(object_store::Error::NotFound { .. })) => return,
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => "timed out".to_owned(),
                 };
-            if attempt == attempts {
-                tracing::warn!(key = %path, attempts, error, "aborting a failed multipart upload failed; a bucket lifecycle rule will remove its parts");
+            let Some(wait) = waits.next() else {
+                tracing::warn!(key = %path, attempts = attempt, error, "aborting a failed multipart upload failed; a bucket lifecycle rule will remove its parts");
                 return;
-            }
+            };
             tracing::debug!(key = %path, attempt, error, "aborting a failed multipart upload failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2);
+            tokio::time::sleep(wait).await;
         }
     }
 

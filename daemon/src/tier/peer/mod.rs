@@ -153,7 +153,7 @@ impl PeerTier {
         tokio::spawn(async move {
             // A source that cannot start (no kubeconfig, no service account)
             // is retried: the peer tier is down meanwhile, and says so.
-            let mut backoff = membership::Backoff::default();
+            let mut backoff = membership::source_backoff();
             let mut source = loop {
                 match membership::start(settings.clone(), stop.clone()).await {
                     Ok(source) => break source,
