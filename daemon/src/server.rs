@@ -155,10 +155,18 @@ pub async fn run(mut config: Config, cancel: CancellationToken) -> Result<()> {
             result = Err(e);
         }
     }
+    node.drain(SHUTDOWN_DRAIN_DEADLINE).await;
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("cairnd stopped");
     result
 }
+
+/// How long a stopping cairnd waits for its background tasks (write-back,
+/// uploads, replication, ...) after the listeners closed: well inside the
+/// DaemonSet's 60 s termination grace period, so the kubelet's SIGKILL never
+/// comes first. Work cut short resumes after restart (the upload journal,
+/// the write-back and replication queues rebuilt at start).
+const SHUTDOWN_DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How often the host socket's file is checked (`guard_socket`).
 const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);

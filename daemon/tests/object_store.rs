@@ -233,6 +233,79 @@ async fn a_killed_daemon_resumes_its_upload_without_resending() {
     assert_eq!(restored["w"], data);
 }
 
+/// SIGTERM (a rolling update, a node drain) in the middle of a long upload:
+/// cairnd stops its background work and exits well within its drain
+/// deadline (20 s; the DaemonSet's grace period is 60 s), saying that every
+/// background task stopped, and after restart the journal finishes the
+/// upload without sending again what the bucket already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_upload_drains_in_time_and_the_upload_resumes() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let bucket = work.path().join("bucket");
+    let chunks_dir = bucket.join("tenants/default/chunks");
+    let data = bytes(6, 80 * TEST_CHUNK as usize);
+    // One chunk at a time, each held 100 ms after it is stored: 8 s or more.
+    let mut d = start_with_bucket(
+        work.path(),
+        &bucket,
+        "concurrency = 1",
+        &[("FAILPOINTS", "upload.after_chunk=sleep(100)")],
+    )
+    .await;
+    let mut c = d.clients().await;
+    save(&mut c, shard("drain", 3, 0), &[("w", &data)])
+        .await
+        .expect("save");
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&chunks_dir).map_or(0, |d| d.count()) < 10 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "upload never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stopping = std::time::Instant::now();
+    d.stop();
+    let stopped_in = stopping.elapsed();
+    let log = d.log_text();
+    assert!(
+        stopped_in < std::time::Duration::from_secs(20),
+        "cairnd took {stopped_in:?} to stop; its log:\n{log}"
+    );
+    assert!(
+        log.contains("background tasks stopped")
+            && !log.contains("still running at the shutdown deadline"),
+        "every background task should have stopped before the deadline; the log:\n{log}"
+    );
+    let sent_before = std::fs::read_dir(&chunks_dir).expect("ls").count();
+    assert!(
+        sent_before < 80,
+        "the upload was cut short ({sent_before} chunks sent)"
+    );
+    assert!(
+        !bucket
+            .join("tenants/default/manifests/drain/3/0.manifest")
+            .exists()
+    );
+
+    d.restart().await;
+    let mut c = d.clients().await;
+    wait_object_store(&mut c, "drain", 3, 60_000)
+        .await
+        .expect("the journal resumed the upload");
+    let m = d.metrics().await;
+    let uploaded = metric(&m, "cairn_saved_bytes_total{tier=\"object-store\"}") as u64;
+    assert_eq!(
+        uploaded,
+        (80 - sent_before as u64) * TEST_CHUNK,
+        "only the rest was sent"
+    );
+    let fresh = start_with_bucket(work.path(), &bucket, "", &[]).await;
+    let mut c = fresh.clients().await;
+    let (_, restored) = restore(&mut c, "drain", Some(3), 0).await.expect("restore");
+    assert_eq!(restored["w"], data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_bucket_errors_are_retried() {
     let work = tempfile::tempdir().expect("tempdir");

@@ -23,6 +23,7 @@ use cairn_daemon::tier::disk::DiskTier;
 use cairn_daemon::tier::object::{ObjectTier, ObjectTierSettings};
 use cairn_daemon::tier::transfer::{CopyReport, PlannedSource, copy_shard, fill_planned};
 use cairn_daemon::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
+use tokio_util::sync::CancellationToken;
 
 const CHUNK: u64 = 64 * 1024;
 const NO_OPTIONS: [(&str, &str); 0] = [];
@@ -111,9 +112,17 @@ fn open_bucket(dir: &Path) -> ObjectTier {
 }
 
 async fn copy(m: &Arc<Manifest>, from: &dyn ShardSource, to: &dyn ChunkSink) -> CopyReport {
-    copy_shard(m, &[from], to, 4, None, &Metrics::new())
-        .await
-        .expect("copy shard")
+    copy_shard(
+        m,
+        &[from],
+        to,
+        4,
+        None,
+        &Metrics::new(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("copy shard")
 }
 
 struct Fixture {

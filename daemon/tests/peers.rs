@@ -435,6 +435,51 @@ async fn a_peer_killed_mid_shard_gets_the_rest_when_it_returns() {
     assert_restores_from_peers(&cluster.nodes[0], "kill", 1, &files).await;
 }
 
+/// SIGTERM on the sender in the middle of a long replication: it stops
+/// within its drain deadline (20 s) with every background task stopped, and
+/// once started again it finishes the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_replication_drains_in_time_and_replication_resumes() {
+    // Node 1 takes each chunk 20 ms late: 1,000 chunks take 20 s or more.
+    let options = HashMap::from([(
+        1,
+        NodeOptions {
+            env: vec![("FAILPOINTS", "peer.receive_chunk=sleep(20)")],
+            ..NodeOptions::default()
+        },
+    )]);
+    let mut cluster = Cluster::start_with(2, 1, &options).await;
+    let files = shard_files(8, 1000);
+    save_files(&cluster.nodes[0], "drain", 1, &files).await;
+    wait_for(
+        "replication to start",
+        Duration::from_secs(60),
+        async || replica_chunk_files(&cluster.nodes[1]).len() >= 50,
+    )
+    .await;
+    let stopping = std::time::Instant::now();
+    cluster.nodes[0].stop();
+    let stopped_in = stopping.elapsed();
+    let log = cluster.nodes[0].log_text();
+    assert!(
+        stopped_in < Duration::from_secs(20),
+        "node 0 took {stopped_in:?} to stop; its log:\n{log}"
+    );
+    assert!(
+        log.contains("background tasks stopped")
+            && !log.contains("still running at the shutdown deadline"),
+        "every background task should have stopped before the deadline; the log:\n{log}"
+    );
+    let held = replica_chunk_files(&cluster.nodes[1]).len();
+    assert!(held < 1000, "the copy was cut short ({held} chunks held)");
+
+    cluster.nodes[0].restart().await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "drain", 1, pb::Tier::Peers, 120_000)
+        .await
+        .expect("replicated once node 0 is back");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partition_does_not_corrupt_or_count_as_durable() {
     let mut cluster = Cluster::start(3, 2).await;

@@ -17,6 +17,7 @@
 //!   manifest.
 
 mod attempts;
+mod background;
 mod holder_check;
 mod ingest;
 mod listing;
@@ -272,6 +273,8 @@ pub struct Node {
     /// Restores filling the memory tier now, with their progress.
     pub restores: progress::ActiveRestores,
     gc_lock: RwLock<()>,
+    /// Every background task, so that shutdown can wait for them.
+    background: background::Background,
     cancel: CancellationToken,
 }
 
@@ -349,6 +352,7 @@ impl Node {
             source_rates: Mutex::new(HashMap::new()),
             restores: progress::ActiveRestores::default(),
             gc_lock: RwLock::new(()),
+            background: background::Background::default(),
             cancel,
         });
         for manifest in node.memory.shards() {
@@ -357,21 +361,52 @@ impl Node {
             }
         }
         node.resume_uploads();
-        tokio::spawn(Arc::clone(&node).writeback_loop(writeback_rx));
+        node.background
+            .spawn("write-back", Arc::clone(&node).writeback_loop(writeback_rx));
         if node.object.is_some() {
-            tokio::spawn(Arc::clone(&node).upload_loop(upload_rx));
-            tokio::spawn(Arc::clone(&node).bucket_gc_loop());
+            node.background
+                .spawn("upload", Arc::clone(&node).upload_loop(upload_rx));
+            node.background
+                .spawn("bucket gc", Arc::clone(&node).bucket_gc_loop());
         }
         if node.peers.is_some() {
-            tokio::spawn(Arc::clone(&node).replication_loop(replicate_rx));
-            tokio::spawn(Arc::clone(&node).membership_loop());
-            tokio::spawn(Arc::clone(&node).holder_check_loop());
+            node.background.spawn(
+                "replication queue",
+                Arc::clone(&node).replication_loop(replicate_rx),
+            );
+            node.background
+                .spawn("membership changes", Arc::clone(&node).membership_loop());
+            node.background
+                .spawn("holder checks", Arc::clone(&node).holder_check_loop());
         }
-        tokio::spawn(Arc::clone(&node).disk_scrub_loop());
-        tokio::spawn(Arc::clone(&node).reap_sessions());
-        tokio::spawn(ingest::run(Arc::clone(&node)));
+        node.background
+            .spawn("disk scrub", Arc::clone(&node).disk_scrub_loop());
+        node.background
+            .spawn("session reaper", Arc::clone(&node).reap_sessions());
+        node.background
+            .spawn("ingest", ingest::run(Arc::clone(&node)));
         node.update_usage_metrics();
         Ok(node)
+    }
+
+    /// Waits, after the node's cancellation token fired, up to `deadline`
+    /// for its background tasks to stop, and logs those that did not (the
+    /// upload journal and the requeue at start resume their work).
+    pub async fn drain(&self, deadline: Duration) {
+        let left = self.background.drain(deadline).await;
+        if left.is_empty() {
+            tracing::info!("background tasks stopped");
+        } else {
+            let left: Vec<String> = left
+                .iter()
+                .map(|(name, n)| format!("{name} ×{n}"))
+                .collect();
+            tracing::warn!(
+                deadline_s = deadline.as_secs_f64(),
+                left = %left.join(", "),
+                "background tasks still running at the shutdown deadline; stopping anyway"
+            );
+        }
     }
 
     /// The validated configuration.

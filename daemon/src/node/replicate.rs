@@ -176,7 +176,7 @@ impl Node {
                 replication.running.insert(key.clone());
             }
             let node = Arc::clone(&self);
-            tokio::spawn(async move {
+            self.background.spawn("replication", async move {
                 tokio::select! {
                     () = node.cancel.cancelled() => {}
                     () = node.replicate(&key) => {}
@@ -211,7 +211,9 @@ impl Node {
             return;
         };
         let sources: [&dyn ShardSource; 2] = [&*self.memory, &*self.disk];
-        let outcome = peers.replicate(&manifest, &peers.me(), &sources).await;
+        let outcome = peers
+            .replicate(&manifest, &peers.me(), &sources, &self.cancel)
+            .await;
         let wanted = peers.replicas();
         let durable = outcome.holders.len() >= wanted;
         let (was_durable, attempt) = {
@@ -275,7 +277,7 @@ impl Node {
         );
         let node = Arc::clone(self);
         let key = key.clone();
-        tokio::spawn(async move {
+        self.background.spawn("replication retry", async move {
             tokio::select! {
                 () = node.cancel.cancelled() => {}
                 () = tokio::time::sleep(delay) => node.queue_replication(key),
@@ -374,7 +376,7 @@ impl Node {
                 let sources = [peers.store.source()];
                 let outcome = tokio::select! {
                     () = self.cancel.cancelled() => return,
-                    outcome = peers.replicate(&manifest, &owner, &sources) => outcome,
+                    outcome = peers.replicate(&manifest, &owner, &sources, &self.cancel) => outcome,
                 };
                 if outcome.bytes_sent > 0 || outcome.holders.len() < peers.replicas() {
                     tracing::info!(

@@ -263,6 +263,7 @@ impl Node {
                 concurrency,
                 Some(deadline),
                 &self.metrics,
+                &self.cancel,
             )
             .await?
         };
@@ -295,7 +296,7 @@ impl Node {
         self.notify();
         let node = Arc::clone(self);
         let key = key.clone();
-        tokio::spawn(async move {
+        self.background.spawn("upload retry", async move {
             tokio::select! {
                 () = node.cancel.cancelled() => {}
                 () = tokio::time::sleep(delay) => { let _ = node.upload_tx.send(key); }

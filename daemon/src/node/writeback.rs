@@ -42,7 +42,7 @@ impl Node {
                 // Space may come back (retention, uploads, an operator):
                 // try again later; the shard stays in memory meanwhile.
                 let node = Arc::clone(&self);
-                tokio::spawn(async move {
+                self.background.spawn("write-back retry", async move {
                     tokio::select! {
                         () = node.cancel.cancelled() => {}
                         () = tokio::time::sleep(DISK_FULL_RETRY_DELAY) => node.queue_writeback(key),
@@ -170,6 +170,7 @@ impl Node {
                 self.config.writeback_concurrency,
                 None,
                 &self.metrics,
+                &self.cancel,
             )
             .await
         },
@@ -205,6 +206,9 @@ impl Node {
                 if self.uploads_after(UploadAfter::Disk) {
                     self.enqueue_upload(key.clone());
                 }
+            }
+            Err(Error::ShuttingDown) => {
+                tracing::info!("write-back interrupted by shutdown; it is queued again at start");
             }
             Err(e) => {
                 tracing::error!(error = %e, "write-back to disk failed; the shard stays in memory only");

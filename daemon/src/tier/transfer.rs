@@ -21,6 +21,7 @@ use cairn_core::restore_plan::{self, ChunkNeed, SourceProfile};
 use cairn_core::{ChunkId, Manifest};
 use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint::crash_point;
@@ -52,6 +53,7 @@ pub async fn copy_shard(
     concurrency: usize,
     manifest_deadline: Option<Duration>,
     metrics: &Metrics,
+    cancel: &CancellationToken,
 ) -> Result<CopyReport> {
     let tenant = &manifest.shard.tenant;
     let mut first_location: BTreeMap<ChunkId, ChunkLocation> = BTreeMap::new();
@@ -70,6 +72,11 @@ pub async fn copy_shard(
         .map(|id| {
             let location = &first_location[&id];
             async move {
+                // Between chunks, not within one: a chunk is one bounded
+                // request, and the sink never sees half of it.
+                if cancel.is_cancelled() {
+                    return Err(Error::ShuttingDown);
+                }
                 let (_, bytes, _) = read_first_verified(location, from, metrics).await?;
                 let len = bytes.len() as u64;
                 to.put_chunk(location, bytes).await?;
@@ -94,6 +101,9 @@ pub async fn copy_shard(
             deadline.as_secs(),
             to.kind()
         )));
+    }
+    if cancel.is_cancelled() {
+        return Err(Error::ShuttingDown);
     }
     to.put_manifest(manifest).await?;
     Ok(CopyReport {

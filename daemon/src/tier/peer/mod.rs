@@ -353,6 +353,7 @@ impl PeerTier {
         manifest: &Arc<Manifest>,
         owner: &Member,
         sources: &[&dyn ShardSource],
+        cancel: &CancellationToken,
     ) -> ReplicationOutcome {
         let view = self.view();
         let key = PlacementKey::from(&manifest.shard);
@@ -390,6 +391,7 @@ impl PeerTier {
                 self.concurrency,
                 None,
                 &self.metrics,
+                cancel,
             )
             .await
             {
