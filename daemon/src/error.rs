@@ -1,12 +1,14 @@
-//! The daemon's error type and its one mapping to gRPC statuses.
+//! The daemon's error type. Its one mapping to gRPC statuses is in
+//! `service` (`service::grpc_code`), the only layer that speaks gRPC to
+//! clients.
 
 use cairn_core::CoreError;
 use thiserror::Error;
 
 /// Everything that can go wrong inside the daemon, classified by what the
 /// caller should do about it. Each variant maps to exactly one gRPC code in
-/// [`From<Error> for tonic::Status`]; messages name the field, shard, file or
-/// path concerned.
+/// `service::grpc_code`; messages name the field, shard, file or path
+/// concerned.
 #[derive(Debug, Error)]
 pub enum Error {
     /// A name or value from outside broke the rules (or a stored manifest is corrupt).
@@ -92,10 +94,15 @@ impl Error {
     pub fn is_out_of_space(&self) -> bool {
         match self {
             Self::ResourceExhausted(_) => true,
-            Self::Io { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(libc::ENOSPC) | Some(libc::EDQUOT)
-            ),
+            Self::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                ) || matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            }
             _ => false,
         }
     }
@@ -116,49 +123,6 @@ impl<T> IoContext<T> for std::io::Result<T> {
             context: context(),
             source,
         })
-    }
-}
-
-impl Error {
-    /// The gRPC code this error is reported with; also the `code` label of
-    /// the error metric.
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            Error::Core(CoreError::CorruptManifest(_)) => Code::DataLoss,
-            Error::Core(_) | Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::Aborted(_) => Code::Aborted,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::DataLoss(_) => Code::DataLoss,
-            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
-            Error::Io { .. } => Code::Internal,
-            Error::Peer { status, .. } if status.code() == Code::ResourceExhausted => {
-                Code::ResourceExhausted
-            }
-            Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::ObjectStore { .. }
-            | Error::Peer { .. }
-            | Error::ShuttingDown
-            | Error::TierUnavailable(_) => Code::Unavailable,
-        }
-    }
-}
-
-fn is_out_of_space(err: &std::io::Error) -> bool {
-    matches!(
-        err.kind(),
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-    )
-}
-
-impl From<Error> for tonic::Status {
-    fn from(err: Error) -> Self {
-        tonic::Status::new(err.code(), err.to_string())
     }
 }
 

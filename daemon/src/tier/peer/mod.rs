@@ -401,14 +401,22 @@ impl PeerTier {
                     outcome.holders.push(node);
                 }
                 Err(e) => {
-                    let code = match &e {
-                        Error::Peer { status, .. } => status.code(),
-                        other => other.code(),
-                    };
-                    let reason = match code {
-                        tonic::Code::ResourceExhausted => "full",
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "unreachable",
-                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => "refused",
+                    let reason = match &e {
+                        Error::Peer { status, .. } => match status.code() {
+                            tonic::Code::ResourceExhausted => "full",
+                            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                                "unreachable"
+                            }
+                            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                                "refused"
+                            }
+                            _ => "error",
+                        },
+                        e if e.is_out_of_space() => "full",
+                        Error::DeadlineExceeded(_)
+                        | Error::TierUnavailable(_)
+                        | Error::ShuttingDown => "unreachable",
+                        Error::Unauthenticated(_) | Error::PermissionDenied(_) => "refused",
                         _ => "error",
                     };
                     self.record_contact(&node, reason != "unreachable");
