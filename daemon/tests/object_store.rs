@@ -9,6 +9,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cairn_proto::v1 as pb;
 use common::*;
@@ -304,6 +306,104 @@ async fn sigterm_mid_upload_drains_in_time_and_the_upload_resumes() {
     let mut c = fresh.clients().await;
     let (_, restored) = restore(&mut c, "drain", Some(3), 0).await.expect("restore");
     assert_eq!(restored["w"], data);
+}
+
+/// An S3 endpoint that answers every request `503 Service Unavailable`: a
+/// stand-in, because a real server cannot be made to answer 503 on cue.
+async fn always_unavailable_s3() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut buf = vec![0_u8; 64 * 1024];
+                let mut pending = Vec::new();
+                loop {
+                    let n = match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    // One answer per request head (listings and reads have
+                    // no body).
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        counted.fetch_add(1, Ordering::Relaxed);
+                        let answer =
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests)
+}
+
+/// A bucket that answers every request 503: a listing that waits for every
+/// tier gives up after the bounded retries Cairn sets for the backend (two),
+/// so the bucket sees three requests. With `object_store`'s default (10
+/// retries within 180 s) it saw eleven, and a slower bucket could hold the
+/// listing for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_answering_503_is_given_up_on_after_the_bounded_retries() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (endpoint, requests) = always_unavailable_s3().await;
+    let config = work.path().join("cairnd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[object_store]\nurl = \"s3://nobody/ckpt\"\nrequest_timeout_secs = 60\nattempts = 2\n\
+             [object_store.options]\nendpoint = \"http://{endpoint}\"\nallow_http = \"true\"\n\
+             region = \"us-east-1\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n"
+        ),
+    )
+    .expect("write config");
+    let d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let mut c = d.clients().await;
+    let started = std::time::Instant::now();
+    let answer = c
+        .checkpoint
+        .list_steps(pb::ListStepsRequest {
+            tenant: String::new(),
+            job: "llm".into(),
+            wait_for_all_tiers: true,
+        })
+        .await;
+    let took = started.elapsed();
+    // Either way the bucket's absence is said, never hidden.
+    match answer {
+        Ok(resp) => {
+            let resp = resp.into_inner();
+            assert!(
+                !resp.left_out.is_empty(),
+                "the bucket must be named as left out: {resp:?}"
+            );
+        }
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+    }
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the listing waited {took:?} on a bucket that answers 503; log:\n{}",
+        d.log_text()
+    );
+    // One listing request and the backend's own bounded retries of it (a
+    // second listing at most): with object_store's default retries it was
+    // 11 requests.
+    let requests = requests.load(Ordering::Relaxed);
+    let bound = 2 * (1 + cairn_daemon::tier::object::BACKEND_RETRIES);
+    assert!(
+        (1..=bound).contains(&requests),
+        "{requests} requests reached the bucket for one listing (at most {bound})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,16 +8,27 @@ pub(crate) async fn list(
     job: String,
     json: bool,
 ) -> Result<(), Failure> {
-    let resp = clients
+    let resp = list_steps(clients, tenant, &job).await?;
+    print_list(&mut std::io::stdout().lock(), resp, json)
+}
+
+/// The steps of `job` (every job when empty), as people see them: without
+/// waiting more than a second for a slow tier (the answer names what it
+/// left out).
+pub(crate) async fn list_steps(
+    clients: &mut Clients,
+    tenant: &str,
+    job: &str,
+) -> Result<pb::ListStepsResponse, Failure> {
+    Ok(clients
         .checkpoint
         .list_steps(pb::ListStepsRequest {
             tenant: tenant.to_owned(),
-            job,
+            job: job.to_owned(),
             wait_for_all_tiers: false,
         })
         .await?
-        .into_inner();
-    print_list(&mut std::io::stdout().lock(), resp, json)
+        .into_inner())
 }
 
 /// `cairn list`, from the `ListSteps` answer.

@@ -10,15 +10,7 @@ pub(crate) async fn job_status(
     job: String,
     json: bool,
 ) -> Result<(), Failure> {
-    let resp = clients
-        .checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: tenant.to_owned(),
-            job: job.clone(),
-            wait_for_all_tiers: false,
-        })
-        .await?
-        .into_inner();
+    let resp = list_steps(clients, tenant, &job).await?;
     print_job_status(&mut std::io::stdout().lock(), &job, resp, json)
 }
 
