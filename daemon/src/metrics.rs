@@ -66,6 +66,9 @@ pub const INGESTED_SHARDS: &str = "cairn_ingested_shards_total";
 /// (`refused`: symbolic links, special files or unstorable names, reported
 /// once; `error`: I/O or space, retried at the next rescan).
 pub const INGEST_FAILURES: &str = "cairn_ingest_failures_total";
+/// Completed walks of every CSI volume (the slow rescan): shows ingest is
+/// alive, and lets a test wait for "one more full look" instead of sleeping.
+pub const INGEST_SCANS: &str = "cairn_ingest_scans_total";
 
 /// Chunk bytes sent to a peer (replication, or serving its restore), by peer.
 pub const PEER_SENT_BYTES: &str = "cairn_peer_sent_bytes_total";
@@ -149,6 +152,8 @@ pub struct Metrics {
     pub ingested_shards: IntCounter,
     /// See [`INGEST_FAILURES`].
     pub ingest_failures: IntCounterVec,
+    /// See [`INGEST_SCANS`].
+    pub ingest_scans: IntCounter,
     /// See [`RESTORE_SOURCE_BYTES`].
     pub restore_source_bytes: IntCounterVec,
     /// See [`RESTORES_ACTIVE`].
@@ -304,6 +309,11 @@ impl Metrics {
                 INGEST_FAILURES,
                 "Step directories that could not be ingested.",
                 &["reason"],
+            ),
+            ingest_scans: reg(
+                &registry,
+                IntCounter::new(INGEST_SCANS, "Completed walks of every CSI volume.")
+                    .expect("valid metric"),
             ),
             peer_sent_bytes: counter(PEER_SENT_BYTES, "Chunk bytes sent to a peer.", &["peer"]),
             peer_received_bytes: counter(

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
-use common::{Daemon, bytes, in_memory, restore, save, shard, wait_disk};
+use common::{Daemon, bytes, in_memory, metric, restore, save, shard, wait_disk};
 
 /// Lays out `<volumes>/<id>/{volume.json,data/}` as cairn-csi does.
 fn volume(daemon: &Daemon, id: &str, job: &str, commit_marker: Option<&str>) -> PathBuf {
@@ -48,6 +48,21 @@ async fn steps(c: &mut Clients, job: &str) -> BTreeSet<u64> {
         .iter()
         .flat_map(|j| j.steps.iter().map(|s| s.step))
         .collect()
+}
+
+/// Waits until ingest has walked every volume twice more (the second walk
+/// began after this call, so it saw everything written before it).
+async fn two_more_scans(daemon: &Daemon) {
+    let scans = async || metric(&daemon.metrics().await, "cairn_ingest_scans_total");
+    let target = scans().await + 2.0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scans().await < target {
+        assert!(
+            Instant::now() < deadline,
+            "ingest stopped walking the volumes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_for_step(daemon: &Daemon, c: &mut Clients, job: &str, step: u64) {
@@ -124,7 +139,7 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     // written.
     let step_20 = data.join("step_20");
     write_step(&step_20, &[("model.bin", &bytes(3, 300_000))]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    two_more_scans(&daemon).await;
     assert!(!steps(&mut c, "job-a").await.contains(&20));
     write_step(&step_20, &[("commit_success.txt", b"ok")]);
     wait_for_step(&daemon, &mut c, "job-a", 20).await;
@@ -157,10 +172,10 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     wait_for_step(&daemon, &mut c, "job-r", 30).await;
 
     // Nothing twice: a few rescans, and a restart that rescans everything.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    two_more_scans(&daemon).await;
     daemon.restart().await;
     let mut c = daemon.clients().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    two_more_scans(&daemon).await;
     assert_eq!(steps(&mut c, "job-r").await, BTreeSet::from([30]));
     let ingested = daemon
         .log_text()

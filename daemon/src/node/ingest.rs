@@ -324,6 +324,7 @@ impl Worker {
         for volume in present {
             self.add_volume(&volume).await;
         }
+        self.node.metrics.ingest_scans.inc();
         true
     }
 
