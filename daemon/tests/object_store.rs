@@ -406,6 +406,62 @@ async fn a_bucket_answering_503_is_given_up_on_after_the_bounded_retries() {
     );
 }
 
+/// SIGTERM while a client restores a large shard from a slow bucket: the
+/// daemon does not wait for the restore to finish (its listeners wait for
+/// every request in flight, and the kubelet's SIGKILL comes after 60 s); the
+/// restore stops between chunks and the client is told the daemon is
+/// stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_restore_stops_the_restore() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let bucket = work.path().join("bucket");
+    let data = bytes(7, 400 * TEST_CHUNK as usize);
+    {
+        let old = start_with_bucket(work.path(), &bucket, "", &[]).await;
+        let mut c = old.clients().await;
+        save(&mut c, shard("slow", 1, 0), &[("w", &data)])
+            .await
+            .expect("save");
+        wait_object_store(&mut c, "slow", 1, 60_000)
+            .await
+            .expect("uploaded");
+    }
+    // An empty node whose every bucket request takes 100 ms: restoring the
+    // 400 chunks takes 20 s or more on two threads.
+    let mut new = start_with_bucket(
+        work.path(),
+        &bucket,
+        "",
+        &[("FAILPOINTS", "object_store.request=sleep(100)")],
+    )
+    .await;
+    let mut c = new.clients().await;
+    let restoring = tokio::spawn(async move { restore(&mut c, "slow", Some(1), 0).await });
+    let started = std::time::Instant::now();
+    loop {
+        let m = new.metrics().await;
+        if metric(&m, "cairn_restores_active") >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the restore never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stopping = std::time::Instant::now();
+    new.stop();
+    let stopped_in = stopping.elapsed();
+    assert!(
+        stopped_in < std::time::Duration::from_secs(8),
+        "cairnd took {stopped_in:?} to stop during a restore; its log:\n{}",
+        new.log_text()
+    );
+    let outcome = restoring.await.expect("restore task");
+    assert!(outcome.is_err(), "the restore cannot have finished");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_bucket_errors_are_retried() {
     let work = tempfile::tempdir().expect("tempdir");

@@ -21,7 +21,7 @@ use cairn_daemon::error::Error;
 use cairn_daemon::metrics::Metrics;
 use cairn_daemon::tier::disk::DiskTier;
 use cairn_daemon::tier::object::{ObjectTier, ObjectTierSettings};
-use cairn_daemon::tier::transfer::{CopyReport, PlannedSource, copy_shard, fill_planned};
+use cairn_daemon::tier::transfer::{CopyReport, FillRun, PlannedSource, copy_shard, fill_planned};
 use cairn_daemon::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 use tokio_util::sync::CancellationToken;
 
@@ -236,9 +236,12 @@ async fn copies_incrementally_and_fills_back_identical() {
         holders,
         &sources,
         &files,
-        4,
-        &Metrics::new(),
-        &|_, _, _| (),
+        FillRun {
+            concurrency: 4,
+            metrics: &Metrics::new(),
+            observe: &|_, _, _| (),
+            cancel: &CancellationToken::new(),
+        },
     )
     .await
     .expect("fill from bucket");

@@ -288,9 +288,12 @@ impl Node {
             holders,
             sources,
             files,
-            concurrency,
-            &self.metrics,
-            &observe,
+            transfer::FillRun {
+                concurrency,
+                metrics: &self.metrics,
+                observe: &observe,
+                cancel: &self.cancel,
+            },
         );
         let report = log_progress(fill, &progress).await?;
         tracing::info!(sources = ?report.bytes_by_source, "chunks restored by source");

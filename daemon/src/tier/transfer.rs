@@ -137,25 +137,43 @@ pub struct PlannedSource<'a> {
 /// predicts, before the chunk moves on to its next source.
 const STALL_SLACK: Duration = Duration::from_secs(5);
 
+/// How one [`fill_planned`] runs: its bounds, what it reports to, and what
+/// stops it.
+pub struct FillRun<'a> {
+    /// Most chunks in flight.
+    pub concurrency: usize,
+    /// Where verification failures are counted.
+    pub metrics: &'a Metrics,
+    /// Told of each chunk written, with how long its read took.
+    pub observe: &'a (dyn Fn(&PlannedSource<'_>, u64, Duration) + Send + Sync),
+    /// Stops the fill between chunks (shutdown).
+    pub cancel: &'a CancellationToken,
+}
+
 /// Writes each of `wanted` into `files[location.file_index]` at its offset,
 /// reading it from the source the restore planner ([`restore_plan::plan`])
 /// chose among those `holders[i]` lists for chunk `i`, and on a missing or
 /// corrupt copy, an error or a stall, from the next source in the plan's
-/// order. At most `concurrency` chunks are in flight (and at most each
+/// order. At most `run.concurrency` chunks are in flight (and at most each
 /// source's `parallelism` from one source), so memory stays at
-/// `concurrency × chunk size`. `observe` learns of each chunk once it is
-/// written, with how long its read took: progress, and the measurements
+/// `concurrency × chunk size`. `run.observe` learns of each chunk once it
+/// is written, with how long its read took: progress, and the measurements
 /// the next plan is based on.
-/// Fails with `DataLoss` naming the chunk when no source has a good copy.
+/// Fails with `DataLoss` naming the chunk when no source has a good copy,
+/// and with `ShuttingDown` once `run.cancel` fires (between chunks).
 pub async fn fill_planned(
     wanted: Vec<ChunkLocation>,
     holders: Vec<Vec<usize>>,
     sources: &[PlannedSource<'_>],
     files: &[Arc<File>],
-    concurrency: usize,
-    metrics: &Metrics,
-    observe: &(dyn Fn(&PlannedSource<'_>, u64, Duration) + Send + Sync),
+    run: FillRun<'_>,
 ) -> Result<FillReport> {
+    let FillRun {
+        concurrency,
+        metrics,
+        observe,
+        cancel,
+    } = run;
     let profiles: Vec<SourceProfile> = sources.iter().map(|s| s.profile.clone()).collect();
     let needs: Vec<ChunkNeed> = wanted
         .iter()
@@ -178,6 +196,11 @@ pub async fn fill_planned(
     let permits = &permits;
     stream::iter(wanted.into_iter().zip(plan.order))
         .map(|(location, order)| async move {
+            // Between chunks: a stopping daemon does not wait for a long
+            // restore (its listeners wait for every request in flight).
+            if cancel.is_cancelled() {
+                return Err(Error::ShuttingDown);
+            }
             let mut tried = Vec::new();
             let mut corrupt = Vec::new();
             for index in order {
