@@ -1,104 +1,41 @@
-//! Pieces every Cairn benchmark shares: a real `cairnd` to measure, the
-//! test data, medians and the results table. Each figure is a ratio against
-//! a baseline measured in the same run on the same bytes.
-
-pub mod s3;
+//! Pieces every Cairn benchmark shares: a real `cairnd` to measure
+//! (testkit's harness, with the benchmarks' settings), the test data,
+//! medians and the results table. Each figure is a ratio against a baseline
+//! measured in the same run on the same bytes.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
+pub use testkit::Daemon;
+use testkit::DaemonOptions;
 
 /// Tensors per shard: a checkpoint is many files, not one.
 pub const TENSORS: usize = 8;
 
-/// A `cairnd` started for a benchmark, killed (and its memory tier removed)
-/// on drop.
-pub struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    memory_dir: PathBuf,
-    /// Its disk tier.
-    pub disk_dir: PathBuf,
-}
-
-impl Daemon {
-    /// Starts `cairnd` (next to this binary, or `CAIRND_BIN`) with its socket
-    /// and disk tier under `work`, the memory tier at `memory_dir`, retention
-    /// loose enough to keep every step a benchmark makes, and `extra_args`.
-    pub fn start(work: &Path, memory_dir: &Path, extra_args: &[&str]) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let cairnd = std::env::var_os("CAIRND_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| exe.with_file_name("cairnd"));
-        let socket = work.join("cairn.sock");
-        let disk_dir = work.join("disk");
-        let child = Command::new(&cairnd)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--memory-dir")
-            .arg(memory_dir)
-            .arg("--disk-dir")
-            .arg(&disk_dir)
-            .args([
-                "--metrics-addr",
-                "off",
-                "--memory-keep-last",
-                "100",
-                "--disk-keep-last",
-                "100",
-            ])
-            .args(extra_args)
-            // CAIRN_BENCH_LOG=info shows the daemon's own timings.
-            .env(
-                "CAIRN_LOG",
-                std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", cairnd.display()))?;
-        Ok(Self {
-            child,
-            socket,
-            memory_dir: memory_dir.to_path_buf(),
-            disk_dir,
-        })
-    }
-
-    /// Connects once the daemon answers.
-    pub async fn connect(&self) -> Result<Clients> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = Clients::connect(self.socket.to_str().context("socket path")?).await
-                && c.admin.status(pb::StatusRequest {}).await.is_ok()
-            {
-                return Ok(c);
-            }
-            if Instant::now() > deadline {
-                bail!("cairnd did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL, as a node failure would.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.memory_dir);
-    }
+/// Starts `cairnd` (`CAIRND_BIN`, or the one beside this binary) with its
+/// socket and disk tier under `work`, the memory tier at `memory_dir`
+/// (removed when the daemon is dropped), cairnd's default chunk size and
+/// scrub, no metrics endpoint, retention loose enough to keep every step a
+/// benchmark makes, and `extra_args`; waits until it answers. It logs to
+/// this process's stderr at `warn` (`CAIRN_BENCH_LOG=info` shows the
+/// daemon's own timings). Dropping it kills it.
+pub async fn start_daemon(work: &Path, memory_dir: &Path, extra_args: &[&str]) -> Result<Daemon> {
+    DaemonOptions::new()
+        .work_dir(work)
+        .memory_dir(memory_dir)
+        .chunk_size(None)
+        .scrub_disk(true)
+        .metrics_addr("off")
+        .log_to_stderr()
+        .log_filter(&std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .args(["--memory-keep-last", "100", "--disk-keep-last", "100"])
+        .args(extra_args)
+        .start()
+        .await
 }
 
 /// Fast deterministic bytes, distinct per tensor, so nothing dedups.
@@ -170,17 +107,7 @@ pub fn shard(job: &str, step: u64) -> pb::ShardRef {
 
 /// Waits until `job` at `step` is durable in `tier`.
 pub async fn wait_durable(c: &mut Clients, job: &str, step: u64, tier: pb::Tier) -> Result<()> {
-    c.checkpoint
-        .wait_durable(pb::WaitDurableRequest {
-            tenant: String::new(),
-            job: job.into(),
-            step,
-            rank: None,
-            tier: tier as i32,
-            timeout_ms: 600_000,
-        })
-        .await?;
-    Ok(())
+    Ok(testkit::wait_durable(c, job, step, tier, 600_000).await?)
 }
 
 /// Restores rank 0 of `job` at `step`.

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, stage, tempdir,
+    Row, TENSORS, gbps, make_tensors, median, report, restore, stage, start_daemon, tempdir,
 };
 use cairn_proto::v1 as pb;
 use clap::Parser;
@@ -68,7 +68,7 @@ async fn main() -> Result<()> {
     let work = tempdir("/tmp", "cairn-bench")?;
     let shm = tempdir("/dev/shm", "cairn-bench")?;
     let memory_dir = shm.join("t0");
-    let mut daemon = Daemon::start(&work, &memory_dir, &[])?;
+    let mut daemon = start_daemon(&work, &memory_dir, &[]).await?;
     let mut c = daemon.connect().await?;
     let tensors = make_tensors(total, 1);
     println!(
@@ -198,7 +198,7 @@ async fn main() -> Result<()> {
         // Lose the memory tier, as after a node reboot.
         daemon.kill();
         std::fs::remove_dir_all(&memory_dir)?;
-        daemon = Daemon::start(&work, &memory_dir, &[])?;
+        daemon = start_daemon(&work, &memory_dir, &[]).await?;
         c = daemon.connect().await?;
         cold &= drop_caches();
         let t = Instant::now();

@@ -6,7 +6,9 @@
 //! orbax-checkpoint (`CAIRN_PYTHON_SETUP_ONLY=1 ./scripts/test-python`).
 //! Set `CAIRN_SKIP_FRAMEWORK_TESTS=1` to skip it where that cannot exist.
 //! `cairnd` is `target/debug/cairnd` beside this test (`cargo test
-//! --workspace` builds it), or `CAIRND_BIN`.
+//! --workspace` builds it), or `CAIRND_BIN`. Where the test waits for ingest
+//! to have looked (and taken nothing more), it waits for ingest's walks of
+//! the volumes (`cairn_ingest_scans_total`), not for a fixed time.
 
 mod common;
 
@@ -14,21 +16,14 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use cairn_csi::mountinfo;
-use common::daemon::{Daemon, RESCAN_SECS};
+use common::daemon::{steps, wait_durable_on_disk, wait_for_steps};
 use common::{Plugin, assert_code, can_mount, mounts_at, publish_request, unpublish_request};
+use testkit::servers::repo_root;
 
 const ORBAX_JOB: &str = "llama";
 const DCP_JOB: &str = "llama-dcp";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
-}
 
 /// The virtualenv's python, or `None` (after saying why) when the test
 /// must skip; panics when it is missing and skipping was not asked for.
@@ -116,8 +111,7 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
     };
     let mut plugin = Plugin::new(&[], &[]);
     let work = plugin.dir.path().join("cairnd");
-    std::fs::create_dir_all(&work).expect("daemon dir");
-    let mut daemon = Daemon::start(&plugin.shm_dir, &work).await;
+    let mut daemon = common::daemon::start(&plugin.shm_dir, &work).await;
     plugin.extra_args.extend([
         "--daemon-socket".into(),
         daemon.socket.display().to_string(),
@@ -178,12 +172,12 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
     std::fs::write(linked.join("commit_success.txt"), b"ok").expect("marker");
     std::fs::rename(&linked, orbax_target.join("9")).expect("finish step 9");
 
-    daemon.wait_for_steps(ORBAX_JOB, &[1, 2]).await;
-    daemon.wait_for_steps(DCP_JOB, &[5]).await;
-    // A few rescans later, still nothing else.
-    tokio::time::sleep(Duration::from_secs(3 * RESCAN_SECS)).await;
-    assert_eq!(daemon.steps(ORBAX_JOB).await, BTreeSet::from([1, 2]));
-    assert_eq!(daemon.steps(DCP_JOB).await, BTreeSet::from([5]));
+    wait_for_steps(&daemon, ORBAX_JOB, &[1, 2]).await;
+    wait_for_steps(&daemon, DCP_JOB, &[5]).await;
+    // Two more walks of the volumes later, still nothing else.
+    daemon.wait_ingest_walks(2).await;
+    assert_eq!(steps(&daemon, ORBAX_JOB).await, BTreeSet::from([1, 2]));
+    assert_eq!(steps(&daemon, DCP_JOB).await, BTreeSet::from([5]));
     assert_eq!(
         daemon.count_in_log("step ingested"),
         3,
@@ -235,9 +229,9 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
     // Lose the memory tier, as a node reboot would, once the disk holds
     // every step; keep the plugin's volumes (still mounted).
     for step in [1, 2] {
-        daemon.wait_durable_on_disk(ORBAX_JOB, step).await;
+        wait_durable_on_disk(&daemon, ORBAX_JOB, step).await;
     }
-    daemon.wait_durable_on_disk(DCP_JOB, 5).await;
+    wait_durable_on_disk(&daemon, DCP_JOB, 5).await;
     daemon.stop().await;
     for entry in std::fs::read_dir(&plugin.shm_dir)
         .expect("memory dir")
@@ -252,16 +246,16 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
             }
         }
     }
-    daemon.spawn().await;
+    daemon.restart().await;
     // The restarted daemon rescans the volumes and takes nothing twice.
-    tokio::time::sleep(Duration::from_secs(3 * RESCAN_SECS)).await;
+    daemon.wait_ingest_walks(2).await;
     assert_eq!(
         daemon.count_in_log("step ingested"),
         3,
         "{}",
         daemon.log_text()
     );
-    assert_eq!(daemon.steps(ORBAX_JOB).await, BTreeSet::from([1, 2]));
+    assert_eq!(steps(&daemon, ORBAX_JOB).await, BTreeSet::from([1, 2]));
 
     for (id, target) in [("vol-orbax", &orbax_target), ("vol-dcp", &dcp_target)] {
         node.node_unpublish_volume(unpublish_request(id, target))
@@ -319,7 +313,7 @@ async fn framework_checkpoints_are_ingested_and_prefilled_after_losing_the_memor
     );
 
     run_frameworks(&python, "restore", &orbax_target, &dcp_target);
-    tokio::time::sleep(Duration::from_secs(2 * RESCAN_SECS)).await;
+    daemon.wait_ingest_walks(2).await;
     assert_eq!(
         daemon.count_in_log("step ingested"),
         3,

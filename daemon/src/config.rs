@@ -17,8 +17,8 @@ use cairn_core::{ChunkSize, DEFAULT_CHUNK_SIZE, NodeId, RetentionPolicy, TenantN
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::error::{Error, IoContext, Result};
 use crate::membership::MembershipConfig;
+use crate::retry::{PipelinePolicy, RetryPolicy};
 use crate::tier::object::ObjectTierSettings;
 use crate::tier::peer::PeerConfig;
 use crate::tier::peer::tls::TlsFiles;
@@ -214,7 +214,73 @@ struct RawConfig {
     membership: Option<MembershipConfig>,
     #[serde(default)]
     tenants: RawTenants,
+    #[serde(default)]
+    pipelines: RawPipelines,
 }
+
+/// `[pipelines.write_back]`, `[pipelines.upload]`, `[pipelines.replication]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipelines {
+    #[serde(default)]
+    write_back: RawPipeline,
+    #[serde(default)]
+    upload: RawPipeline,
+    #[serde(default)]
+    replication: RawPipeline,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    first_retry_ms: Option<u64>,
+    max_retry_secs: Option<u64>,
+    attempts: Option<u32>,
+    recheck_secs: Option<u64>,
+}
+
+/// How each background pipeline retries (see `node::pipeline`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PipelinesConfig {
+    /// Memory to disk.
+    pub write_back: PipelinePolicy,
+    /// Disk (or memory) to the object store.
+    pub upload: PipelinePolicy,
+    /// Local shards to peers.
+    pub replication: PipelinePolicy,
+}
+
+/// A pipeline's defaults: first retry, cap, attempts before "needs
+/// attention", recheck interval after that.
+struct PipelineDefaults {
+    first_retry_ms: u64,
+    max_retry_secs: u64,
+    attempts: u32,
+    recheck_secs: u64,
+}
+
+/// Write-back: a local disk either works within seconds or needs someone
+/// (full, failing); a full disk is looked at again every 10 s, so space
+/// freed by retention or uploads is used soon.
+const WRITE_BACK_DEFAULTS: PipelineDefaults = PipelineDefaults {
+    first_retry_ms: 1000,
+    max_retry_secs: 2,
+    attempts: 3,
+    recheck_secs: 10,
+};
+/// Uploads and replication: 1 s doubling to 60 s, about 4 minutes of
+/// attempts before a shard needs attention, then one try a minute so that a
+/// bucket or peer that comes back heals it.
+const REMOTE_DEFAULTS: PipelineDefaults = PipelineDefaults {
+    first_retry_ms: 1000,
+    max_retry_secs: 60,
+    attempts: 10,
+    recheck_secs: 60,
+};
+/// Longest wait a pipeline setting may ask for.
+const MAX_PIPELINE_WAIT_SECS: u64 = 86_400;
+/// Most attempts before a shard needs attention.
+const MAX_PIPELINE_ATTEMPTS: u32 = 1000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -359,6 +425,37 @@ struct RawDisk {
     scrub_bytes_per_sec: Option<u64>,
 }
 
+/// What is wrong with a configuration. cairnd refuses to start with it
+/// (exit 2), naming the setting; nothing here is a request error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A setting's value breaks a rule; the message names the setting.
+    #[error("{0}")]
+    Invalid(String),
+    /// A name in the configuration (tenant, node, marker) breaks the naming
+    /// rules.
+    #[error(transparent)]
+    Name(#[from] cairn_core::CoreError),
+    /// The config file could not be read.
+    #[error("reading config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file is not TOML with Cairn's settings.
+    #[error("config file {file}: {source}")]
+    Parse {
+        /// The file, as named.
+        file: String,
+        /// The parser's error, with the line.
+        source: toml::de::Error,
+    },
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -414,6 +511,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// The peer tier, if configured.
     pub peers: Option<PeerConfig>,
+    /// How write-back, uploads and replication retry.
+    pub pipelines: PipelinesConfig,
 }
 
 impl Config {
@@ -421,8 +520,10 @@ impl Config {
     pub fn load(args: &Args) -> Result<Self> {
         match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .io_context(|| format!("reading config file {}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 Self::from_file_text(args, &path.display().to_string(), &text)
             }
             None => Self::from_parts(args, RawConfig::default()),
@@ -432,8 +533,10 @@ impl Config {
     /// Builds the configuration from flags, environment and the text of the
     /// config file called `name` (in errors): [`Config::load`] after the read.
     pub fn from_file_text(args: &Args, name: &str, text: &str) -> Result<Self> {
-        let raw = toml::from_str(text)
-            .map_err(|e| Error::InvalidArgument(format!("config file {name}: {e}")))?;
+        let raw = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: name.to_owned(),
+            source,
+        })?;
         Self::from_parts(args, raw)
     }
 
@@ -459,7 +562,7 @@ impl Config {
             "off" | "" => None,
             addr => Some(
                 addr.parse()
-                    .map_err(|e| Error::InvalidArgument(format!("metrics_addr {addr:?}: {e}")))?,
+                    .map_err(|e| ConfigError::Invalid(format!("metrics_addr {addr:?}: {e}")))?,
             ),
         };
         let chunk_size = ChunkSize::new(
@@ -479,20 +582,20 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_DISK_DIR.into());
         for (field, dir) in [("memory.dir", &memory_dir), ("disk.dir", &disk_dir)] {
             if !dir.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(ConfigError::Invalid(format!(
                     "{field} {} must be an absolute path",
                     dir.display()
                 )));
             }
         }
         if memory_dir.starts_with(&disk_dir) || disk_dir.starts_with(&memory_dir) {
-            return Err(Error::InvalidArgument(
+            return Err(ConfigError::Invalid(
                 "memory.dir and disk.dir must not contain one another".into(),
             ));
         }
         let memory_capacity = match args.memory_capacity.or(raw.memory.capacity_bytes) {
             Some(0) => {
-                return Err(Error::InvalidArgument(
+                return Err(ConfigError::Invalid(
                     "memory.capacity_bytes must be above 0".into(),
                 ));
             }
@@ -501,7 +604,7 @@ impl Config {
         };
         let disk_capacity = match args.disk_capacity.or(raw.disk.capacity_bytes) {
             Some(0) => {
-                return Err(Error::InvalidArgument(
+                return Err(ConfigError::Invalid(
                     "disk.capacity_bytes must be above 0".into(),
                 ));
             }
@@ -513,7 +616,7 @@ impl Config {
             .writeback_concurrency
             .unwrap_or(DEFAULT_WRITEBACK_CONCURRENCY);
         if writeback_concurrency == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(ConfigError::Invalid(
                 "disk.writeback_concurrency must be above 0".into(),
             ));
         }
@@ -526,7 +629,7 @@ impl Config {
             .or(raw.disk.keep_last)
             .unwrap_or(DEFAULT_DISK_KEEP_LAST);
         if memory_keep == 0 || disk_keep == 0 {
-            return Err(Error::InvalidArgument(
+            return Err(ConfigError::Invalid(
                 "keep_last must be at least 1 in every tier".into(),
             ));
         }
@@ -534,13 +637,26 @@ impl Config {
             object_store_config(args.object_store_url.clone(), raw.object_store, &disk_dir)?;
         let ingest = ingest_config(raw.ingest, &memory_dir)?;
         let peers = peer_config(args, raw.peers, raw.membership, &node_name, &disk_dir)?;
+        let pipelines = PipelinesConfig {
+            write_back: pipeline_policy(
+                "write_back",
+                raw.pipelines.write_back,
+                WRITE_BACK_DEFAULTS,
+            )?,
+            upload: pipeline_policy("upload", raw.pipelines.upload, REMOTE_DEFAULTS)?,
+            replication: pipeline_policy(
+                "replication",
+                raw.pipelines.replication,
+                REMOTE_DEFAULTS,
+            )?,
+        };
         let memory_quotas = memory_quotas(&raw.tenants)?;
         let tenants = tenant_map(raw.tenants)?;
         let tcp_addr = args.tcp_addr.or(raw.tcp_addr);
         if let Some(addr) = tcp_addr
             && !addr.ip().is_loopback()
         {
-            return Err(Error::InvalidArgument(format!(
+            return Err(ConfigError::Invalid(format!(
                 "tcp_addr {addr}: the TCP listener has no authentication, so it binds to a \
                  loopback address only (127.0.0.1 or ::1); pods reach cairnd through their \
                  volume's socket, other nodes through the peer port (mutual TLS)"
@@ -592,8 +708,55 @@ impl Config {
             object_store,
             ingest,
             peers,
+            pipelines,
         })
     }
+}
+
+/// Validates one `[pipelines.*]` section.
+fn pipeline_policy(
+    name: &str,
+    raw: RawPipeline,
+    defaults: PipelineDefaults,
+) -> Result<PipelinePolicy> {
+    let first_ms = raw.first_retry_ms.unwrap_or(defaults.first_retry_ms);
+    let max_secs = raw.max_retry_secs.unwrap_or(defaults.max_retry_secs);
+    let attempts = raw.attempts.unwrap_or(defaults.attempts);
+    let recheck_secs = raw.recheck_secs.unwrap_or(defaults.recheck_secs);
+    let field = |f: &str| format!("pipelines.{name}.{f}");
+    if first_ms == 0 || first_ms > MAX_PIPELINE_WAIT_SECS.saturating_mul(1000) {
+        return Err(ConfigError::Invalid(format!(
+            "{} must be between 1 and {} ms",
+            field("first_retry_ms"),
+            MAX_PIPELINE_WAIT_SECS.saturating_mul(1000)
+        )));
+    }
+    if max_secs.saturating_mul(1000) < first_ms || max_secs > MAX_PIPELINE_WAIT_SECS {
+        return Err(ConfigError::Invalid(format!(
+            "{} must be at least first_retry_ms ({first_ms} ms) and at most {MAX_PIPELINE_WAIT_SECS} s",
+            field("max_retry_secs")
+        )));
+    }
+    if !(1..=MAX_PIPELINE_ATTEMPTS).contains(&attempts) {
+        return Err(ConfigError::Invalid(format!(
+            "{} must be between 1 and {MAX_PIPELINE_ATTEMPTS}",
+            field("attempts")
+        )));
+    }
+    if recheck_secs > MAX_PIPELINE_WAIT_SECS {
+        return Err(ConfigError::Invalid(format!(
+            "{} must be at most {MAX_PIPELINE_WAIT_SECS} s (0: only after a restart)",
+            field("recheck_secs")
+        )));
+    }
+    Ok(PipelinePolicy {
+        retry: RetryPolicy::new(
+            Duration::from_millis(first_ms),
+            Duration::from_secs(max_secs),
+        )
+        .tries(attempts),
+        recheck: (recheck_secs > 0).then(|| Duration::from_secs(recheck_secs)),
+    })
 }
 
 /// Validates the `[peers]` and `[membership]` sections; `None` without a
@@ -608,15 +771,15 @@ fn peer_config(
     let Some(membership) = membership else {
         return Ok(None);
     };
-    let invalid = |message: String| Err(Error::InvalidArgument(message));
+    let invalid = |message: String| Err(ConfigError::Invalid(message));
     let node_id = NodeId::parse("node_name", node_name.to_owned()).map_err(|e| {
-        Error::InvalidArgument(format!(
+        ConfigError::Invalid(format!(
             "{e} (the peer tier names this node by node_name; set it to the Kubernetes node name)"
         ))
     })?;
     let membership = membership
         .validate()
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let listen = args
         .peer_listen
         .or(raw.listen)
@@ -753,7 +916,7 @@ fn ingest_config(raw: RawIngest, memory_dir: &Path) -> Result<IngestConfig> {
         .volumes_dir
         .unwrap_or_else(|| memory_dir.join(DEFAULT_VOLUMES_SUBDIR));
     if !volumes_dir.is_absolute() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(ConfigError::Invalid(format!(
             "ingest.volumes_dir {} must be an absolute path",
             volumes_dir.display()
         )));
@@ -764,7 +927,7 @@ fn ingest_config(raw: RawIngest, memory_dir: &Path) -> Result<IngestConfig> {
     };
     let rescan_secs = raw.rescan_secs.unwrap_or(DEFAULT_INGEST_RESCAN_SECS);
     if rescan_secs == 0 {
-        return Err(Error::InvalidArgument(
+        return Err(ConfigError::Invalid(
             "ingest.rescan_secs must be above 0".into(),
         ));
     }
@@ -792,7 +955,7 @@ fn object_store_config(
     };
     let positive = |field: &str, value: u64| {
         if value == 0 {
-            Err(Error::InvalidArgument(format!(
+            Err(ConfigError::Invalid(format!(
                 "object_store.{field} must be above 0"
             )))
         } else {
@@ -803,7 +966,7 @@ fn object_store_config(
     // requests, and absurd values would only hide a typo.
     let at_most = |field: &str, value: u64, max: u64| {
         if value > max {
-            Err(Error::InvalidArgument(format!(
+            Err(ConfigError::Invalid(format!(
                 "object_store.{field} must be at most {max}, not {value}"
             )))
         } else {
@@ -815,19 +978,19 @@ fn object_store_config(
         .min_compression_ratio
         .unwrap_or(defaults.compression.min_ratio);
     if !(min_ratio.is_finite() && min_ratio >= 1.0) {
-        return Err(Error::InvalidArgument(
+        return Err(ConfigError::Invalid(
             "object_store.min_compression_ratio must be at least 1.0".into(),
         ));
     }
     let level = raw.compression_level.unwrap_or(defaults.compression.level);
     if !(1..=19).contains(&level) {
-        return Err(Error::InvalidArgument(
+        return Err(ConfigError::Invalid(
             "object_store.compression_level must be between 1 and 19".into(),
         ));
     }
     let part_size = raw.part_size_bytes.unwrap_or(defaults.part_size);
     if part_size < MIN_PART_SIZE {
-        return Err(Error::InvalidArgument(format!(
+        return Err(ConfigError::Invalid(format!(
             "object_store.part_size_bytes must be at least {MIN_PART_SIZE} (the S3 minimum)"
         )));
     }
@@ -976,6 +1139,60 @@ mod tests {
         let mut a = args();
         a.tenant = Some("Bad_Tenant".into());
         assert!(Config::from_parts(&a, RawConfig::default()).is_err());
+    }
+
+    #[test]
+    fn pipeline_sections_have_defaults_and_are_validated() {
+        let c = Config::from_parts(&args(), RawConfig::default()).expect("valid");
+        assert_eq!(c.pipelines.write_back.retry.max_tries, Some(3));
+        assert_eq!(
+            c.pipelines.write_back.recheck,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(c.pipelines.upload.retry.max_delay, Duration::from_secs(60));
+        assert_eq!(c.pipelines.replication.retry.max_tries, Some(10));
+        let raw: RawConfig = toml::from_str(
+            "[pipelines.upload]\nfirst_retry_ms = 200\nmax_retry_secs = 5\nattempts = 4\nrecheck_secs = 0\n",
+        )
+        .expect("parses");
+        let c = Config::from_parts(&args(), raw).expect("valid");
+        assert_eq!(
+            c.pipelines.upload.retry.first_delay,
+            Duration::from_millis(200)
+        );
+        assert_eq!(c.pipelines.upload.retry.max_delay, Duration::from_secs(5));
+        assert_eq!(c.pipelines.upload.retry.max_tries, Some(4));
+        assert_eq!(c.pipelines.upload.recheck, None, "0: only after a restart");
+        for (section, field) in [
+            (
+                "[pipelines.write_back]\nattempts = 0",
+                "pipelines.write_back.attempts",
+            ),
+            (
+                "[pipelines.upload]\nfirst_retry_ms = 0",
+                "pipelines.upload.first_retry_ms",
+            ),
+            (
+                "[pipelines.replication]\nfirst_retry_ms = 5000\nmax_retry_secs = 1",
+                "pipelines.replication.max_retry_secs",
+            ),
+            (
+                "[pipelines.upload]\nrecheck_secs = 86401",
+                "pipelines.upload.recheck_secs",
+            ),
+        ] {
+            let raw: RawConfig = toml::from_str(section).expect("parses");
+            let err = Config::from_parts(&args(), raw).expect_err(section);
+            assert!(matches!(err, ConfigError::Invalid(_)), "{err:?}");
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let err = Config::from_file_text(&args(), "cairn.toml", "[pipelines.upload]\nretries = 3")
+            .expect_err("unknown key");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("cairn.toml") && err.to_string().contains("retries"),
+            "{err}"
+        );
     }
 
     #[test]

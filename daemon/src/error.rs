@@ -2,6 +2,8 @@
 //! `service` (`service::grpc_code`), the only layer that speaks gRPC to
 //! clients.
 
+use std::time::Duration;
+
 use cairn_core::CoreError;
 use thiserror::Error;
 
@@ -59,9 +61,9 @@ pub enum Error {
     ObjectStore {
         /// What the daemon was doing, as a verb phrase with the object key.
         context: String,
-        /// The store's error.
+        /// The store's error, a timeout, or a cancellation.
         #[source]
-        source: object_store::Error,
+        source: ObjectError,
     },
     /// A peer daemon could not be reached or refused a request. Reported as
     /// UNAVAILABLE (the next candidate or a later try may succeed), except a
@@ -82,12 +84,46 @@ pub enum Error {
     /// A caller is known but not allowed (a node outside the membership).
     #[error("{0}")]
     PermissionDenied(String),
-    /// The daemon is shutting down.
-    #[error("cairnd is shutting down")]
-    ShuttingDown,
+    /// The operation was abandoned because cairnd is shutting down (its
+    /// cancellation token fired).
+    #[error("cancelled: cairnd is shutting down")]
+    Cancelled,
 }
 
 impl Error {
+    /// Whether trying the same operation again cannot help: the request or
+    /// the stored data is wrong, the caller is not allowed, or the target
+    /// already holds something else. Pipelines stop retrying such a failure
+    /// at once and mark the shard as needing attention; everything else
+    /// (I/O, a full tier, an unreachable peer or bucket, a timeout, a
+    /// shutdown) is worth another try.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Core(_)
+            | Self::InvalidArgument(_)
+            | Self::NotFound(_)
+            | Self::AlreadyExists(_)
+            | Self::FailedPrecondition(_)
+            | Self::DataLoss(_)
+            | Self::Unauthenticated(_)
+            | Self::PermissionDenied(_) => true,
+            Self::ObjectStore { source, .. } => source.is_permanent(),
+            Self::Peer { status, .. } => matches!(
+                status.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::AlreadyExists
+            ),
+            Self::Aborted(_)
+            | Self::ResourceExhausted(_)
+            | Self::DeadlineExceeded(_)
+            | Self::TierUnavailable(_)
+            | Self::Io { .. }
+            | Self::Cancelled => false,
+        }
+    }
+
     /// Whether the error says a filesystem or tier ran out of space
     /// (`RESOURCE_EXHAUSTED`, or `ENOSPC`/`EDQUOT` from the OS): worth trying
     /// again once space comes back, unlike most local errors.
@@ -106,6 +142,56 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// How one object-store request ended when it did not succeed: the store's own
+/// error, no answer in time, or the daemon shutting down. `is_permanent`
+/// decides whether it is retried (by the object tier's request loop, and by
+/// the upload pipeline).
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The store answered with an error, or the connection failed.
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
+    /// No answer within the bound of one request.
+    #[error("no answer within {} s", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// cairnd is shutting down; the request was abandoned.
+    #[error("cancelled: cairnd is shutting down")]
+    Cancelled,
+}
+
+impl ObjectError {
+    /// Whether trying again cannot help: an answer about the object (absent,
+    /// already there, precondition) or about the caller (credentials,
+    /// permissions, an invalid key), as opposed to a failure on the way.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Store(e) => is_permanent_store_error(e),
+            Self::Timeout(_) | Self::Cancelled => false,
+        }
+    }
+
+    /// Whether the object is absent.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, Self::Store(object_store::Error::NotFound { .. }))
+    }
+}
+
+fn is_permanent_store_error(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+            | object_store::Error::InvalidPath { .. }
+            | object_store::Error::UnknownConfigurationKey { .. }
+    )
 }
 
 /// The daemon's result type.

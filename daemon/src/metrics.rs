@@ -83,6 +83,12 @@ pub const REPLICATION_PENDING: &str = "cairn_replication_pending_shards";
 /// Replica copies to one peer that failed, by reason (`full`, `unreachable`,
 /// `refused`, `error`).
 pub const REPLICATION_FAILURES: &str = "cairn_replication_failures_total";
+/// Failed attempts of a background pipeline, by `pipeline` (`write-back`,
+/// `upload`, `replication`).
+pub const PIPELINE_FAILURES: &str = "cairn_pipeline_failures_total";
+/// Shards a pipeline has given up retrying quickly on (past its attempts,
+/// or failed for good), by `pipeline`: alert when above 0.
+pub const PIPELINE_NEEDS_ATTENTION: &str = "cairn_pipeline_needs_attention_shards";
 /// Members in the current membership view, this node included.
 pub const PEER_MEMBERS: &str = "cairn_peer_members";
 /// Checks that a recorded holder still has a replica whole, by result
@@ -172,6 +178,10 @@ pub struct Metrics {
     pub replication_pending: IntGauge,
     /// See [`REPLICATION_FAILURES`].
     pub replication_failures: IntCounterVec,
+    /// See [`PIPELINE_FAILURES`].
+    pub pipeline_failures: IntCounterVec,
+    /// See [`PIPELINE_NEEDS_ATTENTION`].
+    pub pipeline_needs_attention: IntGaugeVec,
     /// See [`PEER_MEMBERS`].
     pub peer_members: IntGauge,
     /// See [`HOLDER_CHECKS`].
@@ -334,6 +344,16 @@ impl Metrics {
                 REPLICATION_FAILURES,
                 "Replica copies to a peer that failed.",
                 &["reason"],
+            ),
+            pipeline_failures: counter(
+                PIPELINE_FAILURES,
+                "Failed attempts of a background pipeline.",
+                &["pipeline"],
+            ),
+            pipeline_needs_attention: gauge_vec(
+                PIPELINE_NEEDS_ATTENTION,
+                "Shards a background pipeline no longer retries quickly.",
+                &["pipeline"],
             ),
             peer_members: gauge(PEER_MEMBERS, "Members of the peer tier."),
             holder_checks: counter(

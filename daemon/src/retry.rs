@@ -5,12 +5,14 @@
 //! - a loop that retries in place: [`retry`] (a bucket request, a write-back,
 //!   the abort of a failed multipart upload);
 //! - a queue that puts a failed item back later: [`RetryPolicy::delay_after`]
-//!   (uploads, replication);
+//!   through a [`PipelinePolicy`] (write-back, uploads, replication, see
+//!   `node::pipeline`);
 //! - a long-running watcher that backs off while its source fails and starts
 //!   over once it works: [`Backoff`] (membership sources).
 //!
-//! Every policy is a named constant beside the code that uses it, and its
-//! bounds are in `docs/configuration.md`.
+//! Every policy is a named constant beside the code that uses it, or for the
+//! pipelines a `[pipelines.*]` section of the config file; their bounds are
+//! in `docs/configuration.md`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -94,6 +96,19 @@ impl RetryPolicy {
         let mut delays = self.builder().without_max_times().build();
         delays.nth(usize::try_from(skip).unwrap_or(usize::MAX))
     }
+}
+
+/// How a background pipeline (write-back, upload, replication) retries a
+/// shard whose copy failed: `retry` spaces the attempts, and once its tries
+/// are spent the shard needs attention and is tried only every `recheck`
+/// (`None`: not again until the daemon restarts).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PipelinePolicy {
+    /// Waits between attempts; `max_tries` is the number of attempts before
+    /// the shard needs attention.
+    pub retry: RetryPolicy,
+    /// How often a shard that needs attention is tried again.
+    pub recheck: Option<Duration>,
 }
 
 /// Runs `operation` until it succeeds, fails with an error `retryable`

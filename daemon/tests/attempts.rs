@@ -52,26 +52,10 @@ async fn save_rank(
     commit(c, &begun).await
 }
 
-async fn steps(c: &mut cairn_daemon::client::Clients) -> Vec<pb::StepStatus> {
-    c.checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: "run".into(),
-            wait_for_all_tiers: true,
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .jobs
-        .into_iter()
-        .flat_map(|j| j.steps)
-        .collect()
-}
-
 /// The newest restorable step, as listing reports it (no restore, so the
 /// tiers stay as they are).
 async fn latest(c: &mut cairn_daemon::client::Clients) -> Option<u64> {
-    steps(c)
+    job_steps(c, "run")
         .await
         .iter()
         .filter(|s| s.restorable)
@@ -104,7 +88,7 @@ async fn an_incomplete_step_is_saved_again_and_replaced_in_every_tier() {
     let bucket = work.path().join("bucket");
     std::fs::create_dir_all(&bucket).expect("bucket dir");
     let config = bucket_config(work.path(), &bucket);
-    let mut d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let mut d = start_daemon(&["--config", config.to_str().expect("utf-8")]).await;
     let mut c = d.clients().await;
 
     // Step 4 completes under attempt "a4". Step 5 under attempt "a5": rank 0
@@ -145,7 +129,7 @@ async fn an_incomplete_step_is_saved_again_and_replaced_in_every_tier() {
         "superseded by attempt b5",
     );
 
-    let listed = steps(&mut c).await;
+    let listed = job_steps(&mut c, "run").await;
     let five = listed.iter().find(|s| s.step == 5).expect("step 5");
     assert!(five.restorable);
     assert!(five.shards.iter().all(|s| s.attempt == "b5"), "{five:?}");
@@ -185,7 +169,7 @@ async fn an_incomplete_step_is_saved_again_and_replaced_in_every_tier() {
     wait_durable(&mut c, "run", 5, pb::Tier::ObjectStore, 30_000)
         .await
         .expect("uploaded");
-    let marked = steps(&mut c).await;
+    let marked = job_steps(&mut c, "run").await;
     assert!(
         marked
             .iter()
@@ -219,7 +203,7 @@ async fn an_incomplete_step_is_saved_again_and_replaced_in_every_tier() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_of_two_attempts_never_make_a_complete_step() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let data = bytes(7, 100_000);
     save_rank(&mut c, 1, 0, &data, "x").await.expect("1/0");
@@ -228,7 +212,7 @@ async fn shards_of_two_attempts_never_make_a_complete_step() {
     // both shards exist, but they are not one save.
     save_rank(&mut c, 2, 0, &data, "old").await.expect("2/0");
     save_rank(&mut c, 2, 1, &data, "new").await.expect("2/1");
-    let listed = steps(&mut c).await;
+    let listed = job_steps(&mut c, "run").await;
     let two = listed.iter().find(|s| s.step == 2).expect("step 2");
     assert!(!two.restorable, "{two:?}");
     let attempts: HashMap<u32, &str> = two

@@ -19,7 +19,7 @@ fn assert_status(err: &tonic::Status, code: tonic::Code, mentions: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_names_are_rejected_with_the_field_named() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let cases: Vec<(pb::BeginShardRequest, &str)> = vec![
         (
@@ -89,7 +89,7 @@ async fn invalid_names_are_rejected_with_the_field_named() {
     assert_status(&err, tonic::Code::InvalidArgument, "shard is required");
 
     // Nothing was created anywhere, inside or outside Cairn's directories.
-    assert!(!d.dir.path().join("escape").exists());
+    assert!(!d.work.join("escape").exists());
     assert!(!std::path::Path::new("/etc/passwd.cairn").exists());
     let staged = files_under(&d.memory_dir.join("staging"));
     assert!(
@@ -101,7 +101,7 @@ async fn invalid_names_are_rejected_with_the_field_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_misuse_gets_the_right_codes() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let data = bytes(1, 1000);
     let files: Vec<(&str, &[u8])> = vec![("a.bin", &data)];
@@ -201,7 +201,7 @@ async fn session_misuse_gets_the_right_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_that_lie_about_sizes_are_rejected_and_leave_nothing() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let header = |size: u64| pb::WriteShardRequest {
         msg: Some(pb::write_shard_request::Msg::Header(
@@ -273,7 +273,7 @@ async fn streams_that_lie_about_sizes_are_rejected_and_leave_nothing() {
 async fn a_full_memory_tier_refuses_with_what_uses_it() {
     // 1 MiB of memory tier; the disk tier never gets the first shard in time
     // to free it because the save is bigger than what remains.
-    let d = Daemon::start(&["--memory-capacity", "1048576"]).await;
+    let d = start_daemon(&["--memory-capacity", "1048576"]).await;
     let mut c = d.clients().await;
     let big = bytes(1, 700_000);
     save(&mut c, shard("fill", 1, 0), &[("a", &big)])
@@ -325,7 +325,7 @@ async fn a_full_memory_tier_refuses_with_what_uses_it() {
 async fn declared_sizes_that_wrap_around_reserve_nothing_and_are_refused() {
     // Regression: four files of 2^62 bytes summed to 0 in release builds, so
     // a client could stage more than the memory tier holds.
-    let d = Daemon::start(&["--memory-capacity", "134217728"]).await;
+    let d = start_daemon(&["--memory-capacity", "134217728"]).await;
     let mut c = d.clients().await;
     let mut req = begin_request(shard("wrap", 1, 0), &[]);
     req.files = (0..4)
@@ -381,7 +381,7 @@ async fn declared_sizes_that_wrap_around_reserve_nothing_and_are_refused() {
 async fn a_huge_node_name_in_prefetch_is_an_invalid_argument_not_echoed() {
     // Regression: the 10 KB name came back whole in the message, so the
     // client saw RESOURCE_EXHAUSTED (metadata too large) instead.
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let err = match c
         .admin
@@ -403,7 +403,7 @@ async fn a_begin_whose_reply_cannot_be_sent_creates_nothing() {
     // Regression: 100,000 staged paths made the reply exceed the message
     // limit after the session and its files existed; the client got
     // OUT_OF_RANGE without the session id and the shard stayed locked.
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let mut req = begin_request(shard("many", 1, 0), &[]);
     req.files = (0..40_000)
@@ -443,7 +443,7 @@ async fn a_stream_declaring_many_files_holds_no_descriptor_per_file() {
     // the descriptors for the whole stream; a held stream of about 20,000
     // files made another client's save fail "Too many open files" (the
     // daemon's limit here is the machine's, 20,000 on the CI machines).
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let mut header = begin_request(shard("held", 1, 0), &[]);
     header.files = many_files(19_990, 1);
@@ -488,7 +488,7 @@ async fn a_stream_declaring_many_files_holds_no_descriptor_per_file() {
 async fn a_shard_of_more_files_than_descriptors_commits_and_restores() {
     // Regression: commit opened and mapped every file at once, so 20,100
     // one-byte files failed with INTERNAL (and ingest retried it forever).
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let mut request = begin_request(shard("wide", 1, 0), &[]);
     request.files = many_files(20_100, 1);
@@ -528,7 +528,7 @@ async fn sessions_are_limited_per_client_and_idle_reservations_age_out() {
     let work = tempfile::tempdir().expect("temp dir");
     let config = work.path().join("cairnd.toml");
     std::fs::write(&config, "session_idle_timeout_secs = 2\n").expect("config");
-    let d = Daemon::start(&[
+    let d = start_daemon(&[
         "--config",
         config.to_str().expect("utf-8"),
         "--memory-capacity",
@@ -608,7 +608,7 @@ async fn a_huge_session_id_is_not_echoed_whole() {
     // Found by reading the code for the fuzz targets: the id came back whole
     // in the FAILED_PRECONDITION message, so a megabyte-long one broke the
     // reply instead of naming the problem.
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let err = c
         .checkpoint

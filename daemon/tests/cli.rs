@@ -10,8 +10,8 @@ fn stdout(out: &std::process::Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_list_restore_delete_gc_through_the_cli() {
-    let d = Daemon::start(&[]).await;
-    let src = d.dir.path().join("src");
+    let d = start_daemon(&[]).await;
+    let src = d.work.join("src");
     std::fs::create_dir_all(src.join("optim")).expect("mkdir");
     let weights = bytes(1, 700_000);
     std::fs::write(src.join("weights.bin"), &weights).expect("write");
@@ -47,7 +47,7 @@ async fn save_list_restore_delete_gc_through_the_cli() {
     let out = d.cli(&["list"]);
     assert!(stdout(&out).contains("durable"), "{}", stdout(&out));
 
-    let to = d.dir.path().join("out");
+    let to = d.work.join("out");
     let out = d.cli(&[
         "--json",
         "restore",
@@ -95,7 +95,7 @@ async fn save_list_restore_delete_gc_through_the_cli() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_one_readable_line_with_an_exit_code() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let out = d.cli(&["restore", "--job", "nothing-here"]);
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -143,7 +143,7 @@ async fn a_dead_bucket_gives_a_labelled_partial_view_and_its_own_exit_code() {
          region = \"us-east-1\"\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n",
     )
     .expect("write config");
-    let d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let d = start_daemon(&["--config", config.to_str().expect("utf-8")]).await;
     let mut c = d.clients().await;
     save(&mut c, shard("partial", 1, 0), &[("w.bin", b"weights")])
         .await
@@ -202,7 +202,7 @@ async fn a_membership_that_cannot_start_marks_the_peer_tier_down() {
     )
     .expect("write config");
     let missing = dir.path().join("no-kubeconfig");
-    let d = Daemon::start_with_env(
+    let d = start_daemon_with_env(
         &["--config", config.to_str().expect("utf-8")],
         &[
             ("KUBECONFIG", missing.to_str().expect("utf-8")),

@@ -3,6 +3,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
+use std::time::Duration;
 
 use cairn_proto::v1 as pb;
 use common::*;
@@ -30,7 +31,7 @@ fn chunk_hex(resp: &pb::RestoreShardResponse, index: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_bytes_are_reported_served_around_and_repaired() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let data = bytes(9, 8 * TEST_CHUNK as usize);
     save(&mut c, shard("bits", 1, 0), &[("w", &data)])
@@ -120,7 +121,7 @@ async fn flipped_bytes_are_reported_served_around_and_repaired() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corruption_in_every_tier_is_data_loss_not_wrong_bytes() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let data = bytes(11, 3 * TEST_CHUNK as usize);
     save(&mut c, shard("lost", 1, 0), &[("w", &data)])
@@ -162,7 +163,7 @@ async fn a_bad_disk_chunk_is_rewritten_when_a_new_step_reuses_it() {
     // memory tier gave DATA_LOSS.
     let work = tempfile::tempdir().expect("temp dir");
     let config = reverify_config(work.path(), 0);
-    let mut d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let mut d = start_daemon(&["--config", config.to_str().expect("utf-8")]).await;
     let mut c = d.clients().await;
     let data = bytes(11, 4 * TEST_CHUNK as usize);
     save(&mut c, shard("reuse", 1, 0), &[("w", &data)])
@@ -208,7 +209,7 @@ async fn a_bad_disk_chunk_is_rewritten_when_a_new_step_reuses_it() {
 /// durable there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrubbing_rewrites_a_bad_disk_chunk_or_stops_claiming_its_shard() {
-    let d = Daemon::start(&[
+    let d = start_daemon(&[
         "--disk-scrub-bytes-per-sec",
         "1073741824",
         "--memory-keep-last",
@@ -241,11 +242,12 @@ async fn scrubbing_rewrites_a_bad_disk_chunk_or_stops_claiming_its_shard() {
     // Step 2 is still in memory: its bad disk chunk is rewritten from there.
     let hex2 = chunk_hex(&resp2, 1);
     flip_byte(&disk_chunk(&hex2), 3);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !good(&disk_chunk(&hex2), &hex2) {
-        assert!(std::time::Instant::now() < deadline, "never rewritten");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "the bad disk chunk of step 2 is rewritten",
+        async || good(&disk_chunk(&hex2), &hex2),
+    )
+    .await;
     assert!(
         d.log_text()
             .contains("scrubbing rewrote a bad disk chunk from another tier"),
@@ -257,32 +259,18 @@ async fn scrubbing_rewrites_a_bad_disk_chunk_or_stops_claiming_its_shard() {
     // tier stops claiming it rather than list it as durable.
     let hex1 = chunk_hex(&resp1, 2);
     flip_byte(&disk_chunk(&hex1), 3);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let steps: Vec<u64> = c
-            .checkpoint
-            .list_steps(pb::ListStepsRequest {
-                tenant: String::new(),
-                job: "rot".into(),
-                wait_for_all_tiers: true,
-            })
-            .await
-            .expect("list")
-            .into_inner()
-            .jobs
-            .into_iter()
-            .flat_map(|j| j.steps)
-            .map(|s| s.step)
-            .collect();
-        if steps == vec![2] {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "step 1 still listed: {steps:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "only step 2 of rot is listed",
+        async || {
+            job_steps(&mut c, "rot")
+                .await
+                .iter()
+                .map(|s| s.step)
+                .eq([2])
+        },
+    )
+    .await;
     assert!(
         d.log_text().contains("the shard leaves the disk tier"),
         "{}",

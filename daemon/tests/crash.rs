@@ -11,20 +11,7 @@ use cairn_proto::v1 as pb;
 use common::*;
 
 async fn listed_steps(c: &mut cairn_daemon::client::Clients, job: &str) -> Vec<u64> {
-    let resp = c
-        .checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-            wait_for_all_tiers: true,
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    resp.jobs
-        .iter()
-        .flat_map(|j| j.steps.iter().map(|s| s.step))
-        .collect()
+    job_steps(c, job).await.iter().map(|s| s.step).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +24,7 @@ async fn a_crash_at_any_commit_point_loses_nothing_acknowledged() {
         ("commit.after_manifest", false),
         ("commit.before_ack", true), // renamed into place: complete, just not acknowledged
     ] {
-        let mut d = Daemon::start(&[]).await;
+        let mut d = start_daemon(&[]).await;
         let mut c = d.clients().await;
         save(&mut c, shard("crash", 1, 0), &[("w", &acknowledged)])
             .await
@@ -95,7 +82,7 @@ async fn a_crash_at_any_commit_point_loses_nothing_acknowledged() {
 async fn a_crash_during_write_back_resumes_after_restart() {
     for failpoint in ["writeback.before_manifest", "writeback.after_manifest"] {
         let mut d =
-            Daemon::start_with_env(&[], &[("FAILPOINTS", &format!("{failpoint}=return"))]).await;
+            start_daemon_with_env(&[], &[("FAILPOINTS", &format!("{failpoint}=return"))]).await;
         let mut c = d.clients().await;
         let data = bytes(3, 40 * TEST_CHUNK as usize + 17);
         save(&mut c, shard("wb", 1, 0), &[("w", &data)])
@@ -124,7 +111,7 @@ async fn a_crash_during_write_back_resumes_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_a_commit() {
-    let mut d = Daemon::start(&[]).await;
+    let mut d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let first = bytes(5, 1_000_000);
     save(&mut c, shard("kill", 1, 0), &[("w", &first)])

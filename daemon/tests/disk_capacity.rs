@@ -23,27 +23,11 @@ fn disk_state(steps: &[pb::StepStatus], step: u64) -> pb::ShardState {
     pb::ShardState::try_from(state.state).expect("state")
 }
 
-async fn list(c: &mut cairn_daemon::client::Clients, job: &str) -> Vec<pb::StepStatus> {
-    c.checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-            wait_for_all_tiers: true,
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .jobs
-        .into_iter()
-        .flat_map(|j| j.steps)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_tier_refuses_the_write_back_and_keeps_the_shard_in_memory() {
     // Regression: the disk tier had no byte capacity; a full disk was only
     // found by a failing write.
-    let d = Daemon::start(&["--disk-capacity", "1048576"]).await;
+    let d = start_daemon(&["--disk-capacity", "1048576"]).await;
     let mut c = d.clients().await;
     let first = bytes(1, 700_000);
     save(&mut c, shard("full", 1, 0), &[("w", &first)])
@@ -63,7 +47,7 @@ async fn a_full_disk_tier_refuses_the_write_back_and_keeps_the_shard_in_memory()
         err.message()
     );
     assert_eq!(
-        disk_state(&list(&mut c, "full").await, 2),
+        disk_state(&job_steps(&mut c, "full").await, 2),
         pb::ShardState::Failed
     );
     // Nothing half-written counts, and the shard is still restorable.
@@ -104,7 +88,7 @@ async fn shards_the_bucket_holds_make_room_on_a_full_disk() {
     let bucket = work.path().join("bucket");
     std::fs::create_dir_all(&bucket).expect("bucket");
     let config = bucket_config(work.path(), &bucket);
-    let d = Daemon::start(&[
+    let d = start_daemon(&[
         "--config",
         config.to_str().expect("utf-8"),
         "--disk-capacity",

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cairn_daemon::client::Clients;
-use cairn_proto::v1 as pb;
-use common::{Daemon, bytes, in_memory, metric, restore, save, shard, wait_disk};
+use common::{
+    Daemon, bytes, in_memory, job_steps, restore, save, shard, start_daemon, start_daemon_with_env,
+    wait_disk, wait_until,
+};
 
 /// Lays out `<volumes>/<id>/{volume.json,data/}` as cairn-csi does.
 fn volume(daemon: &Daemon, id: &str, job: &str, commit_marker: Option<&str>) -> PathBuf {
@@ -35,46 +37,16 @@ fn volume(daemon: &Daemon, id: &str, job: &str, commit_marker: Option<&str>) -> 
 }
 
 async fn steps(c: &mut Clients, job: &str) -> BTreeSet<u64> {
-    c.checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-            wait_for_all_tiers: true,
-        })
-        .await
-        .expect("ListSteps")
-        .into_inner()
-        .jobs
-        .iter()
-        .flat_map(|j| j.steps.iter().map(|s| s.step))
-        .collect()
+    job_steps(c, job).await.iter().map(|s| s.step).collect()
 }
 
-/// Waits until ingest has walked every volume twice more (the second walk
-/// began after this call, so it saw everything written before it).
-async fn two_more_scans(daemon: &Daemon) {
-    let scans = async || metric(&daemon.metrics().await, "cairn_ingest_scans_total");
-    let target = scans().await + 2.0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while scans().await < target {
-        assert!(
-            Instant::now() < deadline,
-            "ingest stopped walking the volumes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_for_step(daemon: &Daemon, c: &mut Clients, job: &str, step: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !steps(c, job).await.contains(&step) {
-        assert!(
-            Instant::now() < deadline,
-            "{job} step {step} was not ingested; log:\n{}",
-            daemon.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn wait_for_step(c: &mut Clients, job: &str, step: u64) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{job} step {step} is ingested"),
+        async || steps(c, job).await.contains(&step),
+    )
+    .await;
 }
 
 fn write_step(dir: &Path, files: &[(&str, &[u8])]) {
@@ -90,7 +62,7 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     let config = tempfile::tempdir().expect("config dir");
     let config_file = config.path().join("cairnd.toml");
     std::fs::write(&config_file, "[ingest]\nrescan_secs = 1\n").expect("config");
-    let mut daemon = Daemon::start(&[
+    let mut daemon = start_daemon(&[
         "--config",
         config_file.to_str().expect("utf-8"),
         "--memory-keep-last",
@@ -115,9 +87,10 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
             ("commit_success.txt", b"ok"),
         ],
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Ingest walks past it under its temporary name first.
+    daemon.wait_ingest_walks(2).await;
     std::fs::rename(&temp, data.join("step_10")).expect("rename");
-    wait_for_step(&daemon, &mut c, "job-a", 10).await;
+    wait_for_step(&mut c, "job-a", 10).await;
 
     // Its files come back with the names the framework wrote.
     let (response, files) = restore(&mut c, "job-a", Some(10), 0)
@@ -139,20 +112,19 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     // written.
     let step_20 = data.join("step_20");
     write_step(&step_20, &[("model.bin", &bytes(3, 300_000))]);
-    two_more_scans(&daemon).await;
+    daemon.wait_ingest_walks(2).await;
     assert!(!steps(&mut c, "job-a").await.contains(&20));
     write_step(&step_20, &[("commit_success.txt", b"ok")]);
-    wait_for_step(&daemon, &mut c, "job-a", 20).await;
+    wait_for_step(&mut c, "job-a", 20).await;
 
     // Memory keeps one step: step 10 leaves the memory tier once step 20
     // is on disk. A save of the same size then reuses pooled files; the
     // pod's copy of step 10 must be untouched.
     wait_disk(&mut c, "job-a", 20).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while in_memory(&mut c, "job-a", 10).await {
-        assert!(Instant::now() < deadline, "step 10 never left memory");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(30), "step 10 left memory", async || {
+        !in_memory(&mut c, "job-a", 10).await
+    })
+    .await;
     let other = bytes(4, 300_000);
     save(&mut c, shard("other", 1, 0), &[("model.bin", &other)])
         .await
@@ -169,20 +141,20 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     write_step(&temp, &[("state.pt", &bytes(5, 5000))]);
     write_step(&rename_data.join("tmp_40"), &[("state.pt", b"x")]);
     std::fs::rename(&temp, rename_data.join("30")).expect("rename");
-    wait_for_step(&daemon, &mut c, "job-r", 30).await;
+    wait_for_step(&mut c, "job-r", 30).await;
 
     // Nothing twice: a few rescans, and a restart that rescans everything.
-    two_more_scans(&daemon).await;
+    daemon.wait_ingest_walks(2).await;
     daemon.restart().await;
     let mut c = daemon.clients().await;
-    two_more_scans(&daemon).await;
+    daemon.wait_ingest_walks(2).await;
     assert_eq!(steps(&mut c, "job-r").await, BTreeSet::from([30]));
-    let ingested = daemon
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("step ingested"))
-        .count();
-    assert_eq!(ingested, 3, "{}", daemon.log_text());
+    assert_eq!(
+        daemon.count_in_log("step ingested"),
+        3,
+        "{}",
+        daemon.log_text()
+    );
     let record: serde_json::Value = serde_json::from_slice(
         &std::fs::read(data.parent().expect("volume dir").join("ingested.json"))
             .expect("ingested.json"),
@@ -210,7 +182,7 @@ async fn finished_step_directories_are_ingested_once_and_never_recycled() {
     std::fs::rename(&temp, rename_data.join("60")).expect("rename");
     daemon.restart().await;
     let mut c = daemon.clients().await;
-    wait_for_step(&daemon, &mut c, "job-r", 60).await;
+    wait_for_step(&mut c, "job-r", 60).await;
 }
 
 /// The ingest race of issue 14: after ingest lists a step directory, the
@@ -223,15 +195,15 @@ async fn a_directory_swapped_for_a_link_after_listing_never_brings_in_a_file_fro
     let config = tempfile::tempdir().expect("config dir");
     let config_file = config.path().join("cairnd.toml");
     std::fs::write(&config_file, "[ingest]\nrescan_secs = 1\n").expect("config");
-    let daemon = Daemon::start_with_env(
+    let daemon = start_daemon_with_env(
         &["--config", config_file.to_str().expect("utf-8")],
         &[("FAILPOINTS", "ingest.after_listing=sleep(1500)")],
     )
     .await;
     let mut c = daemon.clients().await;
     let data = volume(&daemon, "vol-race", "job-race", None);
-    // Let ingest find the volume (its first scan lists nothing yet).
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Let ingest find (and watch) the volume; its data is still empty.
+    daemon.wait_ingest_walks(2).await;
 
     // Somewhere outside the volume, laid out like the pod's own directory.
     let outside = tempfile::tempdir().expect("outside");

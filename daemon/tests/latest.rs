@@ -9,7 +9,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use cairn_proto::v1 as pb;
-use common::{Daemon, begin_request, restore, shard, wait_durable, write_staged};
+use common::{
+    Daemon, begin_request, job_steps, restore, shard, start_daemon, wait_durable, write_staged,
+};
 
 const WORLD: u32 = 3;
 /// Step numbers whose lexical order differs from their numeric order.
@@ -90,20 +92,9 @@ async fn check_latest(d: &Daemon, job: &str, saved: &BTreeSet<(u64, u32)>) {
             ),
         }
     }
-    let listed = c
-        .checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-            wait_for_all_tiers: true,
-        })
+    let restorable = job_steps(&mut c, job)
         .await
-        .expect("list")
-        .into_inner();
-    let restorable = listed
-        .jobs
         .iter()
-        .flat_map(|j| &j.steps)
         .filter(|s| s.restorable)
         .map(|s| s.step)
         .max();
@@ -113,7 +104,7 @@ async fn check_latest(d: &Daemon, job: &str, saved: &BTreeSet<(u64, u32)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_is_the_highest_step_every_rank_completed_in_any_tier() {
     // Memory keeps two steps per job, so most shards are on disk only.
-    let d = Daemon::start(&["--memory-keep-last", "2", "--disk-keep-last", "100"]).await;
+    let d = start_daemon(&["--memory-keep-last", "2", "--disk-keep-last", "100"]).await;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for round in 0..6 {
         let job = format!("rand-{round}");
@@ -133,7 +124,7 @@ async fn latest_counts_steps_only_the_bucket_still_holds() {
         format!("[object_store]\nurl = \"{url}\"\nupload_after = \"commit\"\nkeep_last = 100\n"),
     )
     .expect("config");
-    let mut d = Daemon::start(&[
+    let mut d = start_daemon(&[
         "--config",
         config.to_str().expect("utf-8"),
         "--memory-keep-last",

@@ -1,5 +1,5 @@
 //! Tests of the multi-host test harness itself (`common::netns`,
-//! `common::pki`, `Daemon::start_in`): the peer-tier tests are only as good
+//! `testkit::pki`, `start_daemon_in`): the peer-tier tests are only as good
 //! as their hosts being separate, their partitions real and their
 //! certificates what the daemons will check.
 
@@ -10,9 +10,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use common::Daemon;
 use common::netns::{self, Network};
-use common::pki::TestPki;
+use common::start_daemon_in;
+use testkit::pki::TestPki;
 
 /// A TCP server for reachability checks: binds `argv[1]` on a free port,
 /// prints the port, greets every connection with `cairn`, and exits after a
@@ -273,9 +273,9 @@ async fn a_daemon_runs_inside_a_node_namespace() {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    let mut daemon = Daemon::start_in(Some(&ns), &[], &[]).await;
+    let mut daemon = start_daemon_in(Some(&ns), &[], &[]).await;
     // Ready means its Unix socket answered from the host's namespace.
-    assert_eq!(daemon.netns.as_deref(), Some(ns.as_str()));
+    assert_eq!(daemon.launcher, netns::exec_prefix(&ns));
     assert_eq!(pids_in(&ns).len(), 1, "one process (cairnd) in {ns}");
     daemon.kill();
     assert!(pids_in(&ns).is_empty(), "kill() left a process in {ns}");

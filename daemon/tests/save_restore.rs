@@ -8,7 +8,7 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_path_round_trip_survives_restarts_and_memory_loss() {
-    let mut d = Daemon::start(&[]).await;
+    let mut d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let weights = bytes(1, 1_000_000);
     let optim = bytes(2, 3 * TEST_CHUNK as usize); // exactly three chunks
@@ -85,7 +85,7 @@ async fn streaming_over_tcp_round_trips() {
         l.local_addr().expect("addr").port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start(&["--tcp-addr", &addr]).await;
+    let d = start_daemon(&["--tcp-addr", &addr]).await;
     let mut c = cairn_daemon::client::Clients::connect(&format!("http://{addr}"))
         .await
         .expect("tcp connect");
@@ -146,7 +146,7 @@ async fn streaming_over_tcp_round_trips() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest() {
-    let d = Daemon::start(&["--memory-keep-last", "2", "--disk-keep-last", "3"]).await;
+    let d = start_daemon(&["--memory-keep-last", "2", "--disk-keep-last", "3"]).await;
     let mut c = d.clients().await;
     let frozen = bytes(10, 20 * TEST_CHUNK as usize);
     for step in 1..=5u64 {
@@ -163,17 +163,7 @@ async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest()
     // Retention runs right after each write-back; give the last one a moment.
     let mut listed = Vec::new();
     for _ in 0..100 {
-        let resp = c
-            .checkpoint
-            .list_steps(pb::ListStepsRequest {
-                tenant: String::new(),
-                job: "lora".into(),
-                wait_for_all_tiers: true,
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        listed = resp.jobs[0].steps.clone();
+        listed = job_steps(&mut c, "lora").await;
         let in_memory = listed
             .iter()
             .filter(|s| {
@@ -241,7 +231,7 @@ async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_is_the_newest_complete_step_and_tenants_are_isolated() {
-    let d = Daemon::start(&["--memory-keep-last", "10", "--disk-keep-last", "10"]).await;
+    let d = start_daemon(&["--memory-keep-last", "10", "--disk-keep-last", "10"]).await;
     let mut c = d.clients().await;
     let ws2 = |job: &str, step: u64, rank: u32| {
         let mut req = begin_request(shard(job, step, rank), &[("x", b"abc")]);
@@ -358,7 +348,7 @@ async fn latest_is_the_newest_complete_step_and_tenants_are_isolated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_answer() {
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let channel = cairn_daemon::client::connect(d.socket.to_str().expect("utf-8"))
         .await
         .expect("connect");
@@ -412,7 +402,7 @@ async fn health_and_reflection_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saves_reuse_the_pages_of_evicted_steps_but_never_a_readers_files() {
     use std::os::unix::fs::MetadataExt;
-    let d = Daemon::start(&[]).await;
+    let d = start_daemon(&[]).await;
     let mut c = d.clients().await;
     let one = bytes(1, 900_000);
     save(&mut c, shard("pool", 1, 0), &[("w", &one)])
@@ -519,7 +509,7 @@ async fn save_rank_of_two(c: &mut cairn_daemon::client::Clients, job: &str, step
 /// the step's shards for a second while the test lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_removes_a_step_from_listings_all_at_once() {
-    let d = Daemon::start_with_env(
+    let d = start_daemon_with_env(
         &["--memory-keep-last", "1", "--disk-keep-last", "1"],
         &[("FAILPOINTS", "disk.between_shard_removals=sleep(1000)")],
     )
@@ -533,20 +523,7 @@ async fn retention_removes_a_step_from_listings_all_at_once() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut listings = 0;
     loop {
-        let steps = c
-            .checkpoint
-            .list_steps(pb::ListStepsRequest {
-                tenant: String::new(),
-                job: "evicted".into(),
-                wait_for_all_tiers: true,
-            })
-            .await
-            .expect("list")
-            .into_inner()
-            .jobs
-            .into_iter()
-            .flat_map(|j| j.steps)
-            .collect::<Vec<_>>();
+        let steps = job_steps(&mut c, "evicted").await;
         listings += 1;
         for s in &steps {
             let ranks: Vec<u32> = s.shards.iter().map(|sh| sh.rank).collect();

@@ -37,8 +37,6 @@
 //! `TORTURE_RESULTS` when set (what `./scripts/torture` prints as a table).
 
 mod common;
-#[path = "torture/seaweed.rs"]
-mod seaweed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -52,12 +50,12 @@ use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
 use common::faultproxy::{FaultPlan, FaultProxy};
 use common::netns::Network;
-use common::pki::TestPki;
 use common::{
-    Daemon, TEST_CHUNK, begin_request, bytes, files_under, restore, shard, wait_durable,
-    write_staged,
+    Daemon, TEST_CHUNK, begin_request, bytes, files_under, restore, shard, start_daemon,
+    start_daemon_with_env, wait_durable, write_staged,
 };
-use seaweed::SeaweedFs;
+use testkit::pki::TestPki;
+use testkit::s3::{self, SeaweedFs};
 
 /// Every named crash point of cairnd and the row that kills it there. A
 /// `crash_point("...")` in `daemon/src` without a row here fails
@@ -744,7 +742,7 @@ fn show_logs(out: &Outcome, nodes: &[&Daemon]) {
         let tail = lines[lines.len().saturating_sub(60)..].join("\n");
         eprintln!(
             "---- end of the log of cairnd ({}):\n{tail}",
-            node.log.display()
+            node.log.as_deref().unwrap_or(Path::new("stderr")).display()
         );
     }
 }
@@ -796,7 +794,7 @@ async fn local_run(kill: Kill, seed: u64) -> Outcome {
         Kill::Random => Vec::new(),
     };
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut node = Daemon::start_with_env(&NO_RETENTION, &env_refs).await;
+    let mut node = start_daemon_with_env(&NO_RETENTION, &env_refs).await;
     let mut ledger = Ledger::new("torture", world);
     match kill {
         Kill::At(point) => {
@@ -889,7 +887,7 @@ async fn upload_run(point: &'static str, seed: u64) -> Outcome {
     let bucket = tempfile::tempdir().expect("bucket dir");
     let url = format!("file://{}", bucket.path().display());
     let args = [&NO_RETENTION[..], &["--object-store-url", url.as_str()]].concat();
-    let mut node = Daemon::start_with_env(&args, &[("FAILPOINTS", &failpoints)]).await;
+    let mut node = start_daemon_with_env(&args, &[("FAILPOINTS", &failpoints)]).await;
     let mut ledger = Ledger::new("torture", world);
     let mut c = node.clients().await;
     save_plan(&mut c, &mut rng, &mut ledger, plan, false).await;
@@ -903,7 +901,7 @@ async fn upload_run(point: &'static str, seed: u64) -> Outcome {
     // A brand-new node sees the bucket as the crash left it: whatever it
     // lists must be acknowledged and whole.
     {
-        let fresh = Daemon::start(&args).await;
+        let fresh = start_daemon(&args).await;
         check_steps(
             &fresh,
             &ledger,
@@ -933,7 +931,7 @@ async fn upload_run(point: &'static str, seed: u64) -> Outcome {
         &mut out,
     )
     .await;
-    let fresh = Daemon::start(&args).await;
+    let fresh = start_daemon(&args).await;
     check_steps(
         &fresh,
         &ledger.acknowledged_in(&in_bucket),
@@ -1015,7 +1013,7 @@ impl Cluster {
                 .get(&i)
                 .map(|fp| vec![("FAILPOINTS", fp.as_str())])
                 .unwrap_or_default();
-            nodes.push(Daemon::start_with_env(&args, &env).await);
+            nodes.push(start_daemon_with_env(&args, &env).await);
         }
         Cluster {
             nodes,
@@ -1276,8 +1274,8 @@ fn bucket_config(endpoint: &str, prefix: &str, attempts: u32, timeout_secs: u64)
          attempts = {attempts}\nmultipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\n\
          [object_store.options]\nendpoint = \"{endpoint}\"\nallow_http = \"true\"\nregion = \"us-east-1\"\n\
          access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-        seaweed::ACCESS_KEY,
-        seaweed::SECRET_KEY
+        s3::ACCESS_KEY,
+        s3::SECRET_KEY
     )
 }
 
@@ -1288,7 +1286,7 @@ async fn bucket_daemon(config: &str) -> (Daemon, tempfile::TempDir) {
     let path = dir.path().join("cairnd.toml");
     std::fs::write(&path, config).expect("write config");
     let chunk = (6u64 << 20).to_string();
-    let node = Daemon::start(&[
+    let node = start_daemon(&[
         "--config",
         path.to_str().expect("utf-8"),
         "--chunk-size",
@@ -1609,7 +1607,7 @@ async fn bucket_faults() {
     if !rows.iter().any(|r| RowReport::wanted(r)) {
         return;
     }
-    let Some(s3) = SeaweedFs::start() else {
+    let Some(s3) = SeaweedFs::start_or_skip() else {
         finish(
             rows.iter()
                 .map(|r| RowReport::skipped(r, "SeaweedFS not installed"))
@@ -1685,7 +1683,7 @@ fn can_mount() -> Result<(), String> {
 async fn disk_full_run(seed: u64) -> Outcome {
     let mut rng = Rng::new(seed);
     let mut out = Outcome::default();
-    let mut node = Daemon::start(&NO_RETENTION).await;
+    let mut node = start_daemon(&NO_RETENTION).await;
     node.kill();
     // The disk tier's directory becomes a small filesystem, filled up to a
     // random point, so that it runs out in the middle of some shard.
@@ -1910,7 +1908,7 @@ fn every_crash_point_has_a_row() {
 /// through. Runs in the default suite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multipart_upload_whose_part_and_abort_stall_leaves_nothing_open() {
-    let Some(s3) = SeaweedFs::start() else {
+    let Some(s3) = SeaweedFs::start_or_skip() else {
         assert!(
             std::env::var_os("CAIRN_REQUIRE_SERVERS").is_none(),
             "SeaweedFS is required (./scripts/install-test-servers)"

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
-use common::{Daemon, begin_request, in_memory, save, selector};
+use common::{Daemon, begin_request, in_memory, save, selector, start_daemon};
 use prost::Message;
 use tonic::Code;
 
@@ -186,7 +186,7 @@ async fn the_namespace_decides_the_tenant_and_the_operator_may_map_it() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("cairnd.toml");
     std::fs::write(&config, "[tenants]\nnamespaces = { ml-dev = \"ml\" }\n").expect("config");
-    let daemon = Daemon::start(&["--config", config.to_str().expect("utf-8")]).await;
+    let daemon = start_daemon(&["--config", config.to_str().expect("utf-8")]).await;
     let mut host = daemon.clients().await;
 
     let plain = volume(&daemon, "csi-plain", "team-a", "job-a", None);
@@ -253,7 +253,7 @@ async fn the_namespace_decides_the_tenant_and_the_operator_may_map_it() {
 
 #[tokio::test]
 async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
-    let mut daemon = Daemon::start(&[]).await;
+    let mut daemon = start_daemon(&[]).await;
     let mut host = daemon.clients().await;
     let a_data = volume(&daemon, "csi-a", "team-a", "job-a", None);
     let b_data = volume(&daemon, "csi-b", "team-b", "job-b", None);
@@ -633,7 +633,7 @@ async fn a_volume_socket_acts_for_its_own_tenant_and_job_only() {
 
 #[tokio::test]
 async fn a_link_the_pod_planted_where_the_socket_goes_is_never_followed() {
-    let daemon = Daemon::start(&[]).await;
+    let daemon = start_daemon(&[]).await;
     let mut host = daemon.clients().await;
     let outside = tempfile::tempdir().expect("outside");
     let data = volume(&daemon, "csi-l", "team-a", "job-a", None);
@@ -690,7 +690,7 @@ async fn a_link_the_pod_planted_where_the_socket_goes_is_never_followed() {
 async fn a_replaced_host_socket_is_taken_back() {
     use std::os::unix::fs::MetadataExt;
 
-    let daemon = Daemon::start(&[]).await;
+    let daemon = start_daemon(&[]).await;
     std::fs::remove_file(&daemon.socket).expect("unlink the socket");
     let impostor = std::os::unix::net::UnixListener::bind(&daemon.socket).expect("impostor");
     let impostor_inode = std::fs::metadata(&daemon.socket).expect("stat").ino();
@@ -730,7 +730,7 @@ async fn one_tenant_cannot_push_anothers_steps_out_of_memory() {
         format!("[tenants]\nmemory_quota_bytes = {}\n", 3 * MIB),
     )
     .expect("config");
-    let daemon = Daemon::start(&[
+    let daemon = start_daemon(&[
         "--config",
         config.to_str().expect("utf-8"),
         "--memory-capacity",

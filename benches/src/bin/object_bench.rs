@@ -13,17 +13,17 @@
 //! `./scripts/bench` (which installs the servers with
 //! `./scripts/install-test-servers`).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use cairn_bench::s3::SeaweedFs;
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, tempdir, wait_durable,
+    Row, TENSORS, gbps, make_tensors, median, report, restore, save, start_daemon, tempdir,
+    wait_durable,
 };
 use cairn_core::codec::{self, CompressionPolicy};
 use cairn_proto::v1 as pb;
 use clap::Parser;
+use testkit::s3::SeaweedFs;
 
 #[derive(Parser)]
 #[command(about = "Object-store tier against SeaweedFS and the AWS CLI")]
@@ -110,12 +110,14 @@ async fn main() -> Result<()> {
     let size_mib = args.size_mib.unwrap_or(if args.quick { 32 } else { 1024 });
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
     let total = size_mib << 20;
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let work = tempdir("/tmp", "cairn-object-bench")?;
     let shm = tempdir("/dev/shm", "cairn-object-bench")?;
-    let s3 = SeaweedFs::start(&repo, &work.join("weed"))?;
+    let s3 = SeaweedFs::start()?;
     let config = work.join("cairnd-object.toml");
-    std::fs::write(&config, s3.object_store_toml("commit"))?;
+    std::fs::write(
+        &config,
+        s3.object_store_config("cairn", "upload_after = \"commit\""),
+    )?;
     let config_arg = ["--config", config.to_str().context("utf-8")?];
     println!(
         "object-bench: {size_mib} MiB in {TENSORS} tensors to SeaweedFS on loopback, median of {repeat} runs"
@@ -133,33 +135,27 @@ async fn main() -> Result<()> {
             std::fs::write(baseline_dir.join(format!("tensor-{n}")), t)?;
         }
         let prefix = format!("s3://cairn/baseline-{run}/");
-        up_aws.push(s3.timed_aws(
-            &repo,
-            &[
-                "s3",
-                "cp",
-                "--recursive",
-                "--quiet",
-                baseline_dir.to_str().context("utf-8")?,
-                &prefix,
-            ],
-        )?);
+        up_aws.push(s3.timed_aws(&[
+            "s3",
+            "cp",
+            "--recursive",
+            "--quiet",
+            baseline_dir.to_str().context("utf-8")?,
+            &prefix,
+        ])?);
         std::fs::remove_dir_all(&download_dir).ok();
-        down_aws.push(s3.timed_aws(
-            &repo,
-            &[
-                "s3",
-                "cp",
-                "--recursive",
-                "--quiet",
-                &prefix,
-                download_dir.to_str().context("utf-8")?,
-            ],
-        )?);
+        down_aws.push(s3.timed_aws(&[
+            "s3",
+            "cp",
+            "--recursive",
+            "--quiet",
+            &prefix,
+            download_dir.to_str().context("utf-8")?,
+        ])?);
 
         let node_dir = work.join(format!("node-{run}"));
         std::fs::create_dir_all(&node_dir)?;
-        let daemon = Daemon::start(&node_dir, &shm.join(format!("t0-{run}")), &config_arg)?;
+        let daemon = start_daemon(&node_dir, &shm.join(format!("t0-{run}")), &config_arg).await?;
         let mut c = daemon.connect().await?;
         let job = format!("bench-{run}");
         save(&mut c, &job, 1, &tensors).await?;
@@ -188,11 +184,12 @@ async fn main() -> Result<()> {
         // A brand-new node, with nothing but the bucket.
         let fresh_dir = work.join(format!("fresh-{run}"));
         std::fs::create_dir_all(&fresh_dir)?;
-        let fresh = Daemon::start(
+        let fresh = start_daemon(
             &fresh_dir,
             &shm.join(format!("t0-fresh-{run}")),
             &config_arg,
-        )?;
+        )
+        .await?;
         let mut c = fresh.connect().await?;
         let t = Instant::now();
         let resp = restore(&mut c, &job, 1).await?;

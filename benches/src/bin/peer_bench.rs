@@ -26,18 +26,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use cairn_bench::s3::SeaweedFs;
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, stage, tempdir,
-    wait_durable,
+    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, stage, start_daemon,
+    tempdir, wait_durable,
 };
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
 use clap::{Parser, ValueEnum};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use testkit::pki::TestPki;
+use testkit::s3::SeaweedFs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
@@ -94,40 +91,6 @@ const WRITE_SIZE: usize = 1 << 20;
 
 /// The two nodes' ids (also their certificates' DNS names).
 const NODES: [&str; 2] = ["node-a", "node-b"];
-
-/// A throwaway CA and one certificate per node, as PEM files in `dir`.
-fn make_pki(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Cairn peer-bench CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-    std::fs::write(dir.join("ca.pem"), ca.pem())?;
-    for node in NODES {
-        let mut params = CertificateParams::new(vec![node.to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, node);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        // Each node dials the other and accepts its calls.
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &ca)?;
-        std::fs::write(dir.join(format!("{node}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{node}.key")), key.serialize_pem())?;
-    }
-    Ok(())
-}
 
 /// User plus system CPU seconds a process has used, all threads together
 /// (`/proc/PID/stat`; "self" for this process).
@@ -203,31 +166,18 @@ struct Node {
 }
 
 impl Node {
-    fn start(&mut self) -> Result<()> {
+    async fn start(&mut self) -> Result<()> {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.daemon = Some(Daemon::start(&self.work, &self.memory_dir, &args)?);
+        self.daemon = Some(start_daemon(&self.work, &self.memory_dir, &args).await?);
         Ok(())
     }
 
-    /// The daemon's process id, found by its command line (the lib's
-    /// [`Daemon`] keeps its child private).
+    /// The daemon's process id.
     fn pid(&self) -> Result<u32> {
-        let config = self.args.get(1).context("the --config argument")?;
-        for entry in std::fs::read_dir("/proc")?.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args.first().is_some_and(|a| a.ends_with(b"cairnd"))
-                && args.contains(&config.as_bytes())
-            {
-                return Ok(pid);
-            }
-        }
-        bail!("no cairnd process with --config {config}")
+        self.daemon
+            .as_ref()
+            .and_then(Daemon::pid)
+            .context("the node is not running")
     }
 
     async fn connect(&self) -> Result<Clients> {
@@ -240,7 +190,7 @@ impl Node {
 
     /// SIGKILL, then its memory and disk tiers wiped and the daemon started
     /// again with the same configuration: a replacement node.
-    fn wipe_and_restart(&mut self) -> Result<()> {
+    async fn wipe_and_restart(&mut self) -> Result<()> {
         // Dropping the daemon kills it and removes its memory tier.
         let disk_dir = self.daemon.take().map(|d| d.disk_dir.clone());
         if let Some(disk_dir) = disk_dir {
@@ -248,7 +198,7 @@ impl Node {
                 .with_context(|| format!("wiping {}", disk_dir.display()))?;
         }
         let _ = std::fs::remove_dir_all(&self.memory_dir);
-        self.start()
+        self.start().await
     }
 }
 
@@ -265,7 +215,7 @@ struct Cluster {
 impl Cluster {
     /// With `bucket`, node-a also uploads to that S3 server (right after
     /// commit), and the cluster's directories are "mixed".
-    fn start(
+    async fn start(
         work: &Path,
         shm: &Path,
         tls: Option<&Path>,
@@ -321,7 +271,7 @@ impl Cluster {
             if let Some(s3) = bucket
                 && i == 0
             {
-                toml.push_str(&s3.object_store_toml("commit"));
+                toml.push_str(&s3.object_store_config("cairn", "upload_after = \"commit\""));
             }
             toml.push_str("[membership]\nsource = \"static\"\n");
             for (j, peer) in NODES.iter().enumerate() {
@@ -346,7 +296,7 @@ impl Cluster {
                 args: node_args,
                 daemon: None,
             };
-            node.start()?;
+            node.start().await?;
             nodes.push(node);
             replica_dirs.push(replica_dir);
         }
@@ -587,7 +537,7 @@ async fn run_cluster(
         wait_durable(&mut c, &job, 1, pb::Tier::Disk).await?;
         drop(c);
 
-        cluster.a.wipe_and_restart()?;
+        cluster.a.wipe_and_restart().await?;
         let mut c = cluster.a.connect().await?;
         let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
         let t = Instant::now();
@@ -722,7 +672,7 @@ async fn run_mixed(
         cluster.a.daemon = None;
         remove_chunks(&a_chunks, &ids[third..])?;
         remove_chunks(&b_chunks, &ids[2 * third..])?;
-        cluster.a.start()?;
+        cluster.a.start().await?;
         let mut c = cluster.a.connect().await?;
         let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
         let t = Instant::now();
@@ -737,7 +687,7 @@ async fn run_mixed(
     }
     cluster.b.daemon = None;
     for _ in 0..repeat {
-        cluster.a.wipe_and_restart()?;
+        cluster.a.wipe_and_restart().await?;
         let mut c = cluster.a.connect().await?;
         let cpu = CpuMeter::start(vec![cluster.a.pid()?.to_string()])?;
         let t = Instant::now();
@@ -775,8 +725,11 @@ async fn main() -> Result<()> {
     let total = size_mib << 20;
     let work = tempdir("/tmp", "cairn-peer-bench")?;
     let shm = tempdir("/dev/shm", "cairn-peer-bench")?;
-    let pki = work.join("pki");
-    make_pki(&pki)?;
+    // A throwaway CA and one certificate per node (`<node>.pem`, `.key`).
+    let pki = TestPki::new();
+    for node in NODES {
+        pki.issue(node);
+    }
     let header = format!(
         "peer-bench: {size_mib} MiB in {TENSORS} tensors, node-a -> node-b on loopback, replicas 1, \
          peers.concurrency {}, restore concurrency {}, node-b's replicas on {}, median of {repeat} runs, {} cores",
@@ -799,16 +752,15 @@ async fn main() -> Result<()> {
 
     let mut timings = Timings::default();
     if args.only != Only::Insecure {
-        let mut cluster = Cluster::start(&work, &shm, Some(&pki), None, &args)?;
+        let mut cluster = Cluster::start(&work, &shm, Some(pki.dir()), None, &args).await?;
         run_cluster(&mut cluster, true, total, repeat, &mut timings).await?;
         drop(cluster);
-        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let s3 = SeaweedFs::start(&repo, &work.join("weed"))?;
-        let mut cluster = Cluster::start(&work, &shm, Some(&pki), Some(&s3), &args)?;
+        let s3 = SeaweedFs::start()?;
+        let mut cluster = Cluster::start(&work, &shm, Some(pki.dir()), Some(&s3), &args).await?;
         run_mixed(&mut cluster, total, repeat, &mut timings).await?;
     }
     if args.only != Only::Tls {
-        let mut cluster = Cluster::start(&work, &shm, None, None, &args)?;
+        let mut cluster = Cluster::start(&work, &shm, None, None, &args).await?;
         run_cluster(&mut cluster, false, total, repeat, &mut timings).await?;
     }
 

@@ -46,7 +46,7 @@ pub struct Plugin {
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
     /// The node's cairnd, which every publish binds its volume through.
-    pub daemon: Option<daemon::Daemon>,
+    pub daemon: Option<testkit::Daemon>,
     child: Option<Child>,
 }
 
@@ -92,10 +92,9 @@ impl Plugin {
 
     /// Starts the node's cairnd (memory tier: the plugin's tmpfs directory)
     /// and points the plugin at its socket.
-    pub async fn start_daemon(&mut self) -> &mut daemon::Daemon {
+    pub async fn start_daemon(&mut self) -> &mut testkit::Daemon {
         let work = self.dir.path().join("cairnd");
-        std::fs::create_dir_all(&work).expect("daemon dir");
-        let started = daemon::Daemon::start(&self.shm_dir, &work).await;
+        let started = daemon::start(&self.shm_dir, &work).await;
         self.extra_args.extend([
             "--daemon-socket".into(),
             started.socket.display().to_string(),
@@ -270,8 +269,15 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 impl Drop for Plugin {
+    /// Kills the plugin and its daemon, detaches the mounts and removes the
+    /// tmpfs directory; when the test is failing, their logs are kept first
+    /// (the temp dir goes as the test unwinds).
     fn drop(&mut self) {
         self.kill();
+        testkit::logs::keep_if_failing("cairn-csi", &self.log);
+        // The daemon before the temp dir (the first field) goes: its log is
+        // in there.
+        drop(self.daemon.take());
         detach_mounts_under(self.dir.path());
         detach_mounts_under(&self.shm_dir);
         let _ = std::fs::remove_dir_all(&self.shm_dir);

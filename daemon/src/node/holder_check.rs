@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use cairn_core::{NodeId, ShardKey};
 
-use super::{Node, lock};
+use super::{CopyState, Node, lock};
 use crate::tier::peer::{HolderCheck, PeerTier};
 
 /// Why a holder stopped counting, for logs and the metric's label.
@@ -36,7 +36,7 @@ struct Dropped {
 impl Node {
     /// Checks every recorded holder of every local shard, round after round.
     pub(super) async fn holder_check_loop(self: Arc<Self>) {
-        let Some(peers) = self.peers.clone() else {
+        let (Some(peers), Some(replication)) = (self.peers.clone(), &self.replication) else {
             return;
         };
         let pause = Duration::from_secs_f64(1.0 / f64::from(peers.checks_per_sec().max(1)));
@@ -45,7 +45,7 @@ impl Node {
                 () = self.cancel.cancelled() => return,
                 () = tokio::time::sleep(peers.check_interval()) => {}
             }
-            let shards = lock(&self.replication).holders_to_check();
+            let shards = lock(&self.replicas).holders_to_check(replication);
             for (key, holders) in shards {
                 let Some(manifest) = self.local_manifest(&key).await else {
                     continue;
@@ -87,7 +87,7 @@ impl Node {
                     self.drop_holders(&key, &dropped);
                 }
             }
-            let surplus = lock(&self.replication).surplus_to_drop();
+            let surplus = lock(&self.replicas).surplus_to_drop(replication);
             for (key, nodes) in surplus {
                 for node in nodes {
                     tokio::select! {
@@ -111,7 +111,7 @@ impl Node {
                     self.metrics.surplus_replicas_dropped.inc();
                     tracing::info!(shard = %key, holder = %node, "asked a former holder to drop its surplus copy");
                 }
-                lock(&self.replication).forget_surplus(key, node);
+                lock(&self.replicas).forget_surplus(key, node);
             }
             Err(e) => {
                 tracing::debug!(shard = %key, holder = %node, error = %e, "a former holder did not drop its copy yet; asking again next round");
@@ -129,8 +129,14 @@ impl Node {
             .map(|d| format!("{} no longer counts ({})", d.holder, d.detail))
             .collect::<Vec<_>>()
             .join("; ");
-        if !lock(&self.replication).drop_holders(key, &gone, wanted, &why) {
+        let Some(left) = lock(&self.replicas).drop_holders(key, &gone) else {
             return;
+        };
+        if let Some(replication) = &self.replication {
+            replication.set_state(
+                key,
+                CopyState::Failed(format!("{left} of {wanted} replicas: {why}")),
+            );
         }
         for d in dropped {
             self.metrics
@@ -139,7 +145,6 @@ impl Node {
                 .inc();
             tracing::warn!(shard = %key, holder = %d.holder, reason = d.reason, detail = %d.detail, "a holder no longer counts; replicating the shard again");
         }
-        self.update_replication_gauges();
         self.notify();
         self.queue_replication(key.clone());
     }

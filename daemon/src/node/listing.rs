@@ -8,7 +8,7 @@ use cairn_core::{
     JobName, Manifest, Rank, ShardKey, ShardPresence, Step, TenantName, latest_complete_step,
 };
 
-use super::{CopyState, Node, ReplicationView, ShardView, StepView, lock};
+use super::{CopyState, Node, ReplicationView, ShardView, StepView};
 use crate::error::{Error, Result};
 use crate::tier::transfer;
 use crate::tier::{ChunkLocation, ShardSource, TierKind};
@@ -151,7 +151,6 @@ impl Node {
         let in_tier = |tier: TierKind, key: &ShardKey| {
             by_tier.get(&tier).is_some_and(|keys| keys.contains(key))
         };
-        let writeback = lock(&self.writeback).clone();
         let bucket_answered = !left_out
             .iter()
             .any(|l| l.starts_with(tier_noun(TierKind::ObjectStore)));
@@ -166,7 +165,7 @@ impl Node {
             let disk = if self.disk.contains(key) {
                 CopyState::Durable
             } else {
-                writeback.get(key).cloned().unwrap_or(CopyState::Absent)
+                self.writeback.state(key).unwrap_or(CopyState::Absent)
             };
             let object_store = if in_tier(TierKind::ObjectStore, key) {
                 CopyState::Durable

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cairn_core::{JobName, Manifest, NodeId, ShardKey, Step, TenantName};
 use futures::{StreamExt, stream};
 
-use super::{CopyState, Node, StepSelection, TierStatus, VerifyFinding, lock};
+use super::{CopyState, Node, PipelineCounts, StepSelection, TierStatus, VerifyFinding, lock};
 use crate::error::{Error, Result};
 use crate::tier::disk::GcReport;
 use crate::tier::object::steps::BucketGcReport;
@@ -53,7 +53,7 @@ impl Node {
                     .with_label_values(&["disk", "delete"])
                     .inc();
             }
-            lock(&self.writeback).remove(key);
+            self.writeback.forget(key);
         }
         if let Some(object) = &self.object {
             object.delete_step(tenant, job, step).await?;
@@ -109,10 +109,14 @@ impl Node {
                         if self.disk.contains(key) {
                             continue;
                         }
-                        if let Some(CopyState::Failed(e)) = lock(&self.writeback).get(key) {
-                            return Err(Error::Aborted(format!(
-                                "shard {key} will not become durable on disk: {e}"
-                            )));
+                        match self.writeback.state(key) {
+                            Some(CopyState::NeedsAttention(e)) => {
+                                return Err(Error::Aborted(format!(
+                                    "shard {key} will not become durable on disk: {e}"
+                                )));
+                            }
+                            Some(CopyState::Failed(e)) => last_error = Some(e),
+                            _ => {}
                         }
                         pending = pending.saturating_add(1);
                     }
@@ -126,7 +130,7 @@ impl Node {
                         // so a failure is reported at the deadline.
                         match self.replication_state(key).map(|v| v.state) {
                             Some(CopyState::Durable) => {}
-                            Some(CopyState::Failed(e)) => {
+                            Some(CopyState::Failed(e) | CopyState::NeedsAttention(e)) => {
                                 last_error = Some(e);
                                 pending = pending.saturating_add(1);
                             }
@@ -142,7 +146,7 @@ impl Node {
                         // Uploads retry until they succeed, so a failure is
                         // reported at the deadline, not at once.
                         match self.upload_state(key) {
-                            Some(CopyState::Failed(e)) => {
+                            Some(CopyState::Failed(e) | CopyState::NeedsAttention(e)) => {
                                 last_error = Some(e);
                                 pending = pending.saturating_add(1);
                             }
@@ -519,13 +523,22 @@ impl Node {
         tiers
     }
 
-    /// Open sessions, pending write-backs and pending uploads.
-    pub fn activity(&self) -> (usize, usize, usize) {
-        let pending = lock(&self.writeback)
-            .values()
-            .filter(|s| **s == CopyState::Pending)
-            .count();
-        let uploads = lock(&self.uploads).len();
-        (lock(&self.sessions).len(), pending, uploads)
+    /// Open save sessions.
+    pub fn open_sessions(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Each background pipeline this node runs, by name, with its shards by
+    /// state.
+    pub fn pipelines(&self) -> Vec<(&'static str, PipelineCounts)> {
+        [
+            Some(&self.writeback),
+            self.upload.as_ref(),
+            self.replication.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| (p.name(), p.counts()))
+        .collect()
     }
 }

@@ -23,6 +23,8 @@ mod ingest;
 mod listing;
 pub use listing::StepsView;
 mod maintenance;
+mod pipeline;
+pub use pipeline::PipelineCounts;
 pub mod progress;
 mod replicate;
 mod restore;
@@ -40,27 +42,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_core::{Attempt, FileName, JobName, Manifest, NodeId, Rank, ShardKey, Step, TenantName};
-use tokio::sync::{RwLock, mpsc, watch};
+use tokio::sync::{RwLock, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, UPLOAD_JOURNAL_DIR};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::retry::RetryPolicy;
 use crate::tier::disk::DiskTier;
 use crate::tier::memory::MemoryTier;
 use crate::tier::object::ObjectTier;
 use crate::tier::peer::PeerTier;
 use crate::tier::{ShardSource, TierKind};
+use pipeline::Pipeline;
 use upload::UploadJournal;
-
-/// How long a write-back that found the disk tier full waits before it is
-/// tried again.
-const DISK_FULL_RETRY_DELAY: Duration = Duration::from_secs(10);
-/// How a failed write-back is retried in place: 3 tries, 1 s then 2 s
-/// apart, before the shard is marked failed.
-const WRITEBACK_RETRY: RetryPolicy =
-    RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(2)).tries(3);
 
 /// One file a client wants to save.
 #[derive(Clone, Debug)]
@@ -139,8 +133,22 @@ pub enum CopyState {
     Pending,
     /// Complete and durable.
     Durable,
-    /// The copy failed with this error (uploads keep retrying).
+    /// The last attempt failed with this error; another is scheduled.
     Failed(String),
+    /// The pipeline has stopped retrying quickly (its attempts are spent, or
+    /// the error is permanent): someone should look. Tried again only every
+    /// `[pipelines.*] recheck_secs`, or after a restart.
+    NeedsAttention(String),
+}
+
+impl CopyState {
+    /// Why the copy failed, for a failed one.
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            Self::Failed(why) | Self::NeedsAttention(why) => Some(why),
+            Self::Absent | Self::Pending | Self::Durable => None,
+        }
+    }
 }
 
 /// One shard as listed.
@@ -258,16 +266,16 @@ pub struct Node {
     sessions: Mutex<HashMap<String, Session>>,
     /// Which attempt of each recently saved step is current (see `attempts`).
     attempts: Mutex<attempts::StepAttempts>,
-    writeback: Mutex<HashMap<ShardKey, CopyState>>,
-    uploads: Mutex<HashMap<ShardKey, CopyState>>,
-    /// Failed attempts per shard still uploading, for the backoff.
-    upload_attempts: Mutex<HashMap<ShardKey, u32>>,
-    upload_journal: Option<UploadJournal>,
+    /// Memory to disk.
+    writeback: Pipeline,
+    /// To the bucket, journaled (with an object store).
+    upload: Option<Pipeline>,
+    /// To peers (with a peer tier).
+    replication: Option<Pipeline>,
+    /// Who holds each replicated shard, and former holders to tell to drop
+    /// their surplus copy.
+    replicas: Mutex<replicate::Replicas>,
     changes: watch::Sender<u64>,
-    writeback_tx: mpsc::UnboundedSender<ShardKey>,
-    upload_tx: mpsc::UnboundedSender<ShardKey>,
-    replication: Mutex<replicate::Replication>,
-    replicate_tx: Option<mpsc::UnboundedSender<ShardKey>>,
     /// What each restore source delivered lately, for the restore planner.
     source_rates: Mutex<HashMap<String, f64>>,
     /// Restores filling the memory tier now, with their progress.
@@ -310,17 +318,25 @@ impl Node {
                 .with_reverify_after(config.disk_reverify_after)
                 .with_capacity(config.disk_capacity),
         );
-        let (object, upload_journal) = match &config.object_store {
+        let (object, upload) = match &config.object_store {
             Some(o) => {
                 let tier = ObjectTier::open(
                     &o.url,
                     o.options.clone(),
                     o.settings.clone(),
                     Arc::clone(&metrics),
-                )?;
+                )?
+                .with_cancel(cancel.clone());
                 let journal = UploadJournal::open(&config.disk_dir.join(UPLOAD_JOURNAL_DIR))?;
                 tracing::info!(url = %o.url, upload_after = ?o.upload_after, "object-store tier enabled");
-                (Some(Arc::new(tier)), Some(journal))
+                let upload = Pipeline::new(
+                    "upload",
+                    config.pipelines.upload,
+                    Some(Box::new(journal)),
+                    Arc::clone(&metrics),
+                    |metrics, counts| metrics.upload_pending.set(counts.outstanding() as i64),
+                );
+                (Some(Arc::new(tier)), Some(upload))
             }
             None => (None, None),
         };
@@ -328,27 +344,41 @@ impl Node {
             Some(p) => Some(PeerTier::start(p, Arc::clone(&metrics), cancel.clone())?),
             None => None,
         };
-        let (writeback_tx, writeback_rx) = mpsc::unbounded_channel();
-        let (upload_tx, upload_rx) = mpsc::unbounded_channel();
-        let (replicate_tx, replicate_rx) = mpsc::unbounded_channel();
+        let writeback = Pipeline::new(
+            "write-back",
+            config.pipelines.write_back,
+            None,
+            Arc::clone(&metrics),
+            |metrics, counts| metrics.writeback_pending.set(counts.outstanding() as i64),
+        );
+        let replication = peers.as_ref().map(|_| {
+            Pipeline::new(
+                "replication",
+                config.pipelines.replication,
+                None,
+                Arc::clone(&metrics),
+                |metrics, counts| {
+                    metrics.replication_pending.set(counts.pending as i64);
+                    metrics
+                        .under_replicated_shards
+                        .set(counts.outstanding() as i64);
+                },
+            )
+        });
         let node = Arc::new(Self {
             config,
             memory,
             disk,
-            replicate_tx: peers.as_ref().map(|_| replicate_tx),
             peers,
             object,
             metrics,
             sessions: Mutex::new(HashMap::new()),
             attempts: Mutex::new(attempts::StepAttempts::default()),
-            writeback: Mutex::new(HashMap::new()),
-            uploads: Mutex::new(HashMap::new()),
-            upload_attempts: Mutex::new(HashMap::new()),
-            upload_journal,
+            writeback,
+            upload,
+            replication,
+            replicas: Mutex::new(replicate::Replicas::default()),
             changes: watch::channel(0).0,
-            writeback_tx,
-            upload_tx,
-            replication: Mutex::new(replicate::Replication::default()),
             source_rates: Mutex::new(HashMap::new()),
             restores: progress::ActiveRestores::default(),
             gc_lock: RwLock::new(()),
@@ -360,20 +390,20 @@ impl Node {
                 node.queue_writeback(manifest.shard.clone());
             }
         }
-        node.resume_uploads();
+        if let Some(upload) = &node.upload {
+            upload.resume_from_journal();
+        }
         node.background
-            .spawn("write-back", Arc::clone(&node).writeback_loop(writeback_rx));
+            .spawn("write-back", Arc::clone(&node).writeback_loop());
         if node.object.is_some() {
             node.background
-                .spawn("upload", Arc::clone(&node).upload_loop(upload_rx));
+                .spawn("upload", Arc::clone(&node).upload_loop());
             node.background
                 .spawn("bucket gc", Arc::clone(&node).bucket_gc_loop());
         }
         if node.peers.is_some() {
-            node.background.spawn(
-                "replication queue",
-                Arc::clone(&node).replication_loop(replicate_rx),
-            );
+            node.background
+                .spawn("replication", Arc::clone(&node).replication_loop());
             node.background
                 .spawn("membership changes", Arc::clone(&node).membership_loop());
             node.background

@@ -2,12 +2,15 @@
 //!
 //! A shard is queued when it is committed (or refilled by a restore), when
 //! the daemon starts, and again whenever the membership changes in a way
-//! that may have cost it a copy. A worker replicates a few shards at once
-//! ([`CONCURRENT_REPLICATIONS`]); each copy to a peer moves at most
-//! `peers.concurrency` chunks at a time, so a slow peer holds the sender to
-//! that much memory and no more. A shard that does not reach R copies is
-//! queued again after a backoff (1 s doubling to 60 s) until it does, the
-//! shard leaves this node, or the daemon stops.
+//! that may have cost it a copy. The queue is a [`Pipeline`] that
+//! replicates a few shards at once ([`CONCURRENT_REPLICATIONS`]); each copy
+//! to a peer moves at most `peers.concurrency` chunks at a time, so a slow
+//! peer holds the sender to that much memory and no more. A shard that does
+//! not reach R copies is tried again (`[pipelines.replication]`: 1 s doubling
+//! to 60 s, then it needs attention and is tried once a minute) until it
+//! does, the shard leaves this node, or the daemon stops. Unlike write-back
+//! and upload, the pipeline keeps following a durable shard: its holders are
+//! checked (`node::holder_check`) and may be lost later.
 //!
 //! Replicas this node keeps for an owner that has left the membership are
 //! re-replicated from here to wherever placement now puts them, so a step
@@ -15,21 +18,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use cairn_core::{NodeId, ShardKey};
-use tokio::sync::{Semaphore, mpsc};
 
+use super::pipeline::{Attempt, Pipeline};
 use super::{CopyState, Node, lock, now_ms};
-use crate::retry::RetryPolicy;
 use crate::tier::ShardSource;
 
 /// Shards replicated at once.
 const CONCURRENT_REPLICATIONS: usize = 2;
-/// How a shard short of replicas is queued again: 1 s doubling to 60 s,
-/// until it has them.
-const REPLICATION_RETRY: RetryPolicy =
-    RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Where one of this node's shards stands in the peer tier.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,72 +37,45 @@ pub struct ReplicationView {
     pub state: CopyState,
 }
 
-/// The pipeline's bookkeeping.
+/// Who holds this node's shards; the pipeline keeps where each stands.
 #[derive(Default)]
-pub(super) struct Replication {
-    states: HashMap<ShardKey, ReplicationView>,
-    /// Queued and not yet picked up.
-    queued: HashSet<ShardKey>,
-    /// Being replicated now.
-    running: HashSet<ShardKey>,
-    /// Queued again while running: replicate once more when done.
-    again: HashSet<ShardKey>,
-    attempts: HashMap<ShardKey, u32>,
+pub(super) struct Replicas {
+    holders: HashMap<ShardKey, Vec<NodeId>>,
     /// Holders that stopped counting and may still hold a copy (one that was
     /// unreachable and comes back): once the shard is durable without them,
     /// they are asked to drop it (see `node::holder_check`).
     surplus: HashMap<ShardKey, HashSet<NodeId>>,
 }
 
-impl Replication {
+impl Replicas {
     /// The shards with recorded holders that no replication is about to
     /// re-check anyway (neither queued nor running), with their holders.
-    pub(super) fn holders_to_check(&self) -> Vec<(ShardKey, Vec<NodeId>)> {
-        self.states
+    pub(super) fn holders_to_check(&self, pipeline: &Pipeline) -> Vec<(ShardKey, Vec<NodeId>)> {
+        self.holders
             .iter()
-            .filter(|(key, view)| {
-                !view.holders.is_empty()
-                    && !self.queued.contains(*key)
-                    && !self.running.contains(*key)
-            })
-            .map(|(key, view)| (key.clone(), view.holders.clone()))
+            .filter(|(key, holders)| !holders.is_empty() && pipeline.is_idle(key))
+            .map(|(key, holders)| (key.clone(), holders.clone()))
             .collect()
     }
 
-    /// Stops counting `gone` as holders of `key`; the shard is short of
-    /// replicas for `why`. False when the shard is not replicated here.
-    pub(super) fn drop_holders(
-        &mut self,
-        key: &ShardKey,
-        gone: &[&NodeId],
-        wanted: usize,
-        why: &str,
-    ) -> bool {
-        let Some(view) = self.states.get_mut(key) else {
-            return false;
-        };
-        view.holders.retain(|h| !gone.contains(&h));
-        view.state = CopyState::Failed(format!(
-            "{} of {wanted} replicas: {why}",
-            view.holders.len()
-        ));
+    /// Stops counting `gone` as holders of `key`; returns how many holders
+    /// are left, or `None` when the shard is not replicated here.
+    pub(super) fn drop_holders(&mut self, key: &ShardKey, gone: &[&NodeId]) -> Option<usize> {
+        let holders = self.holders.get_mut(key)?;
+        holders.retain(|h| !gone.contains(&h));
         self.surplus
             .entry(key.clone())
             .or_default()
             .extend(gone.iter().map(|h| (*h).clone()));
-        true
+        Some(holders.len())
     }
 
     /// Shards durable without some former holders, with those holders: the
     /// copies to drop.
-    pub(super) fn surplus_to_drop(&self) -> Vec<(ShardKey, Vec<NodeId>)> {
+    pub(super) fn surplus_to_drop(&self, pipeline: &Pipeline) -> Vec<(ShardKey, Vec<NodeId>)> {
         self.surplus
             .iter()
-            .filter(|(key, _)| {
-                self.states
-                    .get(*key)
-                    .is_some_and(|v| v.state == CopyState::Durable)
-            })
+            .filter(|(key, _)| pipeline.state(key) == Some(CopyState::Durable))
             .map(|(key, nodes)| (key.clone(), nodes.iter().cloned().collect()))
             .collect()
     }
@@ -125,187 +95,109 @@ impl Replication {
 impl Node {
     /// Queues a shard for replication; a no-op without a peer tier.
     pub(super) fn queue_replication(&self, key: ShardKey) {
-        let Some(tx) = &self.replicate_tx else {
-            return;
-        };
-        let mut replication = lock(&self.replication);
-        let state = replication
-            .states
-            .entry(key.clone())
-            .or_insert_with(|| ReplicationView {
-                holders: Vec::new(),
-                state: CopyState::Pending,
-            });
-        if state.state == CopyState::Absent {
-            state.state = CopyState::Pending;
+        if let Some(replication) = &self.replication {
+            replication.enqueue(key);
         }
-        if replication.running.contains(&key) {
-            replication.again.insert(key);
-        } else if replication.queued.insert(key.clone()) {
-            let _ = tx.send(key);
-        }
-        drop(replication);
-        self.update_replication_gauges();
     }
 
     /// A shard's state in the peer tier, if this node replicates it.
     pub fn replication_state(&self, key: &ShardKey) -> Option<ReplicationView> {
-        lock(&self.replication).states.get(key).cloned()
+        let state = self.replication.as_ref()?.state(key)?;
+        let holders = lock(&self.replicas)
+            .holders
+            .get(key)
+            .cloned()
+            .unwrap_or_default();
+        Some(ReplicationView { holders, state })
     }
 
-    pub(super) async fn replication_loop(
-        self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<ShardKey>,
-    ) {
-        let permits = Arc::new(Semaphore::new(CONCURRENT_REPLICATIONS));
-        loop {
-            let key = tokio::select! {
-                () = self.cancel.cancelled() => return,
-                key = rx.recv() => match key { Some(k) => k, None => return },
-            };
-            let permit = tokio::select! {
-                () = self.cancel.cancelled() => return,
-                permit = Arc::clone(&permits).acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            {
-                let mut replication = lock(&self.replication);
-                replication.queued.remove(&key);
-                replication.running.insert(key.clone());
-            }
-            let node = Arc::clone(&self);
-            self.background.spawn("replication", async move {
-                tokio::select! {
-                    () = node.cancel.cancelled() => {}
-                    () = node.replicate(&key) => {}
-                }
-                drop(permit);
-                let again = {
-                    let mut replication = lock(&node.replication);
-                    replication.running.remove(&key);
-                    replication.again.remove(&key)
-                };
-                if again {
-                    node.queue_replication(key);
-                }
-            });
-        }
-    }
-
-    /// One attempt at getting R replicas of a shard.
-    #[tracing::instrument(skip_all, fields(shard = %key))]
-    async fn replicate(self: &Arc<Self>, key: &ShardKey) {
-        let Some(peers) = &self.peers else {
+    /// Runs the replication pipeline until shutdown.
+    pub(super) async fn replication_loop(self: Arc<Self>) {
+        let Some(replication) = &self.replication else {
             return;
+        };
+        let node = &self;
+        replication
+            .run(
+                CONCURRENT_REPLICATIONS,
+                &self.cancel,
+                |key| async move { node.replicate(&key).await },
+                |_| async move { node.notify() },
+            )
+            .await;
+    }
+
+    /// One attempt at getting R replicas of a shard; the pipeline retries a
+    /// shard left short.
+    #[tracing::instrument(skip_all, fields(shard = %key))]
+    async fn replicate(&self, key: &ShardKey) -> Attempt {
+        let (Some(peers), Some(replication)) = (&self.peers, &self.replication) else {
+            return Attempt::Dropped;
         };
         let Some(manifest) = self.local_manifest(key).await else {
             tracing::debug!("shard left this node; dropping its replication");
-            let mut replication = lock(&self.replication);
-            replication.states.remove(key);
-            replication.attempts.remove(key);
-            replication.surplus.remove(key);
-            drop(replication);
-            self.update_replication_gauges();
-            return;
+            let mut replicas = lock(&self.replicas);
+            replicas.holders.remove(key);
+            replicas.surplus.remove(key);
+            return Attempt::Dropped;
         };
         let sources: [&dyn ShardSource; 2] = [&*self.memory, &*self.disk];
         let outcome = peers
             .replicate(&manifest, &peers.me(), &sources, &self.cancel)
             .await;
+        if self.cancel.is_cancelled() {
+            return Attempt::Interrupted;
+        }
         let wanted = peers.replicas();
         let durable = outcome.holders.len() >= wanted;
-        let (was_durable, attempt) = {
-            let mut replication = lock(&self.replication);
-            let view = ReplicationView {
-                holders: outcome.holders.clone(),
-                state: if durable {
-                    CopyState::Durable
-                } else {
-                    CopyState::Failed(format!(
-                        "{} of {wanted} replicas: {}",
-                        outcome.holders.len(),
-                        if outcome.problems.is_empty() {
-                            "no candidate took it".to_owned()
-                        } else {
-                            outcome.problems.join("; ")
-                        }
-                    ))
-                },
-            };
-            if let Some(surplus) = replication.surplus.get_mut(key) {
+        let was_durable = replication.state(key) == Some(CopyState::Durable);
+        {
+            let mut replicas = lock(&self.replicas);
+            if let Some(surplus) = replicas.surplus.get_mut(key) {
                 surplus.retain(|n| !outcome.holders.contains(n));
             }
-            let previous = replication.states.insert(key.clone(), view);
-            let was_durable = previous.is_some_and(|p| p.state == CopyState::Durable);
-            let attempt = if durable {
-                replication.attempts.remove(key);
-                0
-            } else {
-                let n = replication.attempts.entry(key.clone()).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            };
-            (was_durable, attempt)
-        };
-        self.update_replication_gauges();
-        self.notify();
-        if durable {
-            if !was_durable {
-                let lag = now_ms().saturating_sub(manifest.committed_unix_ms) as f64 / 1000.0;
-                self.metrics.replication_lag_seconds.observe(lag);
-                tracing::info!(
-                    holders = ?outcome.holders.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
-                    sent = outcome.bytes_sent,
-                    lag_s = lag,
-                    "shard durable on peers"
-                );
-            }
-            return;
+            replicas
+                .holders
+                .insert(key.clone(), outcome.holders.clone());
         }
-        let delay = REPLICATION_RETRY
-            .delay_after(attempt)
-            .unwrap_or(REPLICATION_RETRY.max_delay);
-        tracing::warn!(
-            holders = outcome.holders.len(),
-            wanted,
-            problems = ?outcome.problems,
-            attempt,
-            retry_in_s = delay.as_secs(),
-            "shard short of peer replicas, retrying"
-        );
-        let node = Arc::clone(self);
-        let key = key.clone();
-        self.background.spawn("replication retry", async move {
-            tokio::select! {
-                () = node.cancel.cancelled() => {}
-                () = tokio::time::sleep(delay) => node.queue_replication(key),
-            }
-        });
-    }
-
-    pub(super) fn update_replication_gauges(&self) {
-        let replication = lock(&self.replication);
-        let pending = replication
-            .states
-            .values()
-            .filter(|v| v.state == CopyState::Pending)
-            .count();
-        let short = replication
-            .states
-            .values()
-            .filter(|v| v.state != CopyState::Durable)
-            .count();
-        self.metrics.replication_pending.set(pending as i64);
-        self.metrics.under_replicated_shards.set(short as i64);
+        if !durable {
+            tracing::warn!(
+                holders = outcome.holders.len(),
+                wanted,
+                problems = ?outcome.problems,
+                "shard short of peer replicas"
+            );
+            return Attempt::Failed {
+                error: format!(
+                    "{} of {wanted} replicas: {}",
+                    outcome.holders.len(),
+                    if outcome.problems.is_empty() {
+                        "no candidate took it".to_owned()
+                    } else {
+                        outcome.problems.join("; ")
+                    }
+                ),
+                permanent: false,
+            };
+        }
+        if !was_durable {
+            let lag = now_ms().saturating_sub(manifest.committed_unix_ms) as f64 / 1000.0;
+            self.metrics.replication_lag_seconds.observe(lag);
+            tracing::info!(
+                holders = ?outcome.holders.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                sent = outcome.bytes_sent,
+                lag_s = lag,
+                "shard durable on peers"
+            );
+        }
+        Attempt::Durable
     }
 
     /// How many local shards each peer holds a confirmed replica of.
     pub fn shards_held_by(&self) -> HashMap<NodeId, u32> {
         let mut held: HashMap<NodeId, u32> = HashMap::new();
-        for view in lock(&self.replication).states.values() {
-            for holder in &view.holders {
+        for holders in lock(&self.replicas).holders.values() {
+            for holder in holders {
                 let n = held.entry(holder.clone()).or_default();
                 *n = n.saturating_add(1);
             }
@@ -316,17 +208,12 @@ impl Node {
     /// Local shards queued or being replicated, and those short of
     /// replicas, for status.
     pub fn replication_counts(&self) -> (u32, u32) {
-        let replication = lock(&self.replication);
-        let pending = replication
-            .queued
-            .len()
-            .saturating_add(replication.running.len());
-        let short = replication
-            .states
-            .values()
-            .filter(|v| v.state != CopyState::Durable)
-            .count();
-        (pending as u32, short as u32)
+        let counts = self
+            .replication
+            .as_ref()
+            .map(|r| r.counts())
+            .unwrap_or_default();
+        (counts.active as u32, counts.outstanding() as u32)
     }
 
     /// Reacts to membership changes: queues every local shard that is short
@@ -357,14 +244,23 @@ impl Node {
                 continue;
             }
             let left: HashSet<&NodeId> = diff.left.iter().map(|p| p.id()).collect();
-            let requeue: Vec<ShardKey> = lock(&self.replication)
-                .states
-                .iter()
-                .filter(|(_, v)| {
-                    v.state != CopyState::Durable || v.holders.iter().any(|h| left.contains(h))
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
+            let requeue: Vec<ShardKey> = {
+                let replicas = lock(&self.replicas);
+                self.replication
+                    .as_ref()
+                    .map(|r| r.states())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(key, state)| {
+                        *state != CopyState::Durable
+                            || replicas
+                                .holders
+                                .get(key)
+                                .is_some_and(|h| h.iter().any(|h| left.contains(h)))
+                    })
+                    .map(|(key, _)| key)
+                    .collect()
+            };
             for key in requeue {
                 self.queue_replication(key);
             }

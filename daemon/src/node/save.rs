@@ -231,7 +231,7 @@ impl Node {
         let _gc = self.gc_lock.write().await;
         self.memory.evict(key)?;
         self.disk.remove_shard(key)?;
-        lock(&self.writeback).remove(key);
+        self.writeback.forget(key);
         tracing::warn!(shard = %key, %attempt, abandoned = ?stored.attempt, "replacing the shard of an abandoned save of an incomplete step");
         self.update_usage_metrics();
         self.notify();

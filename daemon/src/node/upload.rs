@@ -7,29 +7,25 @@
 //! once the shard's manifest (and, when it was the last rank, the step's
 //! marker) is in the bucket, so a crash or restart at any point resumes the
 //! work; the chunks already sent are not sent again (the bucket's local
-//! index knows them). Uploads never give up: an unreachable bucket is
-//! retried with backoff, shown as `FAILED` (retrying) in status, and counted
-//! in metrics, while the disk tier keeps every step the bucket lacks.
+//! index knows them). The queue is a [`Pipeline`]: an unreachable bucket is
+//! retried with backoff (`[pipelines.upload]`), shown as `FAILED` in status
+//! and counted in metrics, and a shard past its attempts needs attention and
+//! is tried once a minute, while the disk tier keeps every step the bucket
+//! lacks.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use cairn_core::{Manifest, ShardKey};
-use tokio::sync::mpsc;
 
-use super::{CopyState, Node, lock, now_ms};
-use crate::error::{Error, IoContext, Result};
+use super::pipeline::{Attempt, Journal};
+use super::{CopyState, Node, now_ms};
+use crate::error::{IoContext, Result};
 use crate::failpoint::crash_point;
 use crate::fsutil;
-use crate::retry::RetryPolicy;
 use crate::tier::ShardSource;
 use crate::tier::object::ObjectTier;
 use crate::tier::transfer::{self, CopyReport};
-
-/// How a failed upload is queued again: 1 s doubling to 60 s, until it
-/// succeeds (each of its bucket requests has its own bounded retries).
-const UPLOAD_RETRY: RetryPolicy = RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Shards queued for upload, one file per shard, so that the queue survives
 /// a restart.
@@ -50,7 +46,9 @@ impl UploadJournal {
         let name = blake3::hash(key.to_string().as_bytes()).to_hex();
         self.dir.join(format!("{}.json", &name[..32]))
     }
+}
 
+impl Journal for UploadJournal {
     /// Records that `key` must be uploaded, durably.
     fn add(&self, key: &ShardKey) -> Result<()> {
         let data = serde_json::to_vec(key).unwrap_or_default();
@@ -98,81 +96,67 @@ impl Node {
     /// Queues a shard for upload, journaled first. A no-op without an
     /// object store.
     pub(super) fn queue_upload(&self, key: ShardKey) {
-        if self.upload_journal.is_some() {
-            self.journal_upload(&key);
-            self.enqueue_upload(key);
+        if let Some(upload) = &self.upload {
+            upload.queue(key);
         }
     }
 
     /// Records in the journal that a shard must reach the bucket (without
     /// queueing it yet).
     pub(super) fn journal_upload(&self, key: &ShardKey) {
-        if let Some(journal) = &self.upload_journal
-            && let Err(e) = journal.add(key)
-        {
-            tracing::warn!(shard = %key, error = %e, "cannot journal the upload; it will not resume after a restart");
+        if let Some(upload) = &self.upload {
+            upload.journal(key);
         }
     }
 
     /// Puts a shard on the upload queue (its journal entry already written).
     pub(super) fn enqueue_upload(&self, key: ShardKey) {
-        if self.upload_journal.is_none() {
-            return;
-        }
-        let previous = lock(&self.uploads).insert(key.clone(), CopyState::Pending);
-        if previous.is_none() {
-            self.metrics.upload_pending.inc();
-        }
-        if previous != Some(CopyState::Pending) {
-            let _ = self.upload_tx.send(key);
-        }
-    }
-
-    /// Queues every shard the journal holds: the uploads a previous run did
-    /// not finish.
-    pub(super) fn resume_uploads(&self) {
-        if let Some(journal) = &self.upload_journal {
-            for key in journal.pending() {
-                tracing::info!(shard = %key, "resuming upload");
-                self.enqueue_upload(key);
-            }
+        if let Some(upload) = &self.upload {
+            upload.enqueue(key);
         }
     }
 
     /// Whether a shard still waits for the object store (so the disk tier
     /// must keep it).
     pub(super) fn upload_outstanding(&self, key: &ShardKey) -> bool {
-        lock(&self.uploads).contains_key(key)
+        self.upload_state(key).is_some()
     }
 
     /// The upload state of a shard this node queued, if it has not finished.
     pub(super) fn upload_state(&self, key: &ShardKey) -> Option<CopyState> {
-        lock(&self.uploads).get(key).cloned()
+        self.upload.as_ref().and_then(|upload| upload.state(key))
     }
 
-    pub(super) async fn upload_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ShardKey>) {
-        loop {
-            let key = tokio::select! {
-                () = self.cancel.cancelled() => return,
-                key = rx.recv() => match key { Some(k) => k, None => return },
-            };
-            self.upload(&key).await;
-        }
-    }
-
-    /// Uploads one shard. A failed attempt is queued again after a backoff,
-    /// so that one shard the bucket refuses does not hold up the others,
-    /// until it succeeds or the daemon shuts down (the journal then keeps it
-    /// for the next run).
-    #[tracing::instrument(skip_all, fields(shard = %key))]
-    async fn upload(self: &Arc<Self>, key: &ShardKey) {
-        let (Some(object), Some(settings)) = (&self.object, &self.config.object_store) else {
+    /// Runs the upload pipeline, one shard at a time (each moves
+    /// `object_store.concurrency` chunks at once), until shutdown.
+    pub(super) async fn upload_loop(self: Arc<Self>) {
+        let Some(upload) = &self.upload else {
             return;
+        };
+        let node = &self;
+        upload
+            .run(
+                1,
+                &self.cancel,
+                |key| async move { node.upload(&key).await },
+                |key| async move {
+                    node.notify();
+                    // The disk tier may now drop steps it kept for the bucket.
+                    node.apply_retention(&key.tenant, &key.job).await;
+                },
+            )
+            .await;
+    }
+
+    /// One attempt at uploading a shard; the pipeline retries a failure.
+    #[tracing::instrument(skip_all, fields(shard = %key))]
+    async fn upload(&self, key: &ShardKey) -> Attempt {
+        let (Some(object), Some(settings)) = (&self.object, &self.config.object_store) else {
+            return Attempt::Dropped;
         };
         let Some(manifest) = self.local_manifest(key).await else {
             tracing::warn!("shard is no longer in any local tier; dropping its upload");
-            self.finish_upload(key);
-            return;
+            return Attempt::Dropped;
         };
         let report = match self
             .upload_once(object, &manifest, settings.concurrency)
@@ -181,24 +165,16 @@ impl Node {
             Ok(report) => report,
             Err(e) if self.cancel.is_cancelled() => {
                 tracing::info!(error = %e, "upload interrupted by shutdown; it resumes after restart");
-                return;
+                return Attempt::Interrupted;
             }
-            Err(e @ Error::AlreadyExists(_)) => {
-                // Not transient: the bucket holds another manifest for this
-                // shard, and Cairn never overwrites one.
-                tracing::error!(error = %e, "upload refused; the shard stays local only");
+            Err(e) => {
+                // AlreadyExists is permanent: the bucket holds another
+                // manifest for this shard, and Cairn never overwrites one.
                 self.metrics
                     .writeback_failures
                     .with_label_values(&["object-store"])
                     .inc();
-                self.finish_upload(key);
-                lock(&self.uploads).insert(key.clone(), CopyState::Failed(e.to_string()));
-                self.notify();
-                return;
-            }
-            Err(e) => {
-                self.retry_upload_later(key, &e);
-                return;
+                return Attempt::failed(&e);
             }
         };
         let lag = now_ms().saturating_sub(manifest.committed_unix_ms) as f64 / 1000.0;
@@ -225,10 +201,7 @@ impl Node {
         {
             tracing::warn!(error = %e, "object-store retention failed; it runs again after the next upload");
         }
-        self.finish_upload(key);
-        self.notify();
-        // The disk tier may now drop steps it kept for the bucket.
-        self.apply_retention(&key.tenant, &key.job).await;
+        Attempt::Done
     }
 
     /// One attempt: the chunks the bucket lacks, the manifest, then the
@@ -270,48 +243,6 @@ impl Node {
         crash_point("upload.before_marker");
         object.complete_step_if_ready(manifest).await?;
         Ok(report)
-    }
-
-    /// Records a failed attempt and queues the shard again after a backoff
-    /// that doubles with each failure.
-    fn retry_upload_later(self: &Arc<Self>, key: &ShardKey, error: &Error) {
-        let attempt = {
-            let mut attempts = lock(&self.upload_attempts);
-            let n = attempts.entry(key.clone()).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
-        let delay = UPLOAD_RETRY
-            .delay_after(attempt)
-            .unwrap_or(UPLOAD_RETRY.max_delay);
-        tracing::warn!(%error, attempt, retry_in_s = delay.as_secs(), "upload to the object store failed, retrying");
-        self.metrics
-            .writeback_failures
-            .with_label_values(&["object-store"])
-            .inc();
-        lock(&self.uploads).insert(
-            key.clone(),
-            CopyState::Failed(format!("attempt {attempt} failed, retrying: {error}")),
-        );
-        self.notify();
-        let node = Arc::clone(self);
-        let key = key.clone();
-        self.background.spawn("upload retry", async move {
-            tokio::select! {
-                () = node.cancel.cancelled() => {}
-                () = tokio::time::sleep(delay) => { let _ = node.upload_tx.send(key); }
-            }
-        });
-    }
-
-    fn finish_upload(&self, key: &ShardKey) {
-        if let Some(journal) = &self.upload_journal {
-            journal.remove(key);
-        }
-        lock(&self.upload_attempts).remove(key);
-        if lock(&self.uploads).remove(key).is_some() {
-            self.metrics.upload_pending.dec();
-        }
     }
 
     pub(super) async fn local_manifest(&self, key: &ShardKey) -> Option<Arc<Manifest>> {

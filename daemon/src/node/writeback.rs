@@ -1,15 +1,20 @@
 //! Background work after a commit: write-back to disk and retention.
+//!
+//! Write-back is a [`Pipeline`](super::pipeline::Pipeline) of its own
+//! (`[pipelines.write_back]`): an attempt that fails, a full disk included,
+//! is tried again after 1 s and 2 s, then the shard needs attention and is
+//! tried every 10 s, so space freed by retention, uploads or an operator is
+//! used soon. The shard stays in memory meanwhile.
 
 use crate::config::UploadAfter;
-use crate::retry::retry;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cairn_core::{ChunkId, JobName, Manifest, ShardKey, Step, StepResidency, TenantName};
-use tokio::sync::mpsc;
 
-use super::{CopyState, DISK_FULL_RETRY_DELAY, Node, WRITEBACK_RETRY, lock};
+use super::Node;
+use super::pipeline::Attempt;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::tier::ShardSource;
@@ -22,34 +27,24 @@ impl Node {
     /// between the disk and the bucket, so a restart always resumes it.
     pub(super) fn queue_writeback(&self, key: ShardKey) {
         self.journal_upload(&key);
-        if lock(&self.writeback).insert(key.clone(), CopyState::Pending) != Some(CopyState::Pending)
-        {
-            self.metrics.writeback_pending.inc();
-            let _ = self.writeback_tx.send(key);
-        }
+        self.writeback.enqueue(key);
     }
 
-    pub(super) async fn writeback_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ShardKey>) {
-        loop {
-            let key = tokio::select! {
-                () = self.cancel.cancelled() => return,
-                key = rx.recv() => match key { Some(k) => k, None => return },
-            };
-            let disk_full = self.write_back(&key).await;
-            self.metrics.writeback_pending.dec();
-            self.apply_retention(&key.tenant, &key.job).await;
-            if disk_full {
-                // Space may come back (retention, uploads, an operator):
-                // try again later; the shard stays in memory meanwhile.
-                let node = Arc::clone(&self);
-                self.background.spawn("write-back retry", async move {
-                    tokio::select! {
-                        () = node.cancel.cancelled() => {}
-                        () = tokio::time::sleep(DISK_FULL_RETRY_DELAY) => node.queue_writeback(key),
-                    }
-                });
-            }
-        }
+    /// Runs the write-back pipeline, one shard at a time (each moves
+    /// `disk.writeback_concurrency` chunks at once), until shutdown.
+    pub(super) async fn writeback_loop(self: Arc<Self>) {
+        let node = &self;
+        self.writeback
+            .run(
+                1,
+                &self.cancel,
+                |key| async move { node.write_back(&key).await },
+                |key| async move {
+                    node.notify();
+                    node.apply_retention(&key.tenant, &key.job).await;
+                },
+            )
+            .await;
     }
 
     /// Reserves room in the disk tier for the chunks of `manifest` it lacks,
@@ -148,19 +143,15 @@ impl Node {
         )
     }
 
-    /// Copies one shard to the disk tier, with retries. Returns true when
-    /// it failed because the disk tier is full (the caller retries later).
+    /// One attempt at copying a shard to the disk tier; the pipeline
+    /// retries a failure.
     #[tracing::instrument(skip_all, fields(shard = %key))]
-    async fn write_back(&self, key: &ShardKey) -> bool {
+    async fn write_back(&self, key: &ShardKey) -> Attempt {
         let Ok(Some(manifest)) = self.memory.manifest(key).await else {
-            lock(&self.writeback).remove(key);
-            return false;
+            return Attempt::Dropped;
         };
         let started = Instant::now();
-        let mut attempt: u32 = 1;
-        let outcome = retry(
-            &WRITEBACK_RETRY,
-            || async {
+        let outcome = async {
             let _room = self.reserve_disk(&manifest).await?;
             let _gc = self.gc_lock.read().await;
             transfer::copy_shard(
@@ -173,16 +164,9 @@ impl Node {
                 &self.cancel,
             )
             .await
-        },
-            |_| !self.cancel.is_cancelled(),
-            |e, wait| {
-                tracing::warn!(error = %e, attempt, retry_in_s = wait.as_secs_f64(), "write-back to disk failed, retrying");
-                attempt = attempt.saturating_add(1);
-            },
-        )
+        }
         .await;
-        let disk_full = outcome.as_ref().is_err_and(Error::is_out_of_space);
-        match outcome {
+        let attempt = match outcome {
             Ok(report) => {
                 crash_point("writeback.after_manifest");
                 self.metrics
@@ -202,26 +186,25 @@ impl Node {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "shard durable on disk"
                 );
-                lock(&self.writeback).remove(key);
                 if self.uploads_after(UploadAfter::Disk) {
                     self.enqueue_upload(key.clone());
                 }
+                Attempt::Done
             }
-            Err(Error::ShuttingDown) => {
+            Err(Error::Cancelled) => {
                 tracing::info!("write-back interrupted by shutdown; it is queued again at start");
+                Attempt::Interrupted
             }
             Err(e) => {
-                tracing::error!(error = %e, "write-back to disk failed; the shard stays in memory only");
                 self.metrics
                     .writeback_failures
                     .with_label_values(&["disk"])
                     .inc();
-                lock(&self.writeback).insert(key.clone(), CopyState::Failed(e.to_string()));
+                Attempt::failed(&e)
             }
-        }
+        };
         self.update_usage_metrics();
-        self.notify();
-        disk_full
+        attempt
     }
 
     /// Whether shards are queued for upload at this point of their life.

@@ -118,7 +118,7 @@ impl VolumeSockets for VolumeServer {
                 .map_err(Error::from)??
         };
         let Some(me) = self.me.upgrade() else {
-            return Err(Error::ShuttingDown);
+            return Err(Error::Cancelled);
         };
         let stop = self.cancel.child_token();
         let previous = self.served().insert(

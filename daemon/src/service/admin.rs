@@ -60,7 +60,13 @@ impl Admin for AdminService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.operator_only("Status")?;
-        let (sessions, pending, uploads) = self.node.activity();
+        let pipelines = self.node.pipelines();
+        let outstanding = |name: &str| {
+            pipelines
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, c)| c.outstanding() as u32)
+        };
         Ok(Response::new(pb::StatusResponse {
             node: self.node.config().node_name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -76,9 +82,19 @@ impl Admin for AdminService {
                     shards: t.shards,
                 })
                 .collect(),
-            open_sessions: sessions as u32,
-            pending_writebacks: pending as u32,
-            pending_uploads: uploads as u32,
+            open_sessions: self.node.open_sessions() as u32,
+            pending_writebacks: outstanding("write-back"),
+            pending_uploads: outstanding("upload"),
+            pipelines: pipelines
+                .iter()
+                .map(|(name, counts)| pb::PipelineStatus {
+                    name: (*name).into(),
+                    pending: counts.pending as u32,
+                    retrying: counts.retrying as u32,
+                    needs_attention: counts.needs_attention as u32,
+                    durable: counts.durable as u32,
+                })
+                .collect(),
             default_tenant: self.node.config().default_tenant.to_string(),
             metrics_addr: self
                 .node

@@ -539,10 +539,12 @@ fn step_to_pb(view: crate::node::StepView, wanted_replicas: u32) -> pb::StepStat
                     .collect(),
                 peer_replicas_wanted: wanted_replicas,
                 attempt: convert::attempt_to_pb(s.attempt.as_ref()),
-                peer_problem: match s.peers.as_ref().map(|p| &p.state) {
-                    Some(CopyState::Failed(e)) => e.clone(),
-                    _ => String::new(),
-                },
+                peer_problem: s
+                    .peers
+                    .as_ref()
+                    .and_then(|p| p.state.problem())
+                    .unwrap_or_default()
+                    .to_owned(),
                 tiers: vec![
                     pb::TierState {
                         tier: pb::Tier::Memory as i32,
@@ -551,32 +553,30 @@ fn step_to_pb(view: crate::node::StepView, wanted_replicas: u32) -> pb::StepStat
                         } else {
                             pb::ShardState::Absent
                         } as i32,
+                        problem: String::new(),
                     },
-                    pb::TierState {
-                        tier: pb::Tier::Disk as i32,
-                        state: copy_state_to_pb(&s.disk) as i32,
-                    },
-                    pb::TierState {
-                        tier: pb::Tier::Peers as i32,
-                        state: copy_state_to_pb(
-                            s.peers.as_ref().map_or(&CopyState::Absent, |p| &p.state),
-                        ) as i32,
-                    },
-                    pb::TierState {
-                        tier: pb::Tier::ObjectStore as i32,
-                        state: copy_state_to_pb(&s.object_store) as i32,
-                    },
+                    tier_state(pb::Tier::Disk, &s.disk),
+                    tier_state(
+                        pb::Tier::Peers,
+                        s.peers.as_ref().map_or(&CopyState::Absent, |p| &p.state),
+                    ),
+                    tier_state(pb::Tier::ObjectStore, &s.object_store),
                 ],
             })
             .collect(),
     }
 }
 
-fn copy_state_to_pb(state: &CopyState) -> pb::ShardState {
-    match state {
+fn tier_state(tier: pb::Tier, state: &CopyState) -> pb::TierState {
+    let shard_state = match state {
         CopyState::Absent => pb::ShardState::Absent,
         CopyState::Pending => pb::ShardState::Pending,
         CopyState::Durable => pb::ShardState::Durable,
-        CopyState::Failed(_) => pb::ShardState::Failed,
+        CopyState::Failed(_) | CopyState::NeedsAttention(_) => pb::ShardState::Failed,
+    };
+    pb::TierState {
+        tier: tier as i32,
+        state: shard_state as i32,
+        problem: state.problem().unwrap_or_default().to_owned(),
     }
 }

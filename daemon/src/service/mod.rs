@@ -39,7 +39,7 @@ pub fn grpc_code(err: &Error) -> tonic::Code {
         Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::ObjectStore { .. }
         | Error::Peer { .. }
-        | Error::ShuttingDown
+        | Error::Cancelled
         | Error::TierUnavailable(_) => Code::Unavailable,
     }
 }

@@ -75,7 +75,7 @@ pub async fn copy_shard(
                 // Between chunks, not within one: a chunk is one bounded
                 // request, and the sink never sees half of it.
                 if cancel.is_cancelled() {
-                    return Err(Error::ShuttingDown);
+                    return Err(Error::Cancelled);
                 }
                 let (_, bytes, _) = read_first_verified(location, from, metrics).await?;
                 let len = bytes.len() as u64;
@@ -103,7 +103,7 @@ pub async fn copy_shard(
         )));
     }
     if cancel.is_cancelled() {
-        return Err(Error::ShuttingDown);
+        return Err(Error::Cancelled);
     }
     to.put_manifest(manifest).await?;
     Ok(CopyReport {
@@ -160,7 +160,7 @@ pub struct FillRun<'a> {
 /// is written, with how long its read took: progress, and the measurements
 /// the next plan is based on.
 /// Fails with `DataLoss` naming the chunk when no source has a good copy,
-/// and with `ShuttingDown` once `run.cancel` fires (between chunks).
+/// and with `Cancelled` once `run.cancel` fires (between chunks).
 pub async fn fill_planned(
     wanted: Vec<ChunkLocation>,
     holders: Vec<Vec<usize>>,
@@ -199,14 +199,14 @@ pub async fn fill_planned(
             // Between chunks: a stopping daemon does not wait for a long
             // restore (its listeners wait for every request in flight).
             if cancel.is_cancelled() {
-                return Err(Error::ShuttingDown);
+                return Err(Error::Cancelled);
             }
             let mut tried = Vec::new();
             let mut corrupt = Vec::new();
             for index in order {
                 let planned = &sources[index];
                 let tier = planned.source.kind();
-                let _permit = permits[index].acquire().await.map_err(|_| Error::ShuttingDown)?;
+                let _permit = permits[index].acquire().await.map_err(|_| Error::Cancelled)?;
                 let expected = Duration::from_micros(restore_plan::estimate_us(
                     &planned.profile,
                     location.chunk.len,

@@ -27,7 +27,7 @@
 //! own, but no isolation, so tests that need partitions check
 //! [`Network::isolated`] and skip with a printed reason.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -336,13 +336,20 @@ impl Drop for Network {
 }
 
 /// A command that runs `program` inside the named network namespace: `ip
-/// netns exec <namespace> <program>`. What [`Network::command`] and a
-/// namespaced [`Daemon`](super::Daemon) use.
+/// netns exec <namespace> <program>`. What [`Network::command`] uses.
 pub fn command_in_namespace(namespace: &str, program: impl AsRef<OsStr>) -> Command {
-    let ip = ip_binary().expect("`ip` (iproute2) is needed to run a program in a namespace");
-    let mut command = Command::new(ip);
-    command.arg("netns").arg("exec").arg(namespace).arg(program);
+    let prefix = exec_prefix(namespace);
+    let mut command = Command::new(&prefix[0]);
+    command.args(&prefix[1..]).arg(program);
     command
+}
+
+/// `ip netns exec <namespace>`, the command line a program runs through to
+/// be inside the namespace: what a namespaced [`Daemon`](super::Daemon) is
+/// launched with ([`testkit::DaemonOptions::launcher`]).
+pub fn exec_prefix(namespace: &str) -> Vec<OsString> {
+    let ip = ip_binary().expect("`ip` (iproute2) is needed to run a program in a namespace");
+    vec![ip.into(), "netns".into(), "exec".into(), namespace.into()]
 }
 
 /// A fresh `cairnt-<pid>-<n>` identity, with the subnet bytes derived from

@@ -55,7 +55,14 @@ pub(crate) fn print_list(
                                     .iter()
                                     .map(|t| (tier_name(t.tier).to_owned(), json!(state_name(t.state))))
                                     .collect();
+                                let problems: serde_json::Map<String, serde_json::Value> = r
+                                    .tiers
+                                    .iter()
+                                    .filter(|t| !t.problem.is_empty())
+                                    .map(|t| (tier_name(t.tier).to_owned(), json!(t.problem)))
+                                    .collect();
                                 json!({"rank": r.rank, "bytes": r.total_bytes, "world_size": r.world_size, "tiers": tiers,
+                                       "problems": problems,
                                        "peer_holders": r.peer_holders, "peer_replicas_wanted": r.peer_replicas_wanted,
                                        "peer_problem": r.peer_problem})
                             })
@@ -145,6 +152,14 @@ pub(crate) fn print_list(
                         }
                     )?;
                 }
+                // The peer tier's problem is on the line above.
+                for t in r
+                    .tiers
+                    .iter()
+                    .filter(|t| !t.problem.is_empty() && t.tier != pb::Tier::Peers as i32)
+                {
+                    writeln!(out, "{:<24} {}: {}", "", tier_name(t.tier), t.problem)?;
+                }
             }
         }
     }
@@ -163,10 +178,12 @@ mod tests {
                 pb::TierState {
                     tier: pb::Tier::Memory as i32,
                     state: pb::ShardState::Durable as i32,
+                    problem: String::new(),
                 },
                 pb::TierState {
                     tier: pb::Tier::ObjectStore as i32,
                     state: pb::ShardState::Failed as i32,
+                    problem: "needs attention after 10 failed attempts: bucket said 403".into(),
                 },
             ],
             peer_holders: vec!["node-b".into()],
@@ -223,6 +240,28 @@ mod tests {
         );
         assert!(text.contains("peers holding it: node-b"), "{text}");
         assert!(text.contains("node-c: full"), "{text}");
+        // Why a tier's copy failed is under the row, named by its tier.
+        assert_eq!(
+            lines[3],
+            [
+                "object-store:",
+                "needs",
+                "attention",
+                "after",
+                "10",
+                "failed",
+                "attempts:",
+                "bucket",
+                "said",
+                "403"
+            ]
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&printed(listing(&[]), true)).expect("JSON");
+        assert_eq!(
+            json["jobs"][0]["steps"][0]["shards"][0]["problems"]["object-store"],
+            "needs attention after 10 failed attempts: bucket said 403"
+        );
     }
 
     #[test]

@@ -170,12 +170,20 @@ pub(crate) fn print_status(
                        "elapsed_seconds": r.elapsed_seconds})
             })
             .collect();
+        let pipelines: Vec<_> = s
+            .pipelines
+            .iter()
+            .map(|p| {
+                json!({"name": p.name, "pending": p.pending, "retrying": p.retrying,
+                            "needs_attention": p.needs_attention, "durable": p.durable})
+            })
+            .collect();
         writeln!(
             out,
             "{}",
             json!({"node": s.node, "version": s.version, "default_tenant": s.default_tenant, "metrics_addr": s.metrics_addr,
                    "open_sessions": s.open_sessions, "pending_writebacks": s.pending_writebacks,
-                   "pending_uploads": s.pending_uploads, "tiers": tiers, "peers": peers,
+                   "pending_uploads": s.pending_uploads, "pipelines": pipelines, "tiers": tiers, "peers": peers,
                    "restores": restores})
         )?;
         return peer_tier_up(s);
@@ -190,6 +198,9 @@ pub(crate) fn print_status(
         "open sessions {}, pending write-backs {}, pending uploads {}",
         s.open_sessions, s.pending_writebacks, s.pending_uploads
     )?;
+    if !s.pipelines.is_empty() {
+        writeln!(out, "pipelines: {}", pipeline_summary(&s.pipelines))?;
+    }
     writeln!(
         out,
         "{:<12} {:>12} {:>12} {:>8}  path",
@@ -299,6 +310,31 @@ pub(crate) fn print_status(
     peer_tier_up(s)
 }
 
+/// One line for the background pipelines: what each has pending, retrying
+/// and, loudly, what needs attention.
+fn pipeline_summary(pipelines: &[pb::PipelineStatus]) -> String {
+    pipelines
+        .iter()
+        .map(|p| {
+            let mut parts = vec![format!("{} pending", p.pending)];
+            if p.retrying > 0 {
+                parts.push(format!("{} retrying", p.retrying));
+            }
+            if p.needs_attention > 0 {
+                parts.push(format!(
+                    "{} NEED ATTENTION (cairn list shows why)",
+                    p.needs_attention
+                ));
+            }
+            if p.durable > 0 {
+                parts.push(format!("{} durable", p.durable));
+            }
+            format!("{} {}", p.name, parts.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Fails (exit 6) when the node's peer tier is down, so that `cairn
 /// status`, the DaemonSet's readiness probe, reports it.
 pub(crate) fn peer_tier_up(s: &pb::StatusResponse) -> Result<(), Failure> {
@@ -325,6 +361,7 @@ mod tests {
                 .map(|(tier, state)| pb::TierState {
                     tier: *tier as i32,
                     state: *state as i32,
+                    problem: String::new(),
                 })
                 .collect(),
             peer_holders: holders.iter().map(|h| h.to_string()).collect(),
@@ -484,5 +521,45 @@ mod tests {
         let text = printed(|out| print_status(out, &healthy, true)).expect("exit 0");
         let json: serde_json::Value = serde_json::from_str(&text).expect("one JSON document");
         assert_eq!(json["node"], "node-a");
+    }
+
+    #[test]
+    fn status_names_each_pipeline_and_what_needs_attention() {
+        let status = pb::StatusResponse {
+            node: "node-a".into(),
+            pipelines: vec![
+                pb::PipelineStatus {
+                    name: "write-back".into(),
+                    ..Default::default()
+                },
+                pb::PipelineStatus {
+                    name: "upload".into(),
+                    pending: 2,
+                    retrying: 1,
+                    needs_attention: 3,
+                    durable: 0,
+                },
+                pb::PipelineStatus {
+                    name: "replication".into(),
+                    pending: 1,
+                    durable: 9,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = printed(|out| print_status(out, &status, false)).expect("exit 0");
+        assert!(
+            text.contains(
+                "pipelines: write-back 0 pending; upload 2 pending, 1 retrying, \
+                 3 NEED ATTENTION (cairn list shows why); replication 1 pending, 9 durable\n"
+            ),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&printed(|out| print_status(out, &status, true)).expect("exit 0"))
+                .expect("JSON");
+        assert_eq!(json["pipelines"][1]["name"], "upload");
+        assert_eq!(json["pipelines"][1]["needs_attention"], 3);
     }
 }

@@ -41,10 +41,12 @@ use cairn_core::{ChunkId, CoreError, JobName, Manifest, ShardKey, TenantName};
 use futures::{StreamExt, TryStreamExt, stream};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use self::index::KnownChunks;
 use super::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
+pub use crate::error::ObjectError;
 use crate::error::{Error, Result};
 use crate::failpoint::crash_point;
 use crate::metrics::Metrics;
@@ -113,6 +115,8 @@ pub struct ObjectTier {
     settings: ObjectTierSettings,
     metrics: Arc<Metrics>,
     index: KnownChunks,
+    /// Fires at shutdown: requests in flight and their retries stop.
+    cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for ObjectTier {
@@ -148,22 +152,6 @@ fn unix_now() -> u64 {
 }
 
 /// Whether an error may go away if the request is sent again.
-fn is_transient(e: &object_store::Error) -> bool {
-    !matches!(
-        e,
-        object_store::Error::NotFound { .. }
-            | object_store::Error::AlreadyExists { .. }
-            | object_store::Error::Precondition { .. }
-            | object_store::Error::NotModified { .. }
-            | object_store::Error::NotImplemented { .. }
-            | object_store::Error::NotSupported { .. }
-            | object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. }
-            | object_store::Error::InvalidPath { .. }
-            | object_store::Error::UnknownConfigurationKey { .. }
-    )
-}
-
 /// `object_store`'s own retries, set explicitly rather than left at its
 /// default (10 retries within 180 s, under each of Cairn's attempts, so one
 /// failing request could retry for many minutes). It keeps a couple of quick
@@ -359,7 +347,14 @@ impl ObjectTier {
             settings,
             metrics,
             index,
+            cancel: CancellationToken::new(),
         })
+    }
+
+    /// The same tier, abandoning its requests (and their retries) with
+    /// [`ObjectError::Cancelled`] once `cancel` fires.
+    pub fn with_cancel(self, cancel: CancellationToken) -> Self {
+        Self { cancel, ..self }
     }
 
     /// The URL the tier was opened with, for logs and status.
@@ -398,7 +393,7 @@ impl ObjectTier {
         op: &'static str,
         key: &Path,
         request: F,
-    ) -> object_store::Result<T>
+    ) -> Result<T, ObjectError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = object_store::Result<T>>,
@@ -414,7 +409,7 @@ impl ObjectTier {
         key: &Path,
         attempt_timeout: Duration,
         mut request: F,
-    ) -> object_store::Result<T>
+    ) -> Result<T, ObjectError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = object_store::Result<T>>,
@@ -427,34 +422,42 @@ impl ObjectTier {
                 None => Ok(request()),
             };
             async move {
-                tokio::time::timeout(attempt_timeout, request?)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(generic_error(format!(
-                            "no answer within {} s",
-                            attempt_timeout.as_secs_f64()
-                        )))
-                    })
+                match tokio::time::timeout(attempt_timeout, request?).await {
+                    Ok(answer) => Ok(answer?),
+                    Err(_) => Err(ObjectError::Timeout(attempt_timeout)),
+                }
             }
         };
         let mut attempt: u32 = 1;
-        let result = retry(&self.request_retry(), try_once, is_transient, |e, wait| {
-            self.metrics
-                .object_store_retries
-                .with_label_values(&[op])
-                .inc();
-            tracing::warn!(%key, op, attempt, error = %e, retry_in_ms = wait.as_millis(), "object-store request failed, retrying");
-            attempt = attempt.saturating_add(1);
-        })
-        .await;
+        let policy = self.request_retry();
+        let retrying = retry(
+            &policy,
+            try_once,
+            |e: &ObjectError| !e.is_permanent(),
+            |e, wait| {
+                self.metrics
+                    .object_store_retries
+                    .with_label_values(&[op])
+                    .inc();
+                tracing::warn!(%key, op, attempt, error = %e, retry_in_ms = wait.as_millis(), "object-store request failed, retrying");
+                attempt = attempt.saturating_add(1);
+            },
+        );
+        let result = tokio::select! {
+            () = self.cancel.cancelled() => Err(ObjectError::Cancelled),
+            result = retrying => result,
+        };
         // Absent objects and lost create-only races are answers the callers
-        // expect, not failures.
+        // expect, not failures; nor is a shutdown.
         if let Err(e) = &result
             && !matches!(
                 e,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::Precondition { .. }
+                ObjectError::Cancelled
+                    | ObjectError::Store(
+                        object_store::Error::NotFound { .. }
+                            | object_store::Error::AlreadyExists { .. }
+                            | object_store::Error::Precondition { .. }
+                    )
             )
         {
             self.metrics
@@ -481,7 +484,7 @@ impl ObjectTier {
             .await;
         match result {
             Ok(bytes) => Ok(Some(bytes)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) if e.is_not_found() => Ok(None),
             Err(source) => Err(store_error(format!("reading {what} {path}"), source)),
         }
     }
@@ -490,7 +493,8 @@ impl ObjectTier {
     async fn delete(&self, path: &Path) -> Result<()> {
         let store = &self.store;
         match self.retrying("delete", path, || store.delete(path)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             Err(source) => Err(store_error(format!("deleting {path}"), source)),
         }
     }
@@ -650,10 +654,10 @@ impl ObjectTier {
             Ok(_) => Ok(()),
             // Someone wrote it between our look and our put (or a retried
             // put of ours had already landed).
-            Err(
+            Err(ObjectError::Store(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
-            ) => match matches_existing(self.get_bytes(path, "object").await?)? {
+            )) => match matches_existing(self.get_bytes(path, "object").await?)? {
                 Some(true) => Ok(()),
                 Some(false) => Err(differs()),
                 None => Err(Error::Aborted(format!(
@@ -664,7 +668,7 @@ impl ObjectTier {
             // nothing is there, so a plain put is as close to create-only as
             // it offers (a concurrent writer of different content could
             // still win the race).
-            Err(object_store::Error::NotImplemented { .. }) => {
+            Err(ObjectError::Store(object_store::Error::NotImplemented { .. })) => {
                 tracing::debug!(key = %path, "store has no create-only put; using a plain put after the existence check");
                 self.retrying("put", path, || {
                     store.put(path, PutPayload::from(bytes.clone()))
@@ -679,8 +683,11 @@ impl ObjectTier {
 }
 
 /// Wraps a store error with a verb-phrase context naming the key.
-fn store_error(context: String, source: object_store::Error) -> Error {
-    Error::ObjectStore { context, source }
+fn store_error(context: String, source: impl Into<ObjectError>) -> Error {
+    Error::ObjectStore {
+        context,
+        source: source.into(),
+    }
 }
 
 impl ObjectTier {
@@ -873,7 +880,7 @@ impl ChunkSink for ObjectTier {
                             Ok(Some(id))
                         }
                     }
-                    Err(object_store::Error::NotFound { .. }) => Ok(Some(id)),
+                    Err(e) if e.is_not_found() => Ok(Some(id)),
                     Err(source) => Err(store_error(format!("checking for chunk {path}"), source)),
                 }
             })

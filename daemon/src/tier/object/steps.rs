@@ -128,7 +128,7 @@ impl ObjectTier {
         let store = &self.store;
         match self.retrying("head", &path, || store.head(&path)).await {
             Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) if e.is_not_found() => Ok(false),
             Err(source) => Err(store_error(format!("checking for {path}"), source)),
         }
     }
@@ -336,7 +336,7 @@ impl ObjectTier {
                 Ok(false)
             }
             Ok(_) => self.delete(path).await.map(|()| true),
-            Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(true),
             Err(source) => Err(store_error(format!("checking {path}"), source)),
         }
     }

@@ -415,7 +415,7 @@ impl PeerTier {
                         e if e.is_out_of_space() => "full",
                         Error::DeadlineExceeded(_)
                         | Error::TierUnavailable(_)
-                        | Error::ShuttingDown => "unreachable",
+                        | Error::Cancelled => "unreachable",
                         Error::Unauthenticated(_) | Error::PermissionDenied(_) => "refused",
                         _ => "error",
                     };

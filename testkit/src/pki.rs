@@ -1,4 +1,4 @@
-//! A throwaway certificate authority for peer-tier tests.
+//! A throwaway certificate authority for the peer-tier tests and peer-bench.
 //!
 //! Peers authenticate each other with mutual TLS, and a peer's certificate
 //! must name the node it claims to be (a DNS subjectAltName equal to its
