@@ -6,7 +6,9 @@ per figure: Cairn's time and its baseline's, measured in the same run on the
 same bytes). This script turns those lines into
 ``benches/results/report-DATE.md`` and ``report-DATE.png``: per scenario,
 the time Cairn took next to the time its baseline took, per GiB so that
-figures measured on different sizes share one axis. The records themselves
+figures measured on different sizes share one axis, and the CPU seconds per
+GiB each used (``cairn_cpu_s_per_gib``, ``baseline_cpu_s_per_gib``; records
+without them, from older runs, show an empty cell). The records themselves
 are kept as ``report-DATE.jsonl``, so the report can be rendered again from
 them (``python benches/report.py benches/results/report-DATE.jsonl``).
 
@@ -76,6 +78,11 @@ def size(nbytes: int) -> str:
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / (1 << 20):.0f} MiB"
 
 
+def cpu_cell(value: float | None) -> str:
+    """A CPU s/GiB figure, or an empty cell where it was not measured."""
+    return "" if value is None else f"{value:.2f}"
+
+
 def markdown(rows: list[dict], command: str, chart: str, today: str) -> str:
     out = [
         f"# Cairn benchmark report, {today}",
@@ -84,7 +91,11 @@ def markdown(rows: list[dict], command: str, chart: str, today: str) -> str:
         "",
         "Every figure is measured against its baseline in the same run, on the",
         "same bytes; *speed-up* is the baseline's time over Cairn's (above 1:",
-        "Cairn is faster). The goals are those of `benches/README.md`.",
+        "Cairn is faster). The goals are those of `benches/README.md`. *CPU s/GiB*",
+        "is the user + system CPU time the processes involved used per GiB (Cairn:",
+        "the daemons and the benchmark's own client; a baseline: the process that",
+        "ran it), the figure that stays meaningful on a noisy shared machine;",
+        "empty where it was not measured.",
         "",
         f"![time per scenario against its baseline]({chart})",
     ]
@@ -96,15 +107,18 @@ def markdown(rows: list[dict], command: str, chart: str, today: str) -> str:
                 "",
                 f"## {SECTIONS.get(section, section)}",
                 "",
-                "| scenario | size | Cairn s | Cairn CPU s/GiB | baseline | baseline s | speed-up | goal |",
-                "|---|---:|---:|---:|---|---:|---:|---|",
+                "| scenario | size | Cairn s | Cairn CPU s/GiB | baseline | baseline s "
+                "| baseline CPU s/GiB | speed-up | goal |",
+                "|---|---:|---:|---:|---|---:|---:|---:|---|",
             ]
         speedup = r["baseline_seconds"] / r["cairn_seconds"]
-        cpu = r.get("cpu_seconds_per_gib")
+        # cpu_seconds_per_gib: pod_bench.py's name for Cairn's figure.
+        cpu = r.get("cairn_cpu_s_per_gib", r.get("cpu_seconds_per_gib"))
+        base_cpu = r.get("baseline_cpu_s_per_gib")
         out.append(
             f"| {r['figure']} | {size(r['bytes'])} | {r['cairn_seconds']:.3f} "
-            f"| {'' if cpu is None else f'{cpu:.2f}'} | {r['baseline']} "
-            f"| {r['baseline_seconds']:.3f} | {speedup:.2f} | {r.get('goal', '')} |"
+            f"| {cpu_cell(cpu)} | {r['baseline']} | {r['baseline_seconds']:.3f} "
+            f"| {cpu_cell(base_cpu)} | {speedup:.2f} | {r.get('goal', '')} |"
         )
     return "\n".join(out) + "\n"
 

@@ -158,13 +158,19 @@ pub struct Row {
     pub ratio: f64,
     /// The goal.
     pub goal: &'static str,
+    /// CPU seconds per GiB moved that Cairn's processes used (the daemons
+    /// and, where it does part of the work, this process), when measured.
+    pub cairn_cpu: Option<f64>,
+    /// CPU seconds per GiB the baseline used, when it is a process this
+    /// benchmark runs (itself, a child such as the AWS CLI, or Cairn again).
+    pub baseline_cpu: Option<f64>,
 }
 
 /// Prints `rows` (each measured on `bytes` bytes) as a markdown table and,
 /// when `CAIRN_BENCH_RECORD` names a file, appends them to it as JSON lines
 /// for `benches/report.py` (`./scripts/bench --report`).
 pub fn report(bench: &str, bytes: u64, rows: &[Row]) -> Result<()> {
-    print_table(rows);
+    print!("{}", table(rows));
     let Some(path) = std::env::var_os("CAIRN_BENCH_RECORD") else {
         return Ok(());
     };
@@ -182,6 +188,8 @@ pub fn report(bench: &str, bytes: u64, rows: &[Row]) -> Result<()> {
             "baseline": r.baseline_name,
             "ratio": r.ratio,
             "goal": r.goal,
+            "cairn_cpu_s_per_gib": r.cairn_cpu,
+            "baseline_cpu_s_per_gib": r.baseline_cpu,
         });
         lines.push_str(&format!("{line}\n"));
     }
@@ -193,15 +201,168 @@ pub fn report(bench: &str, bytes: u64, rows: &[Row]) -> Result<()> {
         .with_context(|| format!("appending to {}", PathBuf::from(&path).display()))
 }
 
-/// Prints rows as a markdown table.
-fn print_table(rows: &[Row]) {
-    println!();
-    println!("| figure | cairn GB/s | baseline GB/s | baseline | ratio | goal |");
-    println!("|---|---:|---:|---|---:|---|");
+/// `rows` as a markdown table (with a blank line before it), as
+/// [`report`] prints it.
+pub fn table(rows: &[Row]) -> String {
+    let cpu = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    let mut out = String::from(
+        "\n| figure | cairn GB/s | baseline GB/s | baseline | ratio | goal \
+         | cairn CPU s/GiB | baseline CPU s/GiB |\n\
+         |---|---:|---:|---|---:|---|---:|---:|\n",
+    );
     for r in rows {
-        println!(
-            "| {} | {:.2} | {:.2} | {} | {:.2} | {} |",
-            r.figure, r.cairn, r.baseline, r.baseline_name, r.ratio, r.goal
-        );
+        out.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {} | {:.2} | {} | {} | {} |\n",
+            r.figure,
+            r.cairn,
+            r.baseline,
+            r.baseline_name,
+            r.ratio,
+            r.goal,
+            cpu(r.cairn_cpu),
+            cpu(r.baseline_cpu)
+        ));
     }
+    out
+}
+
+// ----- CPU cost ------------------------------------------------------------
+
+/// Bytes in a GiB, the unit CPU cost is stated per.
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// CPU seconds per GiB: `cpu_seconds` spent on `bytes` bytes.
+pub fn per_gib(cpu_seconds: f64, bytes: u64) -> f64 {
+    cpu_seconds / (bytes as f64 / GIB)
+}
+
+/// A process whose CPU time a [`CpuMeter`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Process {
+    /// This benchmark process (all its threads).
+    This,
+    /// The children of this process that have exited and been waited for
+    /// (`cutime` + `cstime`): a command such as the AWS CLI, run to
+    /// completion between [`CpuMeter::start`] and [`CpuMeter::stop`].
+    Children,
+    /// Another process, by id: a `cairnd` ([`Daemon::pid`]).
+    Pid(u32),
+}
+
+impl Process {
+    /// `daemon`'s process, or an error when it does not run.
+    pub fn daemon(daemon: &Daemon) -> Result<Self> {
+        daemon
+            .pid()
+            .map(Self::Pid)
+            .context("the daemon is not running")
+    }
+}
+
+/// User plus system CPU seconds `process` has used so far, all threads
+/// together (`/proc/PID/stat`).
+pub fn cpu_seconds(process: Process) -> Result<f64> {
+    let path = match process {
+        Process::This | Process::Children => "/proc/self/stat".to_owned(),
+        Process::Pid(pid) => format!("/proc/{pid}/stat"),
+    };
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .with_context(|| format!("the command name in {path}"))?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .with_context(|| format!("CPU times in {path}"))?
+            .parse::<f64>()?)
+    };
+    // utime, stime, cutime and cstime are fields 14 to 17; the slice starts
+    // at field 3.
+    let ticks = match process {
+        Process::Children => ticks(13)? + ticks(14)?,
+        _ => ticks(11)? + ticks(12)?,
+    };
+    Ok(ticks / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if unknown.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU seconds of the processes a timing covers, read before and after
+/// (at the kernel's clock tick, 10 ms, per process).
+pub struct CpuMeter {
+    processes: Vec<Process>,
+    start: Vec<f64>,
+}
+
+impl CpuMeter {
+    /// Reads the CPU time of `processes` now.
+    pub fn start(processes: Vec<Process>) -> Result<Self> {
+        // Read once first so the clock-tick lookup (a `getconf` child) does
+        // not land inside a measurement.
+        clock_ticks();
+        let start = processes
+            .iter()
+            .map(|p| cpu_seconds(*p))
+            .collect::<Result<_>>()?;
+        Ok(Self { processes, start })
+    }
+
+    /// `daemon` and this process: a save, where this process writes the
+    /// staged files, or a restore, where it reads them.
+    pub fn daemon_and_this(daemon: &Daemon) -> Result<Self> {
+        Self::start(vec![Process::daemon(daemon)?, Process::This])
+    }
+
+    /// This process alone: a baseline it runs itself.
+    pub fn this() -> Result<Self> {
+        Self::start(vec![Process::This])
+    }
+
+    /// CPU seconds each process used since [`start`](Self::start), in the
+    /// order given.
+    pub fn stop(self) -> Result<Vec<f64>> {
+        self.processes
+            .iter()
+            .zip(self.start)
+            .map(|(p, s)| Ok(cpu_seconds(*p)? - s))
+            .collect()
+    }
+
+    /// CPU seconds all the processes used together since
+    /// [`start`](Self::start).
+    pub fn stop_total(self) -> Result<f64> {
+        Ok(self.stop()?.iter().sum())
+    }
+}
+
+/// The peak resident set of a process so far, in MiB (`VmHWM` in
+/// `/proc/PID/status`).
+pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .with_context(|| format!("no VmHWM in {path}"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
 }

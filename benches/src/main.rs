@@ -5,8 +5,15 @@
 //! |---|---|---|
 //! | save stall | BeginShard + one `pwrite` per tensor into the staged files | `write()` of the same bytes into a new tmpfs file |
 //! | commit hashing | CommitShard (mmap + BLAKE3 on all cores) | single-thread BLAKE3 over the same buffer |
+//! | write-back to disk | from CommitShard's return to `WaitDurable(Disk)` | `write()` of the same bytes into a new file on the same disk + one `fsync` |
 //! | restore from memory | RestoreShard (verifying every chunk) + `read()` of the files | `read()` of the same files |
 //! | restore from disk | RestoreShard refilling memory from disk (verified) + `read()` | `read()` of a file of the same size on the same disk |
+//!
+//! Each figure also states its CPU cost, CPU seconds per GiB (user +
+//! system, from `/proc/PID/stat`): of `cairnd` and this process together
+//! for Cairn (this process does a save's `pwrite`s and a restore's
+//! `read()`s), of this process for the baselines. Unlike the throughput it
+//! stays meaningful on a noisy shared machine.
 //!
 //! Usage: `cairn-bench [--quick] [--size-mib N]`; run it through
 //! `./scripts/bench`, which builds cairnd first.
@@ -18,7 +25,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use cairn_bench::{
-    Row, TENSORS, gbps, make_tensors, median, report, restore, stage, start_daemon, tempdir,
+    CpuMeter, Row, TENSORS, gbps, make_tensors, median, per_gib, report, restore, stage,
+    start_daemon, tempdir,
 };
 use cairn_proto::v1 as pb;
 use clap::Parser;
@@ -42,6 +50,30 @@ struct Args {
 fn drop_caches() -> bool {
     let _ = Command::new("sync").status();
     std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// Seconds and CPU seconds of each run of one figure.
+#[derive(Default)]
+struct Samples {
+    secs: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Samples {
+    fn push(&mut self, secs: f64, cpu: f64) {
+        self.secs.push(secs);
+        self.cpu.push(cpu);
+    }
+
+    /// The median seconds.
+    fn secs(&self) -> f64 {
+        median(self.secs.clone())
+    }
+
+    /// The median CPU seconds.
+    fn cpu(&self) -> f64 {
+        median(self.cpu.clone())
+    }
 }
 
 fn read_files(paths: &[PathBuf], buf: &mut [u8]) -> Result<u64> {
@@ -81,29 +113,53 @@ async fn main() -> Result<()> {
 
     let mut rows = Vec::new();
     // ----- save stall and commit -------------------------------------------
-    let (mut stall, mut commit, mut plain_write) = (vec![], vec![], vec![]);
+    // Seconds, and CPU seconds (cairnd + this process for Cairn, this
+    // process for the baselines), per run.
+    let (mut stall, mut commit, mut plain_write) = <(Samples, Samples, Samples)>::default();
+    let (mut writeback, mut disk_write) = <(Samples, Samples)>::default();
     for i in 0..repeat {
         // Baseline: write() into a new tmpfs file.
         let path = shm.join(format!("baseline-{i}"));
+        let cpu = CpuMeter::this()?;
         let t = Instant::now();
         let mut f = std::fs::File::create(&path)?;
         for tensor in &tensors {
             f.write_all(tensor)?;
         }
         drop(f);
-        plain_write.push(t.elapsed().as_secs_f64());
+        plain_write.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
+        std::fs::remove_file(&path)?;
+
+        // Baseline of the write-back: write() into a new file beside the
+        // disk tier (the same file system), then one fsync.
+        let path = work.join(format!("baseline-writeback-{i}"));
+        let cpu = CpuMeter::this()?;
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&path)?;
+        for tensor in &tensors {
+            f.write_all(tensor)?;
+        }
+        f.sync_all()?;
+        drop(f);
+        disk_write.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
         std::fs::remove_file(&path)?;
 
         // Cairn: begin, one pwrite per tensor into the staged files, commit.
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
         let t = Instant::now();
         let session_id = stage(&mut c, "bench", i as u64, &tensors).await?;
-        stall.push(t.elapsed().as_secs_f64());
+        stall.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
         let t = Instant::now();
         c.checkpoint
             .commit_shard(pb::CommitShardRequest { session_id })
             .await?;
-        commit.push(t.elapsed().as_secs_f64());
-        // Let write-back finish so it does not steal the next run's cores.
+        commit.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
+        // Write-back: from the commit's return until the step is durable on
+        // disk. Waiting for it also keeps it from stealing the next run's
+        // cores.
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
+        let t = Instant::now();
         c.checkpoint
             .wait_durable(pb::WaitDurableRequest {
                 tenant: String::new(),
@@ -114,6 +170,7 @@ async fn main() -> Result<()> {
                 timeout_ms: 600_000,
             })
             .await?;
+        writeback.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
         // Keep memory use flat across runs: only the last step stays (the
         // restore figures use it).
         if i + 1 < repeat {
@@ -127,60 +184,74 @@ async fn main() -> Result<()> {
         }
     }
     let last_step = repeat as u64 - 1;
-    let (stall, plain_write) = (median(stall), median(plain_write));
+    let cpu_per_gib = |samples: &Samples| Some(per_gib(samples.cpu(), total));
     rows.push(Row {
         figure: "save stall (begin + pwrite)",
-        cairn: gbps(total, stall),
-        baseline: gbps(total, plain_write),
+        cairn: gbps(total, stall.secs()),
+        baseline: gbps(total, plain_write.secs()),
         baseline_name: "write() to new tmpfs file",
-        ratio: stall / plain_write,
+        ratio: stall.secs() / plain_write.secs(),
         goal: "time ratio <= 1.2",
+        cairn_cpu: cpu_per_gib(&stall),
+        baseline_cpu: cpu_per_gib(&plain_write),
     });
 
-    let blake_single = {
-        let mut times = vec![];
-        for _ in 0..repeat {
-            let t = Instant::now();
-            for tensor in &tensors {
-                for chunk in tensor.chunks(4 << 20) {
-                    std::hint::black_box(blake3::hash(chunk));
-                }
+    let mut blake_single = Samples::default();
+    for _ in 0..repeat {
+        let cpu = CpuMeter::this()?;
+        let t = Instant::now();
+        for tensor in &tensors {
+            for chunk in tensor.chunks(4 << 20) {
+                std::hint::black_box(blake3::hash(chunk));
             }
-            times.push(t.elapsed().as_secs_f64());
         }
-        median(times)
-    };
-    let commit = median(commit);
+        blake_single.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
+    }
     rows.push(Row {
         figure: "commit hashing",
-        cairn: gbps(total, commit),
-        baseline: gbps(total, blake_single),
+        cairn: gbps(total, commit.secs()),
+        baseline: gbps(total, blake_single.secs()),
         baseline_name: "BLAKE3, one thread",
-        ratio: blake_single / commit,
+        ratio: blake_single.secs() / commit.secs(),
         goal: "throughput ratio >= 0.9",
+        cairn_cpu: cpu_per_gib(&commit),
+        baseline_cpu: cpu_per_gib(&blake_single),
+    });
+    rows.push(Row {
+        figure: "write-back to disk (commit to durable on disk)",
+        cairn: gbps(total, writeback.secs()),
+        baseline: gbps(total, disk_write.secs()),
+        baseline_name: "write() to a new file on the same disk + fsync",
+        ratio: writeback.secs() / disk_write.secs(),
+        goal: "time ratio (report)",
+        cairn_cpu: cpu_per_gib(&writeback),
+        baseline_cpu: cpu_per_gib(&disk_write),
     });
 
     // ----- restore from memory ---------------------------------------------
     let mut buf = vec![0u8; 8 << 20];
-    let (mut restore_t0, mut read_t0) = (vec![], vec![]);
+    let (mut restore_t0, mut read_t0) = (Samples::default(), Samples::default());
     for _ in 0..repeat {
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
         let t = Instant::now();
         let resp = restore(&mut c, "bench", last_step).await?;
         let paths: Vec<PathBuf> = resp.files.iter().map(|f| PathBuf::from(&f.path)).collect();
         read_files(&paths, &mut buf)?;
-        restore_t0.push(t.elapsed().as_secs_f64());
+        restore_t0.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
+        let cpu = CpuMeter::this()?;
         let t = Instant::now();
         read_files(&paths, &mut buf)?;
-        read_t0.push(t.elapsed().as_secs_f64());
+        read_t0.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
     }
-    let (restore_t0, read_t0) = (median(restore_t0), median(read_t0));
     rows.push(Row {
         figure: "restore from memory (verified)",
-        cairn: gbps(total, restore_t0),
-        baseline: gbps(total, read_t0),
+        cairn: gbps(total, restore_t0.secs()),
+        baseline: gbps(total, read_t0.secs()),
         baseline_name: "read() of the same files",
-        ratio: restore_t0 / read_t0,
+        ratio: restore_t0.secs() / read_t0.secs(),
         goal: "time ratio (report)",
+        cairn_cpu: cpu_per_gib(&restore_t0),
+        baseline_cpu: cpu_per_gib(&read_t0),
     });
 
     // ----- restore from disk -----------------------------------------------
@@ -192,7 +263,7 @@ async fn main() -> Result<()> {
         }
         f.sync_all()?;
     }
-    let (mut restore_t1, mut read_t1) = (vec![], vec![]);
+    let (mut restore_t1, mut read_t1) = (Samples::default(), Samples::default());
     let mut cold = true;
     for _ in 0..repeat {
         // Lose the memory tier, as after a node reboot.
@@ -201,38 +272,48 @@ async fn main() -> Result<()> {
         daemon = start_daemon(&work, &memory_dir, &[]).await?;
         c = daemon.connect().await?;
         cold &= drop_caches();
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
         let t = Instant::now();
         let resp = restore(&mut c, "bench", last_step).await?;
         let paths: Vec<PathBuf> = resp.files.iter().map(|f| PathBuf::from(&f.path)).collect();
         read_files(&paths, &mut buf)?;
-        restore_t1.push(t.elapsed().as_secs_f64());
+        restore_t1.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
         cold &= drop_caches();
+        let cpu = CpuMeter::this()?;
         let t = Instant::now();
         read_files(std::slice::from_ref(&baseline_file), &mut buf)?;
-        read_t1.push(t.elapsed().as_secs_f64());
+        read_t1.push(t.elapsed().as_secs_f64(), cpu.stop_total()?);
     }
-    let (restore_t1, read_t1) = (median(restore_t1), median(read_t1));
     rows.push(Row {
         figure: "restore from disk (verified)",
-        cairn: gbps(total, restore_t1),
-        baseline: gbps(total, read_t1),
+        cairn: gbps(total, restore_t1.secs()),
+        baseline: gbps(total, read_t1.secs()),
         baseline_name: if cold {
             "read() of a disk file, cold cache"
         } else {
             "read() of a disk file, warm cache"
         },
-        ratio: restore_t1 / read_t1,
+        ratio: restore_t1.secs() / read_t1.secs(),
         goal: "time ratio (report)",
+        cairn_cpu: cpu_per_gib(&restore_t1),
+        baseline_cpu: cpu_per_gib(&read_t1),
     });
 
     report("cairn-bench", total, &rows)?;
     println!();
     println!(
-        "commit latency {:.0} ms for {} MiB; save stall {:.0} ms vs plain write {:.0} ms",
-        commit * 1e3,
+        "commit latency {:.0} ms for {} MiB; save stall {:.0} ms vs plain write {:.0} ms; \
+         write-back {:.0} ms vs write + fsync {:.0} ms",
+        commit.secs() * 1e3,
         size_mib,
-        stall * 1e3,
-        plain_write * 1e3
+        stall.secs() * 1e3,
+        plain_write.secs() * 1e3,
+        writeback.secs() * 1e3,
+        disk_write.secs() * 1e3
+    );
+    println!(
+        "CPU s/GiB: cairnd + this process for Cairn, this process for the baselines \
+         (user + system, median of the runs)"
     );
     drop(daemon);
     let _ = std::fs::remove_dir_all(&work);

@@ -178,6 +178,15 @@ async fn save_files(node: &Daemon, job: &str, step: u64, files: &[(String, Vec<u
         .expect("save");
 }
 
+/// Chunk bytes node `i` received from peers since it started.
+fn received_bytes(net: &Network, i: usize, node: &Daemon) -> u64 {
+    metrics_in_namespace(net, i, node)
+        .lines()
+        .filter(|l| l.starts_with("cairn_peer_received_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 async fn shard_status(node: &Daemon, job: &str, step: u64) -> pb::ShardStatus {
     let mut c = node.clients().await;
     job_steps(&mut c, job)
@@ -421,6 +430,15 @@ async fn a_peer_killed_mid_shard_gets_the_rest_when_it_returns() {
     wait_durable(&mut c, "kill", 1, pb::Tier::Peers, 90_000)
         .await
         .expect("durable on two peers once node 1 is back");
+    // What node 1 had stored before it died is not sent again: after its
+    // restart it receives the 700 chunks it lacked, plus at most the ones
+    // that were in flight when it died (`peers.concurrency`, 8).
+    let received = received_bytes(&cluster.net, 1, &cluster.nodes[1]);
+    assert!(
+        received <= (700 + 8) * common::TEST_CHUNK,
+        "node 1 received {received} bytes after its restart, {} chunks' worth",
+        received / common::TEST_CHUNK
+    );
     // Node 1's copy is whole: with node 2 gone, a wiped node 0 restores
     // every byte from node 1 alone.
     cluster.nodes[2].kill();
@@ -543,6 +561,54 @@ async fn peers_with_wrong_certificates_are_refused() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(replica_shards(&cluster.nodes[0]).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunk_the_sender_read_wrong_is_refused_and_sent_again_from_a_good_copy() {
+    // The sender reads chunks for a peer without hashing them (the peer
+    // hashes them). Here node 0 flips a byte of the first two it reads, as
+    // if its memory tier's bytes had changed since the commit: node 1 must
+    // refuse both, and node 0 send a checked copy instead.
+    let options = HashMap::from([(
+        0,
+        NodeOptions {
+            env: vec![("FAILPOINTS", "transfer.corrupt_unchecked_read=2*return")],
+            ..NodeOptions::default()
+        },
+    )]);
+    let cluster = Cluster::start_with(2, 1, &options).await;
+    let files = shard_files(8, 16);
+    save_files(&cluster.nodes[0], "flip", 1, &files).await;
+    let mut c = cluster.nodes[0].clients().await;
+    wait_durable(&mut c, "flip", 1, pb::Tier::Peers, 30_000)
+        .await
+        .expect("durable on node 1");
+    let receiver = metrics_in_namespace(&cluster.net, 1, &cluster.nodes[1]);
+    assert_eq!(
+        metric(
+            &receiver,
+            "cairn_rpc_errors_total{code=\"DataLoss\",method=\"Peer/PutChunk\"}"
+        ),
+        2.0,
+        "node 1 refused the two bad chunks"
+    );
+    let sender = metrics_in_namespace(&cluster.net, 0, &cluster.nodes[0]);
+    assert_eq!(
+        metric(&sender, "cairn_chunk_verify_failures_total{tier=\"peers\"}"),
+        2.0
+    );
+    assert_eq!(
+        cluster.nodes[0].count_in_log("the receiver refused a chunk read without a check"),
+        2
+    );
+    // Node 1's replica is whole: every chunk checks out on it.
+    let out = cluster.nodes[0].cli(&["verify", "--job", "flip", "--step", "1", "--tier", "peers"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,6 +8,11 @@
 //! | incremental step | the next step with 90% of its chunks unchanged | the full step's upload |
 //! | restore from the bucket | RestoreShard on an empty node (verified, into tmpfs) | `aws s3 cp --recursive` download into tmpfs |
 //!
+//! Each figure also states its CPU cost, CPU seconds per GiB (user +
+//! system): of `cairnd` and this process together for Cairn, of the AWS CLI
+//! (and this process, waiting for it) for the baselines. The S3 server's
+//! own CPU is in neither.
+//!
 //! plus the codec's compression ratio and speed on bf16- and fp32-like
 //! weights. Usage: `object-bench [--quick] [--size-mib N]`, through
 //! `./scripts/bench` (which installs the servers with
@@ -17,8 +22,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cairn_bench::{
-    Row, TENSORS, gbps, make_tensors, median, report, restore, save, start_daemon, tempdir,
-    wait_durable,
+    CpuMeter, Process, Row, TENSORS, gbps, make_tensors, median, per_gib, report, restore, save,
+    start_daemon, tempdir, wait_durable,
 };
 use cairn_core::codec::{self, CompressionPolicy};
 use cairn_proto::v1 as pb;
@@ -129,12 +134,19 @@ async fn main() -> Result<()> {
     let download_dir = shm.join("baseline-down");
     let (mut up, mut up_aws, mut inc, mut down, mut down_aws) =
         (vec![], vec![], vec![], vec![], vec![]);
+    // CPU seconds per run, in the same order.
+    let (mut up_cpu, mut up_aws_cpu, mut inc_cpu, mut down_cpu, mut down_aws_cpu) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    // The AWS CLI: a child of this process, waited for before the meter
+    // stops; no daemon exits while it runs.
+    let aws_meter = || CpuMeter::start(vec![Process::Children, Process::This]);
     for run in 0..repeat {
         let tensors = make_tensors(total, 100 + run as u64);
         for (n, t) in tensors.iter().enumerate() {
             std::fs::write(baseline_dir.join(format!("tensor-{n}")), t)?;
         }
         let prefix = format!("s3://cairn/baseline-{run}/");
+        let cpu = aws_meter()?;
         up_aws.push(s3.timed_aws(&[
             "s3",
             "cp",
@@ -143,7 +155,9 @@ async fn main() -> Result<()> {
             baseline_dir.to_str().context("utf-8")?,
             &prefix,
         ])?);
+        up_aws_cpu.push(cpu.stop_total()?);
         std::fs::remove_dir_all(&download_dir).ok();
+        let cpu = aws_meter()?;
         down_aws.push(s3.timed_aws(&[
             "s3",
             "cp",
@@ -152,6 +166,7 @@ async fn main() -> Result<()> {
             &prefix,
             download_dir.to_str().context("utf-8")?,
         ])?);
+        down_aws_cpu.push(cpu.stop_total()?);
 
         let node_dir = work.join(format!("node-{run}"));
         std::fs::create_dir_all(&node_dir)?;
@@ -159,9 +174,11 @@ async fn main() -> Result<()> {
         let mut c = daemon.connect().await?;
         let job = format!("bench-{run}");
         save(&mut c, &job, 1, &tensors).await?;
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
         let t = Instant::now();
         wait_durable(&mut c, &job, 1, pb::Tier::ObjectStore).await?;
         up.push(t.elapsed().as_secs_f64());
+        up_cpu.push(cpu.stop_total()?);
 
         // The next step: one chunk in ten changed (counted over the whole
         // shard, at the default 4 MiB chunk size).
@@ -176,9 +193,11 @@ async fn main() -> Result<()> {
             }
         }
         save(&mut c, &job, 2, &next).await?;
+        let cpu = CpuMeter::daemon_and_this(&daemon)?;
         let t = Instant::now();
         wait_durable(&mut c, &job, 2, pb::Tier::ObjectStore).await?;
         inc.push(t.elapsed().as_secs_f64());
+        inc_cpu.push(cpu.stop_total()?);
         drop(daemon);
 
         // A brand-new node, with nothing but the bucket.
@@ -191,9 +210,11 @@ async fn main() -> Result<()> {
         )
         .await?;
         let mut c = fresh.connect().await?;
+        let cpu = CpuMeter::daemon_and_this(&fresh)?;
         let t = Instant::now();
         let resp = restore(&mut c, &job, 1).await?;
         down.push(t.elapsed().as_secs_f64());
+        down_cpu.push(cpu.stop_total()?);
         let from_bucket: u64 = resp
             .sources
             .iter()
@@ -211,6 +232,14 @@ async fn main() -> Result<()> {
         median(down),
         median(down_aws),
     );
+    let cpu = |samples: Vec<f64>| Some(per_gib(median(samples), total));
+    let (up_cpu, up_aws_cpu, inc_cpu, down_cpu, down_aws_cpu) = (
+        cpu(up_cpu),
+        cpu(up_aws_cpu),
+        cpu(inc_cpu),
+        cpu(down_cpu),
+        cpu(down_aws_cpu),
+    );
     let rows = [
         Row {
             figure: "upload to S3 (commit to durable)",
@@ -219,6 +248,8 @@ async fn main() -> Result<()> {
             baseline_name: "aws s3 cp --recursive, same bytes",
             ratio: up_aws / up,
             goal: "throughput ratio >= 1.0",
+            cairn_cpu: up_cpu,
+            baseline_cpu: up_aws_cpu,
         },
         Row {
             figure: "incremental step (90% unchanged)",
@@ -227,6 +258,8 @@ async fn main() -> Result<()> {
             baseline_name: "Cairn's full step",
             ratio: up / inc,
             goal: "speed-up >= 5",
+            cairn_cpu: inc_cpu,
+            baseline_cpu: up_cpu,
         },
         Row {
             figure: "restore from S3 on an empty node (verified)",
@@ -235,9 +268,16 @@ async fn main() -> Result<()> {
             baseline_name: "aws s3 cp --recursive download",
             ratio: down_aws / down,
             goal: "throughput ratio (report)",
+            cairn_cpu: down_cpu,
+            baseline_cpu: down_aws_cpu,
         },
     ];
     report("object-bench", total, &rows)?;
+    println!(
+        "\nCPU s/GiB: cairnd + this process for Cairn (the upload's include the write-back to \
+         the disk tier running beside it), the AWS CLI for its baselines; per GiB of the shard \
+         (the incremental step's too); the S3 server's own CPU in neither"
+    );
     codec_report();
     drop(s3);
     let _ = std::fs::remove_dir_all(&work);

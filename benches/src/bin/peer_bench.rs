@@ -13,7 +13,9 @@
 //! costs. Every repetition saves a fresh job with new random tensors (checked:
 //! node-b's replica store grows by the whole shard), and the restored files
 //! are compared with what was saved. Each figure also reports the CPU seconds
-//! the processes involved used. `--concurrency`, `--restore-concurrency`,
+//! the processes involved used, and per GiB (node-a + node-b for Cairn, this
+//! process, both ends, for the raw copies), and the daemons' peak resident
+//! memory. `--concurrency`, `--restore-concurrency`,
 //! `--replica-tmpfs` and `--disk-tmpfs` change the daemons' settings to see
 //! where the time goes.
 //!
@@ -27,8 +29,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cairn_bench::{
-    Daemon, Row, TENSORS, gbps, make_tensors, median, report, restore, save, stage, start_daemon,
-    tempdir, wait_durable,
+    CpuMeter, Daemon, Process, Row, TENSORS, gbps, make_tensors, median, peak_rss_mib, per_gib,
+    report, restore, save, stage, start_daemon, table, tempdir, wait_durable,
 };
 use cairn_daemon::client::Clients;
 use cairn_proto::v1 as pb;
@@ -91,63 +93,6 @@ const WRITE_SIZE: usize = 1 << 20;
 
 /// The two nodes' ids (also their certificates' DNS names).
 const NODES: [&str; 2] = ["node-a", "node-b"];
-
-/// User plus system CPU seconds a process has used, all threads together
-/// (`/proc/PID/stat`; "self" for this process).
-fn cpu_seconds(pid: &str) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("the command name in /proc/PID/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("utime and stime in /proc/PID/stat")?
-            .parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15; the slice starts at field 3.
-    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
-}
-
-/// The kernel's clock ticks per second (`getconf CLK_TCK`), 100 if unknown.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// CPU seconds of the processes a timing covers, read before and after.
-struct CpuMeter {
-    pids: Vec<String>,
-    start: Vec<f64>,
-}
-
-impl CpuMeter {
-    fn start(pids: Vec<String>) -> Result<Self> {
-        let start = pids.iter().map(|p| cpu_seconds(p)).collect::<Result<_>>()?;
-        Ok(Self { pids, start })
-    }
-
-    /// CPU seconds each process used since [`start`](Self::start).
-    fn stop(self) -> Result<Vec<f64>> {
-        self.pids
-            .iter()
-            .zip(self.start)
-            .map(|(p, s)| Ok(cpu_seconds(p)? - s))
-            .collect()
-    }
-}
 
 /// A free loopback port (free when this returns; the daemon binds it).
 fn free_port() -> Result<u16> {
@@ -417,15 +362,26 @@ fn hashes(tensors: &[Vec<u8>]) -> HashMap<String, blake3::Hash> {
         .collect()
 }
 
-/// Timings of one scenario: seconds, and the CPU seconds of the processes
-/// involved (this process for the baselines; node-a, node-b for Cairn).
+/// Timings of one scenario: seconds, the CPU seconds of the processes
+/// involved (this process for the baselines; node-a, node-b for Cairn) and,
+/// for Cairn, the daemons' peak resident memory when the run ended.
 #[derive(Default)]
-struct Samples(Vec<f64>, Vec<Vec<f64>>);
+struct Samples(Vec<f64>, Vec<Vec<f64>>, Vec<Vec<f64>>);
 
 impl Samples {
     fn push(&mut self, secs: f64, cpu: Vec<f64>) {
         self.0.push(secs);
         self.1.push(cpu);
+    }
+
+    /// Records node-a's and node-b's peak RSS (MiB) so far.
+    fn push_rss(&mut self, cluster: &Cluster) -> Result<()> {
+        let mut rss = vec![peak_rss_mib(cluster.a.pid()?)?];
+        if let Ok(b) = cluster.b.pid() {
+            rss.push(peak_rss_mib(b)?);
+        }
+        self.2.push(rss);
+        Ok(())
     }
 
     fn median(&self) -> f64 {
@@ -439,6 +395,38 @@ impl Samples {
             .map(|i| format!("{:.2}", median(self.1.iter().map(|c| c[i]).collect())))
             .collect::<Vec<_>>()
             .join(" + ")
+    }
+
+    /// Median CPU seconds of all the processes together, per GiB of
+    /// `total` bytes.
+    fn cpu_per_gib(&self, total: u64) -> Option<f64> {
+        if self.1.is_empty() {
+            return None;
+        }
+        Some(per_gib(
+            median(self.1.iter().map(|c| c.iter().sum()).collect()),
+            total,
+        ))
+    }
+
+    /// The highest peak RSS of each daemon over the runs, in MiB, joined
+    /// with " / "; "-" when not measured.
+    fn peak_rss(&self) -> String {
+        let processes = self.2.first().map_or(0, Vec::len);
+        if processes == 0 {
+            return "-".to_owned();
+        }
+        (0..processes)
+            .map(|i| {
+                let peak = self
+                    .2
+                    .iter()
+                    .filter_map(|r| r.get(i).copied())
+                    .fold(0.0, f64::max);
+                format!("{peak:.0}")
+            })
+            .collect::<Vec<_>>()
+            .join(" / ")
     }
 
     fn list(&self) -> String {
@@ -465,11 +453,11 @@ struct Timings {
     restore_bucket: Samples,
 }
 
-/// node-a's and node-b's process ids, as [`CpuMeter`] takes them.
-fn daemon_pids(cluster: &Cluster) -> Result<Vec<String>> {
+/// node-a's and node-b's processes, as [`CpuMeter`] takes them.
+fn daemon_pids(cluster: &Cluster) -> Result<Vec<Process>> {
     Ok(vec![
-        cluster.a.pid()?.to_string(),
-        cluster.b.pid()?.to_string(),
+        Process::Pid(cluster.a.pid()?),
+        Process::Pid(cluster.b.pid()?),
     ])
 }
 
@@ -503,10 +491,10 @@ async fn run_cluster(
         let tensors = make_tensors(total, seed);
         let expected = hashes(&tensors);
 
-        let cpu = CpuMeter::start(vec!["self".into()])?;
+        let cpu = CpuMeter::this()?;
         let secs = tcp_copy(&tensors, None).await?;
         timings.tcp_memory.push(secs, cpu.stop()?);
-        let cpu = CpuMeter::start(vec!["self".into()])?;
+        let cpu = CpuMeter::this()?;
         let secs = tcp_copy(&tensors, Some(&baseline_file)).await?;
         timings.tcp_file.push(secs, cpu.stop()?);
 
@@ -523,6 +511,7 @@ async fn run_cluster(
         let t = Instant::now();
         wait_durable(&mut c, &job, 1, pb::Tier::Peers).await?;
         replicate.push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        replicate.push_rss(cluster)?;
         let holders = peer_holders(&mut c, &job, 1).await?;
         if holders != ["node-b"] {
             bail!("{job}: peer holders {holders:?}, expected node-b");
@@ -543,6 +532,7 @@ async fn run_cluster(
         let t = Instant::now();
         let response = restore(&mut c, &job, 1).await?;
         restored.push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        restored.push_rss(cluster)?;
         check_restore(&job, &response, total, &[pb::Tier::Peers], &expected)?;
         // The restored shard is node-a's again: it goes back to its disk
         // and node-b is asked whether it still holds it. Let both finish.
@@ -680,6 +670,7 @@ async fn run_mixed(
         timings
             .restore_mixed
             .push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        timings.restore_mixed.push_rss(cluster)?;
         let all = [pb::Tier::Disk, pb::Tier::Peers, pb::Tier::ObjectStore];
         check_restore(job, &response, total, &all, &expected)?;
         // node-a sends node-b the chunks it lost; let that finish first.
@@ -689,29 +680,16 @@ async fn run_mixed(
     for _ in 0..repeat {
         cluster.a.wipe_and_restart().await?;
         let mut c = cluster.a.connect().await?;
-        let cpu = CpuMeter::start(vec![cluster.a.pid()?.to_string()])?;
+        let cpu = CpuMeter::start(vec![Process::Pid(cluster.a.pid()?)])?;
         let t = Instant::now();
         let response = restore(&mut c, job, 1).await?;
         timings
             .restore_bucket
             .push(t.elapsed().as_secs_f64(), cpu.stop()?);
+        timings.restore_bucket.push_rss(cluster)?;
         check_restore(job, &response, total, &[pb::Tier::ObjectStore], &expected)?;
     }
     Ok(())
-}
-
-/// `rows` as [`print_table`] prints them, for the results file.
-fn ratio_table(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "\n| figure | cairn GB/s | baseline GB/s | baseline | ratio | goal |\n|---|---:|---:|---|---:|---|\n",
-    );
-    for r in rows {
-        out.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {} | {:.2} | {} |\n",
-            r.figure, r.cairn, r.baseline, r.baseline_name, r.ratio, r.goal
-        ));
-    }
-    out
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -765,9 +743,9 @@ async fn main() -> Result<()> {
     }
 
     let tcp = timings.tcp_memory.median();
-    let tcp_file = timings.tcp_file.median();
     let mut detail = String::from(
-        "\n| scenario | bytes | seconds (median) | GB/s | ratio vs raw TCP | CPU s | runs (s) |\n|---|---:|---:|---:|---:|---|---|\n",
+        "\n| scenario | bytes | seconds (median) | GB/s | ratio vs raw TCP | CPU s | CPU s/GiB \
+         | peak RSS MiB | runs (s) |\n|---|---:|---:|---:|---:|---|---:|---|---|\n",
     );
     let mut line = |name: &str, samples: &Samples| {
         if samples.0.is_empty() {
@@ -775,10 +753,14 @@ async fn main() -> Result<()> {
         }
         let secs = samples.median();
         detail.push_str(&format!(
-            "| {name} | {total} | {secs:.3} | {:.2} | {:.2} | {} | {} |\n",
+            "| {name} | {total} | {secs:.3} | {:.2} | {:.2} | {} | {} | {} | {} |\n",
             gbps(total, secs),
             tcp / secs,
             samples.cpu(),
+            samples
+                .cpu_per_gib(total)
+                .map_or_else(|| "-".to_owned(), |c| format!("{c:.2}")),
+            samples.peak_rss(),
             samples.list()
         ));
     };
@@ -808,20 +790,25 @@ async fn main() -> Result<()> {
     detail.push_str(
         "\nCPU s: user + system seconds (median run) of the bench process (both ends) for the raw \
          copies, of node-a + node-b for Cairn (node-a's include its write-back to its own disk \
-         tier, which runs alongside replication).\n",
+         tier, which runs alongside replication; node-a alone for the bucket-only restore, \
+         node-b being down). CPU s/GiB: all of them together, per GiB of the shard. Peak RSS: \
+         VmHWM of node-a / node-b since they started (node-a restarts before each restore), \
+         the highest at the end of any run; it counts the tmpfs pages a daemon maps.\n",
     );
     print!("{detail}");
 
     let mut rows = Vec::new();
-    let vs = |figure, samples: &Samples, base: f64, baseline_name, goal| {
-        let secs = samples.median();
+    let vs = |figure, samples: &Samples, base: &Samples, baseline_name, goal| {
+        let (secs, base_secs) = (samples.median(), base.median());
         Row {
             figure,
             cairn: gbps(total, secs),
-            baseline: gbps(total, base),
+            baseline: gbps(total, base_secs),
             baseline_name,
-            ratio: base / secs,
+            ratio: base_secs / secs,
             goal,
+            cairn_cpu: samples.cpu_per_gib(total),
+            baseline_cpu: base.cpu_per_gib(total),
         }
     };
     for (samples, figure, figure_file) in [
@@ -842,14 +829,14 @@ async fn main() -> Result<()> {
         rows.push(vs(
             figure,
             samples,
-            tcp,
+            &timings.tcp_memory,
             "raw TCP copy, memory to memory",
             "throughput ratio >= 0.7",
         ));
         rows.push(vs(
             figure_file,
             samples,
-            tcp_file,
+            &timings.tcp_file,
             "raw TCP copy into a file + fsync",
             "throughput ratio >= 0.7",
         ));
@@ -865,7 +852,7 @@ async fn main() -> Result<()> {
             rows.push(vs(
                 figure,
                 samples,
-                tcp,
+                &timings.tcp_memory,
                 "raw TCP copy, memory to memory",
                 "throughput ratio >= 0.7",
             ));
@@ -875,14 +862,14 @@ async fn main() -> Result<()> {
         rows.push(vs(
             "restore, planner over disk + peer + bucket",
             &timings.restore_mixed,
-            timings.restore_bucket.median(),
+            &timings.restore_bucket,
             "restore from the bucket alone (S3)",
             "speed-up (report)",
         ));
         rows.push(vs(
             "restore, planner over disk + peer + bucket",
             &timings.restore_mixed,
-            timings.restore_tls.median(),
+            &timings.restore_tls,
             "restore from a peer alone (mutual TLS)",
             "speed-up (report)",
         ));
@@ -891,7 +878,7 @@ async fn main() -> Result<()> {
         rows.push(vs(
             "TLS cost: replication with mutual TLS",
             &timings.replicate_tls,
-            timings.replicate_insecure.median(),
+            &timings.replicate_insecure,
             "replication, --insecure-peers",
             "throughput ratio (report)",
         ));
@@ -909,7 +896,7 @@ async fn main() -> Result<()> {
             f,
             "\n# {}\n{header}\n{detail}{}",
             command.join(" "),
-            ratio_table(&rows)
+            table(&rows)
         )?;
         println!("\nappended to {}", out.display());
     }

@@ -38,7 +38,7 @@ use super::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint::fault_point;
 use crate::fsutil;
-use crate::tier::memory::read_verified;
+use crate::tier::memory::{read_unchecked, read_verified};
 
 const TENANTS: &str = "tenants";
 const CHUNKS: &str = "chunks";
@@ -551,6 +551,12 @@ impl ShardSource for DiskTier {
         let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
         let chunk = location.chunk;
         tokio::task::spawn_blocking(move || read_verified(&path, 0, chunk.len, chunk.id)).await?
+    }
+
+    async fn read_chunk_unchecked(&self, location: &ChunkLocation) -> Result<Option<Bytes>> {
+        let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
+        let len = location.chunk.len;
+        tokio::task::spawn_blocking(move || read_unchecked(&path, 0, len)).await?
     }
 }
 

@@ -39,6 +39,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -512,22 +513,35 @@ fn dirs_at_depth(root: &Path, depth: usize) -> Vec<PathBuf> {
 }
 
 /// Reads `len` bytes at `offset` of `path` and checks them against `id`.
-pub(crate) fn read_verified(path: &Path, offset: u64, len: u64, id: ChunkId) -> Result<ChunkRead> {
-    let file = match File::open(path) {
+/// Reads `len` bytes of `path` at `offset` without checking them; `None`
+/// when the file is gone or shorter. Reads into the vector's spare capacity,
+/// so the buffer is never zeroed first.
+pub(crate) fn read_unchecked(path: &Path, offset: u64, len: u64) -> Result<Option<Bytes>> {
+    let mut file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ChunkRead::Missing),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).io_context(|| format!("opening {}", path.display())),
     };
-    let mut buf = vec![0u8; len as usize];
-    match file.read_exact_at(&mut buf, offset) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(ChunkRead::Missing),
-        Err(e) => return Err(e).io_context(|| format!("reading {}", path.display())),
+    let context = || format!("reading {}", path.display());
+    file.seek(std::io::SeekFrom::Start(offset))
+        .io_context(context)?;
+    let capacity = usize::try_from(len).map_err(|_| {
+        Error::InvalidArgument(format!("a chunk of {len} bytes does not fit in memory"))
+    })?;
+    let mut buf = Vec::with_capacity(capacity);
+    file.take(len).read_to_end(&mut buf).io_context(context)?;
+    if buf.len() != capacity {
+        return Ok(None);
     }
-    if ChunkId::of(&buf) != id {
-        return Ok(ChunkRead::Corrupt);
-    }
-    Ok(ChunkRead::Verified(Bytes::from(buf)))
+    Ok(Some(Bytes::from(buf)))
+}
+
+pub(crate) fn read_verified(path: &Path, offset: u64, len: u64, id: ChunkId) -> Result<ChunkRead> {
+    Ok(match read_unchecked(path, offset, len)? {
+        None => ChunkRead::Missing,
+        Some(bytes) if ChunkId::of(&bytes) != id => ChunkRead::Corrupt,
+        Some(bytes) => ChunkRead::Verified(bytes),
+    })
 }
 
 #[async_trait]
@@ -561,5 +575,18 @@ impl ShardSource for MemoryTier {
         let (offset, chunk) = (location.offset, location.chunk);
         tokio::task::spawn_blocking(move || read_verified(&path, offset, chunk.len, chunk.id))
             .await?
+    }
+
+    /// The bytes as they are: no hash, and no zeroed buffer to read into.
+    async fn read_chunk_unchecked(&self, location: &ChunkLocation) -> Result<Option<Bytes>> {
+        if self.lookup(location.shard()).is_none() {
+            return Ok(None);
+        }
+        let path = self.file_path(
+            location.shard(),
+            &location.manifest.files[location.file_index].name,
+        );
+        let (offset, len) = (location.offset, location.chunk.len);
+        tokio::task::spawn_blocking(move || read_unchecked(&path, offset, len)).await?
     }
 }

@@ -124,6 +124,18 @@ pub trait ShardSource: Send + Sync {
 
     /// Reads one chunk and checks it against its id.
     async fn read_chunk(&self, location: &ChunkLocation) -> Result<ChunkRead>;
+
+    /// Reads one chunk without checking it, for a copy into a sink that
+    /// checks every chunk itself ([`ChunkSink::verifies_chunks`]): one hash
+    /// per byte per hop, on the side that stores it. `None` when the tier
+    /// has no such chunk, or no cheaper read than [`Self::read_chunk`] found
+    /// it good (the caller then reads it checked).
+    async fn read_chunk_unchecked(&self, location: &ChunkLocation) -> Result<Option<Bytes>> {
+        match self.read_chunk(location).await? {
+            ChunkRead::Verified(bytes) => Ok(Some(bytes)),
+            ChunkRead::Missing | ChunkRead::Corrupt => Ok(None),
+        }
+    }
 }
 
 /// A content-addressed tier that shards can be copied into.
@@ -135,9 +147,18 @@ pub trait ChunkSink: Send + Sync {
     /// Of `ids`, those the tier does not hold for `tenant`.
     async fn missing_chunks(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>>;
 
-    /// Stores a chunk (whose bytes the caller has verified) durably. The
-    /// location names the shard and file it was read for, so a tier can use
-    /// the file's metadata (the object store picks its compression by dtype).
+    /// Whether the tier re-hashes every chunk it is given and refuses one
+    /// whose bytes do not match its id with [`crate::error::Error::DataLoss`]
+    /// (a peer does: the sender could be wrong or lying). Copies into it read
+    /// their chunks unchecked and send a checked copy only after a refusal.
+    fn verifies_chunks(&self) -> bool {
+        false
+    }
+
+    /// Stores a chunk durably; its bytes were verified by the caller, unless
+    /// [`Self::verifies_chunks`]. The location names the shard and file it
+    /// was read for, so a tier can use the file's metadata (the object store
+    /// picks its compression by dtype).
     async fn put_chunk(&self, location: &ChunkLocation, data: Bytes) -> Result<()>;
 
     /// Stores a manifest durably; every chunk it names must already be stored.

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, IoContext, Result};
-use crate::failpoint::crash_point;
+use crate::failpoint::{crash_point, fault_point};
 use crate::metrics::Metrics;
 use crate::tier::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 
@@ -77,8 +77,25 @@ pub async fn copy_shard(
                 if cancel.is_cancelled() {
                     return Err(Error::Cancelled);
                 }
+                let len = location.chunk.len;
+                if to.verifies_chunks()
+                    && let Some(bytes) = read_first_unchecked(location, from).await
+                {
+                    match to.put_chunk(location, bytes).await {
+                        // The sink re-hashed the bytes and refused them: a
+                        // source changed under its manifest. A checked read
+                        // finds a good copy, in this tier or a slower one.
+                        Err(Error::DataLoss(why)) => {
+                            metrics
+                                .chunk_verify_failures
+                                .with_label_values(&[to.kind().as_str()])
+                                .inc();
+                            tracing::warn!(chunk = %location.chunk.id, file = location.file_name(), %why, "the receiver refused a chunk read without a check; sending a checked copy");
+                        }
+                        other => return other.map(|()| len),
+                    }
+                }
                 let (_, bytes, _) = read_first_verified(location, from, metrics).await?;
-                let len = bytes.len() as u64;
                 to.put_chunk(location, bytes).await?;
                 Ok::<_, Error>(len)
             }
@@ -110,6 +127,33 @@ pub async fn copy_shard(
         bytes_skipped: total.saturating_sub(report.bytes_written),
         ..report
     })
+}
+
+/// The chunk's bytes from the first of `sources` that has them, unchecked
+/// (see [`ShardSource::read_chunk_unchecked`]); `None` when none has, or a
+/// read failed.
+/// With the `transfer.corrupt_unchecked_read` failpoint, one byte of what
+/// was read is flipped: a source whose bytes changed after its manifest.
+async fn read_first_unchecked(
+    location: &ChunkLocation,
+    sources: &[&dyn ShardSource],
+) -> Option<Bytes> {
+    for source in sources {
+        match source.read_chunk_unchecked(location).await {
+            Ok(Some(bytes)) if fault_point("transfer.corrupt_unchecked_read") => {
+                let mut flipped = bytes.to_vec();
+                if let Some(first) = flipped.first_mut() {
+                    *first ^= 0xff;
+                }
+                return Some(Bytes::from(flipped));
+            }
+            Ok(Some(bytes)) => return Some(bytes),
+            Ok(None) => {}
+            // The checked reads that follow report the failure.
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// What a fill did.

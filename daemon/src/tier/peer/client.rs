@@ -151,7 +151,8 @@ impl PeerClient {
             .collect()
     }
 
-    /// Sends one chunk.
+    /// Sends one chunk. A peer that found its bytes do not match `id`
+    /// refuses it with `DataLoss`, so the sender can send a checked copy.
     pub async fn put_chunk(&self, tenant: &TenantName, id: &ChunkId, data: Bytes) -> Result<()> {
         let len = data.len() as u64;
         self.rpc
@@ -162,7 +163,14 @@ impl PeerClient {
                 data,
             })
             .await
-            .map_err(|s| self.error(format!("sending chunk {id}"), s))?;
+            .map_err(|s| match s.code() {
+                tonic::Code::DataLoss => Error::DataLoss(format!(
+                    "peer {} refused chunk {id}: {}",
+                    self.node,
+                    s.message()
+                )),
+                _ => self.error(format!("sending chunk {id}"), s),
+            })?;
         self.metrics
             .peer_sent_bytes
             .with_label_values(&[self.node.as_str()])
@@ -303,6 +311,11 @@ pub struct ReplicaSink<'a> {
 impl ChunkSink for ReplicaSink<'_> {
     fn kind(&self) -> TierKind {
         TierKind::Peers
+    }
+
+    /// The receiving daemon re-hashes every chunk before it stores it.
+    fn verifies_chunks(&self) -> bool {
+        true
     }
 
     async fn missing_chunks(&self, tenant: &TenantName, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {

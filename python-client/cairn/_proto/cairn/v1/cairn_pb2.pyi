@@ -240,12 +240,14 @@ class ReadShardResponse(_message.Message):
     def __init__(self, manifest: _Optional[_Union[ShardManifest, _Mapping]] = ..., data: _Optional[_Union[FileData, _Mapping]] = ...) -> None: ...
 
 class TierState(_message.Message):
-    __slots__ = ("tier", "state")
+    __slots__ = ("tier", "state", "problem")
     TIER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     state: ShardState
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[ShardState, str]] = ...) -> None: ...
+    problem: str
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., state: _Optional[_Union[ShardState, str]] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
     __slots__ = ("rank", "total_bytes", "world_size", "tiers", "peer_holders", "peer_replicas_wanted", "peer_problem", "attempt")
@@ -408,7 +410,7 @@ class TierUsage(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., path: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads", "peers", "restores")
+    __slots__ = ("node", "version", "tiers", "open_sessions", "pending_writebacks", "default_tenant", "metrics_addr", "pending_uploads", "peers", "restores", "pipelines")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -419,6 +421,7 @@ class StatusResponse(_message.Message):
     PENDING_UPLOADS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     RESTORES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINES_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
@@ -429,7 +432,22 @@ class StatusResponse(_message.Message):
     pending_uploads: int
     peers: PeerTierStatus
     restores: _containers.RepeatedCompositeFieldContainer[RestoreProgress]
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ..., peers: _Optional[_Union[PeerTierStatus, _Mapping]] = ..., restores: _Optional[_Iterable[_Union[RestoreProgress, _Mapping]]] = ...) -> None: ...
+    pipelines: _containers.RepeatedCompositeFieldContainer[PipelineStatus]
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., open_sessions: _Optional[int] = ..., pending_writebacks: _Optional[int] = ..., default_tenant: _Optional[str] = ..., metrics_addr: _Optional[str] = ..., pending_uploads: _Optional[int] = ..., peers: _Optional[_Union[PeerTierStatus, _Mapping]] = ..., restores: _Optional[_Iterable[_Union[RestoreProgress, _Mapping]]] = ..., pipelines: _Optional[_Iterable[_Union[PipelineStatus, _Mapping]]] = ...) -> None: ...
+
+class PipelineStatus(_message.Message):
+    __slots__ = ("name", "pending", "retrying", "needs_attention", "durable")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    RETRYING_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pending: int
+    retrying: int
+    needs_attention: int
+    durable: int
+    def __init__(self, name: _Optional[str] = ..., pending: _Optional[int] = ..., retrying: _Optional[int] = ..., needs_attention: _Optional[int] = ..., durable: _Optional[int] = ...) -> None: ...
 
 class RestoreProgress(_message.Message):
     __slots__ = ("shard", "total_bytes", "done_bytes", "sources", "elapsed_seconds")
