@@ -400,7 +400,7 @@ impl DiskTier {
     ) -> Result<()> {
         let path = self.chunk_path(tenant, id);
         let tmp = self.tmp_path();
-        tokio::task::spawn_blocking(move || fsutil::write_atomic(&path, &tmp, &data, sync))
+        tokio::task::spawn_blocking(move || fsutil::write_chunk_file(&path, &tmp, &data, sync))
             .await??;
         self.lock_trusted().record(tenant, *id);
         Ok(())
