@@ -19,7 +19,7 @@ pub const TENSORS: usize = 8;
 /// Starts `cairnd` (`CAIRND_BIN`, or the one beside this binary) with its
 /// socket and disk tier under `work`, the memory tier at `memory_dir`
 /// (removed when the daemon is dropped), cairnd's default chunk size and
-/// scrub, no metrics endpoint, retention loose enough to keep every step a
+/// scrub, a metrics endpoint on a free loopback port, retention loose enough to keep every step a
 /// benchmark makes, and `extra_args`; waits until it answers. It logs to
 /// this process's stderr at `warn` (`CAIRN_BENCH_LOG=info` shows the
 /// daemon's own timings). Dropping it kills it.
@@ -29,7 +29,7 @@ pub async fn start_daemon(work: &Path, memory_dir: &Path, extra_args: &[&str]) -
         .memory_dir(memory_dir)
         .chunk_size(None)
         .scrub_disk(true)
-        .metrics_addr("off")
+        .metrics_addr("127.0.0.1:0")
         .log_to_stderr()
         .log_filter(&std::env::var("CAIRN_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
         .args(["--memory-keep-last", "100", "--disk-keep-last", "100"])
@@ -137,11 +137,13 @@ pub fn gbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// A fresh directory `<parent>/<prefix>-<pid>`.
-pub fn tempdir(parent: &str, prefix: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(parent).join(format!("{prefix}-{}", std::process::id()));
-    std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(path)
+/// A fresh directory `<parent>/<prefix>-<random>`, removed with everything
+/// in it when the returned guard is dropped.
+pub fn tempdir(parent: &str, prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a directory in {parent}"))
 }
 
 /// One line of a results table.

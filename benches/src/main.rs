@@ -97,10 +97,12 @@ async fn main() -> Result<()> {
     let size_mib = args.size_mib.unwrap_or(if args.quick { 128 } else { 2048 });
     let repeat = args.repeat.unwrap_or(if args.quick { 2 } else { 5 });
     let total = size_mib << 20;
-    let work = tempdir("/tmp", "cairn-bench")?;
-    let shm = tempdir("/dev/shm", "cairn-bench")?;
+    // Removed when they go out of scope, early errors included.
+    let work_dir = tempdir("/tmp", "cairn-bench")?;
+    let shm_dir = tempdir("/dev/shm", "cairn-bench")?;
+    let (work, shm) = (work_dir.path(), shm_dir.path());
     let memory_dir = shm.join("t0");
-    let mut daemon = start_daemon(&work, &memory_dir, &[]).await?;
+    let mut daemon = start_daemon(work, &memory_dir, &[]).await?;
     let mut c = daemon.connect().await?;
     let tensors = make_tensors(total, 1);
     println!(
@@ -269,7 +271,7 @@ async fn main() -> Result<()> {
         // Lose the memory tier, as after a node reboot.
         daemon.kill();
         std::fs::remove_dir_all(&memory_dir)?;
-        daemon = start_daemon(&work, &memory_dir, &[]).await?;
+        daemon = start_daemon(work, &memory_dir, &[]).await?;
         c = daemon.connect().await?;
         cold &= drop_caches();
         let cpu = CpuMeter::daemon_and_this(&daemon)?;
@@ -316,7 +318,5 @@ async fn main() -> Result<()> {
          (user + system, median of the runs)"
     );
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&work);
-    let _ = std::fs::remove_dir_all(&shm);
     Ok(())
 }

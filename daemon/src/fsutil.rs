@@ -5,19 +5,18 @@
 //! either the old state or the new one, plus a temporary file that the
 //! startup scan removes.
 
-use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use crate::error::{IoContext, Result};
 
 /// Writes `data` to `path` atomically and durably (when `sync` is set), via
 /// `tmp` on the same filesystem.
 pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
+    create_parent(path)?;
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -25,7 +24,22 @@ pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<
         .io_context(|| format!("creating {}", tmp.display()))?;
     let written = file
         .write_all(data)
-        .io_context(|| format!("writing {}", tmp.display()))
+        .io_context(|| format!("writing {}", tmp.display()));
+    finish_tmp(file, written, tmp, path, sync)
+}
+
+/// Creates the directory `path` goes into.
+fn create_parent(path: &Path) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))
+}
+
+/// Ends a write of `file`, open at `tmp`, whose outcome is `written`: fsync
+/// (with `sync`), rename onto `path`, fsync the directory. On any failure
+/// the temporary file is removed: a full disk fails here, and a file left
+/// behind would fill it further until the start-up scan after a restart.
+fn finish_tmp(file: File, written: Result<()>, tmp: &Path, path: &Path, sync: bool) -> Result<()> {
+    let renamed = written
         .and_then(|()| {
             if sync {
                 file.sync_all()
@@ -37,16 +51,13 @@ pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<
             fs::rename(tmp, path)
                 .io_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
         });
-    if let Err(e) = written {
-        // A full disk fails here: leave no temporary file behind to fill it
-        // further (the start-up scan would only find it after a restart).
-        drop(file);
+    drop(file);
+    if let Err(e) = renamed {
         let _ = fs::remove_file(tmp);
         return Err(e);
     }
-    drop(file);
     if sync {
-        sync_dir(parent)?;
+        sync_dir(path.parent().unwrap_or(Path::new("/")))?;
     }
     Ok(())
 }
@@ -55,10 +66,33 @@ pub fn write_atomic(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<
 /// the filesystems Cairn's disk tier runs on (4 KiB logical blocks or less).
 const DIRECT_ALIGN: usize = 4096;
 
-thread_local! {
-    /// A page-aligned buffer per blocking thread for [`write_chunk_file`],
-    /// kept for the next chunk so its pages are not faulted in again.
-    static DIRECT_BUFFER: RefCell<Option<memmap2::MmapMut>> = const { RefCell::new(None) };
+/// Aligned buffers kept for the next [`write_chunk_file`] so their pages
+/// are not faulted in again; one per write in flight, at most
+/// [`IDLE_DIRECT_BUFFERS`] kept while none is.
+static DIRECT_BUFFERS: Mutex<Vec<memmap2::MmapMut>> = Mutex::new(Vec::new());
+
+/// Idle aligned buffers kept: as many as the writes a node runs at once by
+/// default (write-back and replica receives), each a chunk's size.
+const IDLE_DIRECT_BUFFERS: usize = 8;
+
+/// An aligned buffer of at least `len` bytes, from the idle ones or new.
+fn take_direct_buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
+    let idle = DIRECT_BUFFERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop();
+    match idle {
+        Some(buffer) if buffer.len() >= len => Ok(buffer),
+        _ => memmap2::MmapMut::map_anon(len.max(DIRECT_ALIGN)),
+    }
+}
+
+/// Keeps `buffer` for a later write, unless enough are idle already.
+fn return_direct_buffer(buffer: memmap2::MmapMut) {
+    let mut idle = DIRECT_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+    if idle.len() < IDLE_DIRECT_BUFFERS {
+        idle.push(buffer);
+    }
 }
 
 /// [`write_atomic`] for a chunk file, written with `O_DIRECT`: the bytes go
@@ -80,8 +114,12 @@ pub fn write_chunk_file(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Res
 /// The direct write; `Ok(false)` when the filesystem does not take it (the
 /// temporary file is gone again then).
 fn write_direct(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<bool> {
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
+    create_parent(path)?;
+    // tmpfs takes O_DIRECT (Linux 6.6 and later) and copies into its pages
+    // all the same: the aligned buffer would only add a copy.
+    if is_tmpfs(path.parent().unwrap_or(Path::new("/"))) {
+        return Ok(false);
+    }
     let mut file = match OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -96,21 +134,16 @@ fn write_direct(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<bool
         .len()
         .div_ceil(DIRECT_ALIGN)
         .saturating_mul(DIRECT_ALIGN);
-    let written = DIRECT_BUFFER.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|b| b.len() < padded) {
-            *slot = Some(memmap2::MmapMut::map_anon(padded.max(DIRECT_ALIGN))?);
-        }
-        let buffer = slot.as_mut().map(|b| &mut b[..padded]).unwrap_or_default();
-        let (bytes, padding) = buffer.split_at_mut(data.len());
+    let written = take_direct_buffer(padded).and_then(|mut buffer| {
+        let (bytes, padding) = buffer[..padded].split_at_mut(data.len());
         bytes.copy_from_slice(data);
         padding.fill(0);
-        file.write_all(buffer)
+        let written = file.write_all(&buffer[..padded]);
+        return_direct_buffer(buffer);
+        written
     });
     let written = match written {
-        Ok(()) => file
-            .set_len(data.len() as u64)
-            .and_then(|()| if sync { file.sync_all() } else { Ok(()) }),
+        Ok(()) => file.set_len(data.len() as u64),
         // Alignment refused (a device with larger blocks): buffered instead.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             drop(file);
@@ -119,21 +152,16 @@ fn write_direct(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<bool
         }
         Err(e) => Err(e),
     }
-    .io_context(|| format!("writing {}", tmp.display()))
-    .and_then(|()| {
-        fs::rename(tmp, path)
-            .io_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    });
-    if let Err(e) = written {
-        drop(file);
-        let _ = fs::remove_file(tmp);
-        return Err(e);
-    }
-    drop(file);
-    if sync {
-        sync_dir(parent)?;
-    }
-    Ok(true)
+    .io_context(|| format!("writing {}", tmp.display()));
+    finish_tmp(file, written, tmp, path, sync).map(|()| true)
+}
+
+/// Whether `dir` is on tmpfs (false when that cannot be told).
+fn is_tmpfs(dir: &Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // `f_type` is a C long on some targets and an int on others.
+    #[allow(clippy::unnecessary_cast)]
+    rustix::fs::statfs(dir).is_ok_and(|fs| fs.f_type as i64 == TMPFS_MAGIC)
 }
 
 /// Flushes everything written to the filesystem holding `dir` (data and
@@ -227,6 +255,8 @@ mod tests {
     fn chunk_files_hold_exactly_their_bytes_direct_or_buffered() {
         let on_disk = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
         let on_tmpfs = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+        assert!(is_tmpfs(on_tmpfs.path()));
+        assert!(!is_tmpfs(Path::new("/proc")));
         for dir in [on_disk.path(), on_tmpfs.path()] {
             for (i, len) in [0, 1, 4095, 4096, 4097, 1 << 20, (4 << 20) + 123]
                 .into_iter()

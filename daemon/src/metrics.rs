@@ -44,7 +44,8 @@ pub const SHARDS_EVICTED: &str = "cairn_shards_evicted_total";
 pub const OPEN_SESSIONS: &str = "cairn_open_sessions";
 /// Shards committed but not yet durable on disk.
 pub const WRITEBACK_PENDING: &str = "cairn_writeback_pending_shards";
-/// Write-backs that failed.
+/// Write-backs and uploads that failed, by tier; deprecated in favour of
+/// [`PIPELINE_FAILURES`], which counts the same attempts by pipeline.
 pub const WRITEBACK_FAILURES: &str = "cairn_writeback_failures_total";
 /// Bytes a tier already had and so did not write again (dedup), by tier.
 pub const DEDUP_SKIPPED_BYTES: &str = "cairn_dedup_skipped_bytes_total";

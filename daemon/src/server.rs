@@ -302,6 +302,7 @@ async fn serve_peers(
     let mut builder = Server::builder()
         .initial_stream_window_size(peer::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(peer::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(peer::FRAME_BYTES)
         .tcp_nodelay(true);
     if let Some(tls) = peers.tls() {
         builder = builder.tls_config(tls.server()).map_err(|e| {

@@ -363,12 +363,7 @@ async fn declared_sizes_that_wrap_around_reserve_nothing_and_are_refused() {
         .await
         .expect_err("must be refused");
     assert_status(&err, tonic::Code::ResourceExhausted, "memory tier is full");
-    let status = c
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = testkit::status(&mut c).await;
     let memory = status
         .tiers
         .iter()

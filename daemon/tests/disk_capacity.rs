@@ -54,12 +54,7 @@ async fn a_full_disk_tier_refuses_the_write_back_and_keeps_the_shard_in_memory()
     let (resp, got) = restore(&mut c, "full", Some(2), 0).await.expect("restore");
     assert_eq!(got["w"], second);
     assert_eq!(source_bytes(&resp, pb::Tier::Memory), second.len() as u64);
-    let status = c
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = testkit::status(&mut c).await;
     let disk = status
         .tiers
         .iter()

@@ -251,12 +251,7 @@ async fn an_upload_to_a_dead_bucket_needs_attention_then_heals_when_it_returns()
         tier.problem
     );
     // Status counts it per pipeline; the CLI prints both.
-    let status = c
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = testkit::status(&mut c).await;
     let upload = status
         .pipelines
         .iter()

@@ -525,12 +525,7 @@ async fn the_disk_keeps_every_step_the_bucket_lacks() {
             pb::ShardState::Pending | pb::ShardState::Failed
         ));
     }
-    let status = c
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = testkit::status(&mut c).await;
     assert_eq!(status.pending_uploads, 3);
     for (step, data) in &saved {
         let (_, restored) = restore(&mut c, "keep", Some(*step), 0)

@@ -208,11 +208,8 @@ fn peer_state(shard: &pb::ShardStatus) -> pb::ShardState {
 
 async fn replica_shards(node: &Daemon) -> u64 {
     let mut c = node.clients().await;
-    c.admin
-        .status(pb::StatusRequest {})
+    testkit::status(&mut c)
         .await
-        .expect("status")
-        .into_inner()
         .peers
         .expect("peer tier status")
         .replica_shards
@@ -977,12 +974,7 @@ async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
     let mut target = cluster.nodes[2].clients().await;
     let mut seen_midway = None;
     while !cli.is_finished() {
-        let status = target
-            .admin
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+        let status = testkit::status(&mut target).await;
         if let Some(running) = status.restores.first() {
             assert_eq!(
                 running.shard.as_ref().map(|s| s.job.as_str()),
@@ -1014,12 +1006,7 @@ async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
     assert_eq!(done["step"], 4);
     assert_eq!(done["bytes"], total);
     assert_eq!(done["sources"]["peers"], total, "{done}");
-    let status = target
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = testkit::status(&mut target).await;
     assert!(status.restores.is_empty(), "{:?}", status.restores);
     // The metrics say which peers the bytes came from, and that none are left.
     let metrics = metrics_in_namespace(&cluster.net, 2, &cluster.nodes[2]);

@@ -190,12 +190,7 @@ async fn unchanged_tensors_cost_nothing_on_disk_and_retention_keeps_the_newest()
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(chunk_files, 20 + 3 * 4, "dedup and garbage collection");
-    let status = c
-        .admin
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = testkit::status(&mut c).await;
     let disk = status
         .tiers
         .iter()

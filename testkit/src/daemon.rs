@@ -473,13 +473,7 @@ impl Daemon {
     pub async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut c = self.clients().await;
-        let addr = c
-            .admin
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner()
-            .metrics_addr;
+        let addr = crate::status(&mut c).await.metrics_addr;
         let mut stream = tokio::net::TcpStream::connect(&addr)
             .await
             .expect("connect to metrics");

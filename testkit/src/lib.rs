@@ -34,6 +34,6 @@ pub use data::{bytes, files_under};
 pub use metrics::metric;
 pub use rpc::{
     begin_request, in_memory, job_steps, restore, save, save_in_volume, selector, shard,
-    source_bytes, tenant_job_steps, wait_disk, wait_durable, write_staged,
+    source_bytes, status, tenant_job_steps, wait_disk, wait_durable, write_staged,
 };
 pub use wait::wait_until;

@@ -167,6 +167,15 @@ pub async fn wait_disk(c: &mut Clients, job: &str, step: u64) {
         .expect("durable on disk");
 }
 
+/// What `Status` reports of the daemon.
+pub async fn status(c: &mut Clients) -> pb::StatusResponse {
+    c.admin
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("Status: {e}"))
+        .into_inner()
+}
+
 /// The steps ListSteps reports for `job` (every tier's answer awaited).
 pub async fn job_steps(c: &mut Clients, job: &str) -> Vec<pb::StepStatus> {
     tenant_job_steps(c, "", job).await

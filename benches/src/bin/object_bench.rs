@@ -115,8 +115,10 @@ async fn main() -> Result<()> {
     let size_mib = args.size_mib.unwrap_or(if args.quick { 32 } else { 1024 });
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 });
     let total = size_mib << 20;
-    let work = tempdir("/tmp", "cairn-object-bench")?;
-    let shm = tempdir("/dev/shm", "cairn-object-bench")?;
+    // Removed when they go out of scope, early errors included.
+    let work_dir = tempdir("/tmp", "cairn-object-bench")?;
+    let shm_dir = tempdir("/dev/shm", "cairn-object-bench")?;
+    let (work, shm) = (work_dir.path(), shm_dir.path());
     let s3 = SeaweedFs::start()?;
     let config = work.join("cairnd-object.toml");
     std::fs::write(
@@ -280,7 +282,5 @@ async fn main() -> Result<()> {
     );
     codec_report();
     drop(s3);
-    let _ = std::fs::remove_dir_all(&work);
-    let _ = std::fs::remove_dir_all(&shm);
     Ok(())
 }

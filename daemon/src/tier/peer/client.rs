@@ -17,7 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::tls::{NODE_HEADER, PeerTls};
-use super::{CONNECTION_WINDOW_BYTES, MAX_PEER_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
+use super::{CONNECTION_WINDOW_BYTES, FRAME_BYTES, MAX_PEER_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::tier::{ChunkLocation, ChunkSink, TierKind};
@@ -71,7 +71,8 @@ impl PeerClient {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(FRAME_BYTES);
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls.client(&node)).map_err(invalid)?;
         }

@@ -50,6 +50,11 @@ use tls::PeerTls;
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// See [`STREAM_WINDOW_BYTES`].
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// Largest HTTP/2 frame each side accepts on peer connections. HTTP/2's
+/// default, 16 KiB, cuts a 4 MiB chunk into 256 DATA frames, each with its
+/// own flow-control bookkeeping and copy into the gRPC decoder; 1 MiB frames
+/// cut that 64-fold (measured in `benches/results/peer-bench-2026-12-06.md`).
+pub const FRAME_BYTES: u32 = 1024 * 1024;
 /// Largest peer message: one chunk of the largest chunk size, plus framing.
 pub const MAX_PEER_MESSAGE_BYTES: usize = cairn_core::chunk::MAX_CHUNK_SIZE as usize + 64 * 1024;
 /// Candidates beyond R asked for a shard before asking every member: the
