@@ -639,44 +639,35 @@ async fn run_cluster(
             sink: None,
             fsync: false,
         };
-        let cpu = CpuMeter::this()?;
-        let secs = raw_copy(&tensors, plain).await?;
-        timings.tcp_memory.push(secs, cpu.stop()?);
         let into_file = RawCopy {
             sink: Some(&baseline_file),
             fsync: true,
             ..plain
         };
-        let cpu = CpuMeter::this()?;
-        let secs = raw_copy(&tensors, into_file).await?;
-        timings.tcp_file.push(secs, cpu.stop()?);
+        let mut copies = vec![
+            (plain, &mut timings.tcp_memory),
+            (into_file, &mut timings.tcp_file),
+        ];
         if let Some(tls) = floors {
-            let cpu = CpuMeter::this()?;
-            let secs = raw_copy(
-                &tensors,
-                RawCopy {
-                    tls: Some(tls),
-                    ..plain
-                },
-            )
-            .await?;
-            timings.tls_memory.push(secs, cpu.stop()?);
-            let floor = RawCopy {
-                tls: Some(tls),
+            let tls = Some(tls);
+            let floor_file = RawCopy {
+                tls,
                 verify: true,
                 ..into_file
             };
-            let cpu = CpuMeter::this()?;
-            let secs = raw_copy(&tensors, floor).await?;
-            timings.floor_replicate.push(secs, cpu.stop()?);
-            let floor = RawCopy {
+            let floor_tmpfs = RawCopy {
                 sink: Some(&floor_tmpfs_file),
                 fsync: false,
-                ..floor
+                ..floor_file
             };
+            copies.push((RawCopy { tls, ..plain }, &mut timings.tls_memory));
+            copies.push((floor_file, &mut timings.floor_replicate));
+            copies.push((floor_tmpfs, &mut timings.floor_restore));
+        }
+        for (how, samples) in copies {
             let cpu = CpuMeter::this()?;
-            let secs = raw_copy(&tensors, floor).await?;
-            timings.floor_restore.push(secs, cpu.stop()?);
+            let secs = raw_copy(&tensors, how).await?;
+            samples.push(secs, cpu.stop()?);
         }
 
         let job = format!("peer-{label}-{run}");
@@ -707,20 +698,35 @@ async fn run_cluster(
         wait_durable(&mut c, &job, 1, pb::Tier::Disk).await?;
         drop(c);
 
-        cluster.a.wipe_and_restart().await?;
-        let mut c = cluster.a.connect().await?;
-        let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
-        let t = Instant::now();
-        let response = restore(&mut c, &job, 1).await?;
-        restored.push(t.elapsed().as_secs_f64(), cpu.stop()?);
-        restored.push_rss(cluster)?;
-        check_restore(&job, &response, total, &[pb::Tier::Peers], &expected)?;
+        let mut c = restore_from_peers(cluster, &job, total, &expected, restored).await?;
         // The restored shard is node-a's again: it goes back to its disk
         // and node-b is asked whether it still holds it. Let both finish.
         wait_durable(&mut c, &job, 1, pb::Tier::Disk).await?;
         wait_durable(&mut c, &job, 1, pb::Tier::Peers).await?;
     }
     Ok(())
+}
+
+/// node-a wiped and restarted, then `job`'s step 1 restored there: its
+/// time, the daemons' CPU and peak RSS go into `samples`, and the restore
+/// must have come from peers alone and give back `expected`. Returns a
+/// client of node-a.
+async fn restore_from_peers(
+    cluster: &mut Cluster,
+    job: &str,
+    total: u64,
+    expected: &HashMap<String, blake3::Hash>,
+    samples: &mut Samples,
+) -> Result<Clients> {
+    cluster.a.wipe_and_restart().await?;
+    let mut c = cluster.a.connect().await?;
+    let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
+    let t = Instant::now();
+    let response = restore(&mut c, job, 1).await?;
+    samples.push(t.elapsed().as_secs_f64(), cpu.stop()?);
+    samples.push_rss(cluster)?;
+    check_restore(job, &response, total, &[pb::Tier::Peers], expected)?;
+    Ok(c)
 }
 
 /// Restore from two peers at once against one: node-a's shard replicated to
@@ -755,17 +761,8 @@ async fn run_two_peers(
             .as_mut()
             .context("the two-peer cluster has node-c")?;
         node_c.daemon = None;
-        cluster.a.wipe_and_restart().await?;
-        let mut c = cluster.a.connect().await?;
-        let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
-        let t = Instant::now();
-        let response = restore(&mut c, &job, 1).await?;
-        timings
-            .restore_one_of_two
-            .push(t.elapsed().as_secs_f64(), cpu.stop()?);
-        timings.restore_one_of_two.push_rss(cluster)?;
-        check_restore(&job, &response, total, &[pb::Tier::Peers], &expected)?;
-        drop(c);
+        let one = &mut timings.restore_one_of_two;
+        drop(restore_from_peers(cluster, &job, total, &expected, one).await?);
 
         cluster
             .c
@@ -773,16 +770,8 @@ async fn run_two_peers(
             .context("the two-peer cluster has node-c")?
             .start()
             .await?;
-        cluster.a.wipe_and_restart().await?;
-        let mut c = cluster.a.connect().await?;
-        let cpu = CpuMeter::start(daemon_pids(cluster)?)?;
-        let t = Instant::now();
-        let response = restore(&mut c, &job, 1).await?;
-        timings
-            .restore_two
-            .push(t.elapsed().as_secs_f64(), cpu.stop()?);
-        timings.restore_two.push_rss(cluster)?;
-        check_restore(&job, &response, total, &[pb::Tier::Peers], &expected)?;
+        let mut c =
+            restore_from_peers(cluster, &job, total, &expected, &mut timings.restore_two).await?;
         let metrics = cluster
             .a
             .daemon
