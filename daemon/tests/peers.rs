@@ -58,6 +58,16 @@ struct NodeOptions {
     peers_toml: &'static str,
 }
 
+impl NodeOptions {
+    /// A node started with these `FAILPOINTS`.
+    fn failpoints(spec: &'static str) -> NodeOptions {
+        NodeOptions {
+            env: vec![("FAILPOINTS", spec)],
+            ..NodeOptions::default()
+        }
+    }
+}
+
 impl Cluster {
     async fn start(n: usize, replicas: usize) -> Cluster {
         Self::start_with(n, replicas, &HashMap::new()).await
@@ -399,10 +409,7 @@ async fn a_peer_killed_mid_shard_gets_the_rest_when_it_returns() {
     // durable until it is back.
     let options = HashMap::from([(
         1,
-        NodeOptions {
-            env: vec![("FAILPOINTS", "peer.receive_chunk=300*off->return")],
-            ..NodeOptions::default()
-        },
+        NodeOptions::failpoints("peer.receive_chunk=300*off->return"),
     )]);
     let mut cluster = Cluster::start_with(3, 2, &options).await;
     let files = shard_files(3, 1000);
@@ -449,13 +456,7 @@ async fn a_peer_killed_mid_shard_gets_the_rest_when_it_returns() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_replication_drains_in_time_and_replication_resumes() {
     // Node 1 takes each chunk 20 ms late: 1,000 chunks take 20 s or more.
-    let options = HashMap::from([(
-        1,
-        NodeOptions {
-            env: vec![("FAILPOINTS", "peer.receive_chunk=sleep(20)")],
-            ..NodeOptions::default()
-        },
-    )]);
+    let options = HashMap::from([(1, NodeOptions::failpoints("peer.receive_chunk=sleep(20)"))]);
     let mut cluster = Cluster::start_with(2, 1, &options).await;
     let files = shard_files(8, 1000);
     save_files(&cluster.nodes[0], "drain", 1, &files).await;
@@ -568,10 +569,7 @@ async fn a_chunk_the_sender_read_wrong_is_refused_and_sent_again_from_a_good_cop
     // refuse both, and node 0 send a checked copy instead.
     let options = HashMap::from([(
         0,
-        NodeOptions {
-            env: vec![("FAILPOINTS", "transfer.corrupt_unchecked_read=2*return")],
-            ..NodeOptions::default()
-        },
+        NodeOptions::failpoints("transfer.corrupt_unchecked_read=2*return"),
     )]);
     let cluster = Cluster::start_with(2, 1, &options).await;
     let files = shard_files(8, 16);
@@ -918,10 +916,7 @@ async fn a_peer_killed_mid_restore_leaves_the_rest_to_the_other() {
     // Node 1 serves 200 chunks of a 1,000-chunk restore, then dies.
     let options = HashMap::from([(
         1,
-        NodeOptions {
-            env: vec![("FAILPOINTS", "peer.serve_chunk=200*off->return")],
-            ..NodeOptions::default()
-        },
+        NodeOptions::failpoints("peer.serve_chunk=200*off->return"),
     )]);
     let mut cluster = Cluster::start_with(3, 2, &options).await;
     let files = shard_files(9, 1000);
@@ -942,10 +937,7 @@ async fn a_peer_killed_mid_restore_leaves_the_rest_to_the_other() {
 async fn an_operator_prefetches_a_step_onto_a_replacement_node() {
     // The holders serve each chunk 100 ms late, so the prefetch runs long
     // enough to be watched.
-    let slow = NodeOptions {
-        env: vec![("FAILPOINTS", "peer.serve_chunk=sleep(100)")],
-        ..NodeOptions::default()
-    };
+    let slow = NodeOptions::failpoints("peer.serve_chunk=sleep(100)");
     let options = HashMap::from([(0, slow.clone()), (1, slow)]);
     let mut cluster = Cluster::start_with(3, 2, &options).await;
     let files = shard_files(10, 30);

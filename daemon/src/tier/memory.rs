@@ -512,7 +512,6 @@ fn dirs_at_depth(root: &Path, depth: usize) -> Vec<PathBuf> {
     level
 }
 
-/// Reads `len` bytes at `offset` of `path` and checks them against `id`.
 /// Reads `len` bytes of `path` at `offset` without checking them; `None`
 /// when the file is gone or shorter. Reads into the vector's spare capacity,
 /// so the buffer is never zeroed first.
@@ -536,12 +535,25 @@ pub(crate) fn read_unchecked(path: &Path, offset: u64, len: u64) -> Result<Optio
     Ok(Some(Bytes::from(buf)))
 }
 
+/// Reads `len` bytes at `offset` of `path` and checks them against `id`.
 pub(crate) fn read_verified(path: &Path, offset: u64, len: u64, id: ChunkId) -> Result<ChunkRead> {
     Ok(match read_unchecked(path, offset, len)? {
         None => ChunkRead::Missing,
         Some(bytes) if ChunkId::of(&bytes) != id => ChunkRead::Corrupt,
         Some(bytes) => ChunkRead::Verified(bytes),
     })
+}
+
+impl MemoryTier {
+    /// The path of the committed file holding `location`'s chunk; `None`
+    /// when the tier does not hold the shard.
+    fn committed_file_of(&self, location: &ChunkLocation) -> Option<PathBuf> {
+        self.lookup(location.shard())?;
+        Some(self.file_path(
+            location.shard(),
+            &location.manifest.files[location.file_index].name,
+        ))
+    }
 }
 
 #[async_trait]
@@ -565,13 +577,9 @@ impl ShardSource for MemoryTier {
     }
 
     async fn read_chunk(&self, location: &ChunkLocation) -> Result<ChunkRead> {
-        if self.lookup(location.shard()).is_none() {
+        let Some(path) = self.committed_file_of(location) else {
             return Ok(ChunkRead::Missing);
-        }
-        let path = self.file_path(
-            location.shard(),
-            &location.manifest.files[location.file_index].name,
-        );
+        };
         let (offset, chunk) = (location.offset, location.chunk);
         tokio::task::spawn_blocking(move || read_verified(&path, offset, chunk.len, chunk.id))
             .await?
@@ -579,13 +587,9 @@ impl ShardSource for MemoryTier {
 
     /// The bytes as they are: no hash, and no zeroed buffer to read into.
     async fn read_chunk_unchecked(&self, location: &ChunkLocation) -> Result<Option<Bytes>> {
-        if self.lookup(location.shard()).is_none() {
+        let Some(path) = self.committed_file_of(location) else {
             return Ok(None);
-        }
-        let path = self.file_path(
-            location.shard(),
-            &location.manifest.files[location.file_index].name,
-        );
+        };
         let (offset, len) = (location.offset, location.chunk.len);
         tokio::task::spawn_blocking(move || read_unchecked(&path, offset, len)).await?
     }
