@@ -38,7 +38,6 @@ use super::{ChunkLocation, ChunkRead, ChunkSink, ShardSource, TierKind};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint::fault_point;
 use crate::fsutil;
-use crate::tier::memory::{read_unchecked, read_verified};
 
 const TENANTS: &str = "tenants";
 const CHUNKS: &str = "chunks";
@@ -434,12 +433,7 @@ impl DiskTier {
     /// anyway.
     pub async fn chunk_bytes(&self, tenant: &TenantName, id: &ChunkId) -> Result<Option<Bytes>> {
         let path = self.chunk_path(tenant, id);
-        tokio::task::spawn_blocking(move || match fs::read(&path) {
-            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).io_context(|| format!("reading {}", path.display())),
-        })
-        .await?
+        tokio::task::spawn_blocking(move || fsutil::read_chunk_file(&path, None)).await?
     }
 
     /// Removes chunks that no manifest of their tenant references (or only
@@ -550,13 +544,19 @@ impl ShardSource for DiskTier {
     async fn read_chunk(&self, location: &ChunkLocation) -> Result<ChunkRead> {
         let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
         let chunk = location.chunk;
-        tokio::task::spawn_blocking(move || read_verified(&path, 0, chunk.len, chunk.id)).await?
+        tokio::task::spawn_blocking(move || {
+            Ok(ChunkRead::check(
+                fsutil::read_chunk_file(&path, Some(chunk.len))?,
+                chunk.id,
+            ))
+        })
+        .await?
     }
 
     async fn read_chunk_unchecked(&self, location: &ChunkLocation) -> Result<Option<Bytes>> {
         let path = self.chunk_path(&location.shard().tenant, &location.chunk.id);
         let len = location.chunk.len;
-        tokio::task::spawn_blocking(move || read_unchecked(&path, 0, len)).await?
+        tokio::task::spawn_blocking(move || fsutil::read_chunk_file(&path, Some(len))).await?
     }
 }
 

@@ -39,14 +39,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek};
+use std::io::Seek;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cairn_core::{ChunkId, FileName, JobName, Manifest, ShardKey, TenantName};
+use cairn_core::{FileName, JobName, Manifest, ShardKey, TenantName};
 
 use super::{ChunkLocation, ChunkRead, ShardSource, TierKind};
 use crate::error::{Error, IoContext, Result};
@@ -513,35 +513,19 @@ fn dirs_at_depth(root: &Path, depth: usize) -> Vec<PathBuf> {
 }
 
 /// Reads `len` bytes of `path` at `offset` without checking them; `None`
-/// when the file is gone or shorter. Reads into the vector's spare capacity,
-/// so the buffer is never zeroed first.
-pub(crate) fn read_unchecked(path: &Path, offset: u64, len: u64) -> Result<Option<Bytes>> {
+/// when the file is gone or shorter.
+fn read_unchecked(path: &Path, offset: u64, len: u64) -> Result<Option<Bytes>> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).io_context(|| format!("opening {}", path.display())),
     };
-    let context = || format!("reading {}", path.display());
     file.seek(std::io::SeekFrom::Start(offset))
-        .io_context(context)?;
-    let capacity = usize::try_from(len).map_err(|_| {
+        .io_context(|| format!("reading {}", path.display()))?;
+    let len = usize::try_from(len).map_err(|_| {
         Error::InvalidArgument(format!("a chunk of {len} bytes does not fit in memory"))
     })?;
-    let mut buf = Vec::with_capacity(capacity);
-    file.take(len).read_to_end(&mut buf).io_context(context)?;
-    if buf.len() != capacity {
-        return Ok(None);
-    }
-    Ok(Some(Bytes::from(buf)))
-}
-
-/// Reads `len` bytes at `offset` of `path` and checks them against `id`.
-pub(crate) fn read_verified(path: &Path, offset: u64, len: u64, id: ChunkId) -> Result<ChunkRead> {
-    Ok(match read_unchecked(path, offset, len)? {
-        None => ChunkRead::Missing,
-        Some(bytes) if ChunkId::of(&bytes) != id => ChunkRead::Corrupt,
-        Some(bytes) => ChunkRead::Verified(bytes),
-    })
+    fsutil::read_to_len(file, len, path)
 }
 
 impl MemoryTier {
@@ -581,8 +565,13 @@ impl ShardSource for MemoryTier {
             return Ok(ChunkRead::Missing);
         };
         let (offset, chunk) = (location.offset, location.chunk);
-        tokio::task::spawn_blocking(move || read_verified(&path, offset, chunk.len, chunk.id))
-            .await?
+        tokio::task::spawn_blocking(move || {
+            Ok(ChunkRead::check(
+                read_unchecked(&path, offset, chunk.len)?,
+                chunk.id,
+            ))
+        })
+        .await?
     }
 
     /// The bytes as they are: no hash, and no zeroed buffer to read into.

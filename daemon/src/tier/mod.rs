@@ -110,6 +110,18 @@ pub enum ChunkRead {
     Corrupt,
 }
 
+impl ChunkRead {
+    /// What a tier read of `bytes` (`None`: the tier lacks them) is for
+    /// the chunk `id`: hashes them.
+    pub fn check(bytes: Option<Bytes>, id: ChunkId) -> Self {
+        match bytes {
+            None => Self::Missing,
+            Some(bytes) if ChunkId::of(&bytes) != id => Self::Corrupt,
+            Some(bytes) => Self::Verified(bytes),
+        }
+    }
+}
+
 /// A tier that shards can be read from.
 #[async_trait]
 pub trait ShardSource: Send + Sync {
