@@ -302,7 +302,7 @@ impl Drop for Cluster {
 }
 
 /// The mutual TLS of the raw floors: the same CA, node certificates, rustls
-/// provider (ring) and cipher suites the daemons' peer tier uses, without
+/// provider (aws-lc-rs) and cipher suites the daemons' peer tier uses, without
 /// gRPC, HTTP/2 or Cairn around it.
 struct RawTls {
     server: Arc<rustls::ServerConfig>,
@@ -313,7 +313,7 @@ impl RawTls {
     /// Issues certificates naming node-a (the client) and node-b (the
     /// server) from `pki`, under file names of their own.
     fn new(pki: &TestPki) -> Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_file_iter(pki.ca_path())? {
             roots.add(ca?)?;

@@ -137,7 +137,7 @@ impl PeerTier {
     ) -> Result<Arc<Self>> {
         // Both of rustls's providers are linked in (through other crates),
         // so it cannot pick one itself; a second install is a harmless no-op.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tls = config.tls.as_ref().map(PeerTls::load).transpose()?;
         let store = Arc::new(ReplicaStore::open(
             &config.replica_dir,
