@@ -336,11 +336,16 @@ impl DiskTier {
     /// and the owner sends it again. Blocking.
     pub fn scrub_chunk(&self, tenant: &TenantName, id: &ChunkId) -> Scrubbed {
         let path = self.chunk_path(tenant, id);
-        let Ok(bytes) = fs::read(&path) else {
-            return Scrubbed::Absent;
+        // With O_DIRECT where the disk takes it: the bytes checked are the
+        // device's, not a copy the page cache may still hold, and pass after
+        // pass over every chunk does not push the node's useful pages out.
+        let (len, good) = match fsutil::read_chunk_file(&path, None) {
+            Ok(Some(bytes)) => (bytes.len() as u64, ChunkId::of(&bytes) == *id),
+            // Larger than any chunk (refused unread): not this chunk.
+            Err(Error::DataLoss(_)) => (fs::metadata(&path).map_or(0, |m| m.len()), false),
+            Ok(None) | Err(_) => return Scrubbed::Absent,
         };
-        let len = bytes.len() as u64;
-        if ChunkId::of(&bytes) == *id {
+        if good {
             self.lock_trusted().record(tenant, *id);
             return Scrubbed::Good(len);
         }

@@ -430,6 +430,42 @@ mod tests {
         assert!(reopened.replicas().is_empty());
     }
 
+    /// Scrubbing checks the bytes stored (read with O_DIRECT on this disk
+    /// directory): a good chunk counts, a rewritten one is removed, and a
+    /// file larger than any chunk is removed without being read whole.
+    #[tokio::test]
+    async fn scrubbing_removes_bad_and_oversized_chunk_files() {
+        use crate::tier::disk::Scrubbed;
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
+        let store = ReplicaStore::open(dir.path(), 0, 2).expect("open");
+        let chunks = vec![chunk(1), chunk(2), chunk(3)];
+        let m = manifest(1, &chunks);
+        put_all(&store, &m, &chunks).await;
+        let tenant = &m.shard.tenant;
+        let ids: Vec<ChunkId> = chunks.iter().map(|c| ChunkId::of(c)).collect();
+        assert_eq!(
+            store.tier.scrub_chunk(tenant, &ids[0]),
+            Scrubbed::Good(CHUNK)
+        );
+
+        let rewritten = store.tier.chunk_path(tenant, &ids[1]);
+        std::fs::write(&rewritten, chunk(9)).expect("rewritten");
+        assert_eq!(
+            store.tier.scrub_chunk(tenant, &ids[1]),
+            Scrubbed::Bad(CHUNK)
+        );
+        assert!(!rewritten.exists());
+
+        let oversized = store.tier.chunk_path(tenant, &ids[2]);
+        let huge = cairn_core::chunk::MAX_CHUNK_SIZE + 1;
+        std::fs::File::create(&oversized)
+            .and_then(|f| f.set_len(huge))
+            .expect("sparse file");
+        assert_eq!(store.tier.scrub_chunk(tenant, &ids[2]), Scrubbed::Bad(huge));
+        assert!(!oversized.exists());
+        assert_eq!(store.tier.scrub_chunk(tenant, &ids[2]), Scrubbed::Absent);
+    }
+
     #[tokio::test]
     async fn a_manifest_waits_for_its_chunks_and_bad_chunks_are_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
