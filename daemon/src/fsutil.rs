@@ -71,14 +71,15 @@ const DIRECT_ALIGN: usize = 4096;
 
 /// Aligned buffers kept for the next [`write_chunk_file`] or
 /// [`read_chunk_file`] so their pages are not faulted in again; one per
-/// read or write in flight, at most [`IDLE_DIRECT_BUFFERS`] kept while none
+/// read or write in flight, at most [`IDLE_DIRECT_BYTES`] kept while none
 /// is.
 static DIRECT_BUFFERS: Mutex<Vec<memmap2::MmapMut>> = Mutex::new(Vec::new());
 
-/// Idle aligned buffers kept: as many as the chunk reads and writes a node
-/// runs at once by default (write-back, replica receives, chunks served to
-/// a restoring peer), each a chunk's size.
-const IDLE_DIRECT_BUFFERS: usize = 16;
+/// Bytes of idle aligned buffers kept: sixteen 4 MiB chunks, about what a
+/// node reads and writes at once by default (write-back, replica receives,
+/// chunks served to a restoring peer). A budget in bytes rather than a
+/// count, so that a job with 256 MiB chunks does not leave gigabytes idle.
+const IDLE_DIRECT_BYTES: usize = 64 << 20;
 
 /// An aligned buffer of at least `len` bytes, from the idle ones or new.
 fn take_direct_buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
@@ -92,10 +93,14 @@ fn take_direct_buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
     }
 }
 
-/// Keeps `buffer` for a later write, unless enough are idle already.
+/// Keeps `buffer` for a later read or write, unless the idle ones would
+/// then hold more than [`IDLE_DIRECT_BYTES`].
 fn return_direct_buffer(buffer: memmap2::MmapMut) {
     let mut idle = DIRECT_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
-    if idle.len() < IDLE_DIRECT_BUFFERS {
+    let held = idle
+        .iter()
+        .fold(buffer.len(), |sum, b| sum.saturating_add(b.len()));
+    if held <= IDLE_DIRECT_BYTES {
         idle.push(buffer);
     }
 }
