@@ -183,7 +183,7 @@ fn write_direct(path: &Path, tmp: &Path, data: &[u8], sync: bool) -> Result<bool
 /// `O_DIRECT`, gets a buffered read.
 pub fn read_chunk_file(path: &Path, len: Option<u64>) -> Result<Option<Bytes>> {
     if !is_tmpfs(path.parent().unwrap_or(Path::new("/")))
-        && let Some(read) = read_chunk_file_direct(path, len)?
+        && let DirectRead::Done(read) = read_chunk_file_direct(path, len)?
     {
         return Ok(read);
     }
@@ -207,29 +207,37 @@ pub fn read_to_len(file: File, len: usize, path: &Path) -> Result<Option<Bytes>>
     Ok((buf.len() == len).then(|| Bytes::from(buf)))
 }
 
-/// [`read_chunk_file`] with `O_DIRECT`; `Ok(None)` when the filesystem
-/// refuses it (the flag, or the alignment on a device with larger blocks).
-fn read_chunk_file_direct(path: &Path, len: Option<u64>) -> Result<Option<Option<Bytes>>> {
+/// What [`read_chunk_file_direct`] did.
+enum DirectRead {
+    /// Read: [`read_chunk_file`]'s answer.
+    Done(Option<Bytes>),
+    /// The filesystem refused `O_DIRECT` (the flag, or the alignment on a
+    /// device with larger blocks): read it buffered instead.
+    Refused,
+}
+
+/// [`read_chunk_file`] with `O_DIRECT`.
+fn read_chunk_file_direct(path: &Path, len: Option<u64>) -> Result<DirectRead> {
     let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
     let file = match open_chunk_file(path, true) {
         Ok(Some(file)) => file,
-        Ok(None) => return Ok(Some(None)),
-        Err(Error::Io { source, .. }) if refused(&source) => return Ok(None),
+        Ok(None) => return Ok(DirectRead::Done(None)),
+        Err(Error::Io { source, .. }) if refused(&source) => return Ok(DirectRead::Refused),
         Err(e) => return Err(e),
     };
     let Some(wanted) = chunk_file_length(&file, path, len)? else {
-        return Ok(Some(None));
+        return Ok(DirectRead::Done(None));
     };
     match read_direct(&file, wanted) {
-        Ok(read) => Ok(Some(read)),
-        Err(e) if refused(&e) => Ok(None),
+        Ok(read) => Ok(DirectRead::Done(read)),
+        Err(e) if refused(&e) => Ok(DirectRead::Refused),
         Err(e) => Err(e).io_context(|| format!("reading {}", path.display())),
     }
 }
 
 /// `path` opened for reading, with `O_DIRECT` when `direct`; `None` when
 /// it does not exist.
-fn open_chunk_file(path: &Path, direct: bool) -> Result<Option<File>> {
+pub fn open_chunk_file(path: &Path, direct: bool) -> Result<Option<File>> {
     match OpenOptions::new()
         .read(true)
         .custom_flags(if direct { libc::O_DIRECT } else { 0 })

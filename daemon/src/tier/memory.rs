@@ -515,10 +515,8 @@ fn dirs_at_depth(root: &Path, depth: usize) -> Vec<PathBuf> {
 /// Reads `len` bytes of `path` at `offset` without checking them; `None`
 /// when the file is gone or shorter.
 fn read_unchecked(path: &Path, offset: u64, len: u64) -> Result<Option<Bytes>> {
-    let mut file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).io_context(|| format!("opening {}", path.display())),
+    let Some(mut file) = fsutil::open_chunk_file(path, false)? else {
+        return Ok(None);
     };
     file.seek(std::io::SeekFrom::Start(offset))
         .io_context(|| format!("reading {}", path.display()))?;
